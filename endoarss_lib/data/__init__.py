@@ -1,2 +1,4 @@
 """Datasets: the registry, the synthetic generator, the loader and the preparation commands."""
+from .dataset import MTLDataset, Sample, index_split, read_card, stratified_split
+from .io import DataError
 from .registry import DATASETS, DatasetSpec, get_spec, list_datasets

@@ -1,0 +1,272 @@
+"""The multi-task dataset: one loader for the real layouts and the synthetic presets.
+
+Layout (the authors' datasets): ``<root>/<split>/<activity 1..K>/image/<name>.(png|jpg)`` with an index mask
+``<root>/<split>/<activity>/mask/<name>.png``. Folder ``k`` holds activity label ``k - 1``.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as TF
+
+from .io import IMAGE_SUFFIXES, MASK_SUFFIX, DataError, map_mask_ids, read_image, read_index_mask
+from .registry import SYNTHETIC_PRESETS, DatasetSpec, get_spec, resolve_id_map
+
+__all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN", "IMAGENET_STD",
+           "SPLITS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
+CARD_NAME = "dataset_card.json"
+ID_MAP_NAME = "id_map.json"
+_IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on disk with its mask and activity label."""
+
+    image: Path
+    mask: Path
+    label: int
+
+
+def read_card(root: str | Path) -> dict | None:
+    """The dataset card beside the data (written by the synthetic generator and the prepare commands), if any."""
+    path = Path(root) / CARD_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _list_dir(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: missing {what} folder")
+    return sorted(p for p in folder.iterdir() if p.name not in _IGNORED_NAMES and not p.name.startswith("."))
+
+
+def _index_activity(folder: Path, label: int) -> tuple[list[Sample], list[str]]:
+    """Samples of one activity folder, and notes about stray files that were skipped."""
+    image_dir, mask_dir = folder / "image", folder / "mask"
+    images = [p for p in _list_dir(image_dir, "image") if p.suffix.lower() in IMAGE_SUFFIXES]
+    masks = [p for p in _list_dir(mask_dir, "mask") if p.suffix.lower() == MASK_SUFFIX]
+    stray = [str(p) for p in _list_dir(image_dir, "image") + _list_dir(mask_dir, "mask")
+             if p not in images and p not in masks]
+    if not images:
+        raise DataError(f"{image_dir}: empty activity folder (no {'/'.join(IMAGE_SUFFIXES)} images)")
+    stems = {}
+    for img in images:
+        if img.stem in stems:
+            raise DataError(f"{img}: two images share the name {img.stem!r} ({stems[img.stem].name})")
+        stems[img.stem] = img
+    mask_stems = {m.stem: m for m in masks}
+    no_mask = [str(stems[s]) for s in stems if s not in mask_stems]
+    no_image = [str(mask_stems[s]) for s in mask_stems if s not in stems]
+    if no_mask:
+        raise DataError(f"{len(no_mask)} image(s) without a mask in {mask_dir} (expected <name>.png): "
+                        f"{no_mask[:5]}")
+    if no_image:
+        raise DataError(f"{len(no_image)} mask(s) without an image in {image_dir}: {no_image[:5]}")
+    return [Sample(stems[s], mask_stems[s], label) for s in sorted(stems)], stray
+
+
+def index_split(root: str | Path, split: str, spec: DatasetSpec) -> list[Sample]:
+    """Every sample of one on-disk split, sorted; any malformed part is an error naming the path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist (expected <root>/train and <root>/test)")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        hint = " (this dataset is evaluation-only: use split='test')" if spec.train_on else ""
+        raise DataError(f"{split_dir}: split folder missing; found {present}{hint}")
+    folders = {p.name: p for p in _list_dir(split_dir, split) if p.is_dir()}
+    unknown = sorted(set(folders) - set(spec.activity_folders))
+    if unknown:
+        raise DataError(f"{split_dir}: activity folders {unknown} are not in 1..{spec.num_activities} "
+                        f"(dataset {spec.name!r} has {spec.num_activities} activities)")
+    expected = spec.activity_folders if spec.train_on is None and not spec.synthetic else ()
+    missing = [f for f in expected if f not in folders]
+    if missing:
+        raise DataError(f"{split_dir}: activity folders {missing} are missing (expected 1..{spec.num_activities})")
+    samples, stray = [], []
+    for name in sorted(folders, key=int):
+        found, skipped = _index_activity(folders[name], int(name) - 1)
+        samples += found
+        stray += skipped
+    if stray:
+        warnings.warn(f"{split_dir}: skipped {len(stray)} file(s) that are not images/masks: {stray[:5]}",
+                      stacklevel=2)
+    if not samples:
+        raise DataError(f"{split_dir}: no samples")
+    return samples
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/val index lists, stratified by label; every label with >= 2 samples keeps one in train."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        idx = idx[rng.permutation(idx.size)]
+        n_val = int(round(idx.size * val_fraction))
+        n_val = min(max(n_val, 1 if val_fraction > 0 and idx.size >= 2 else 0), idx.size - 1)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return sorted(train), sorted(val)
+
+
+def _resolve_spec(root: Path, dataset: str) -> tuple[DatasetSpec, bool]:
+    """The spec to load ``root`` with, and whether the data are synthetic (from the card beside them)."""
+    spec = get_spec(dataset)
+    card = read_card(root)
+    if not card or not card.get("synthetic"):
+        return spec, spec.synthetic
+    held = get_spec(card["dataset"])
+    if held.name != spec.name and held.real_counterpart != spec.name:
+        raise DataError(f"{root / CARD_NAME}: the folder holds synthetic {held.name!r} data, not dataset={dataset!r}")
+    return held, True
+
+
+def _file_id_map(root: Path) -> Mapping[int, int] | None:
+    path = root / ID_MAP_NAME
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): int(v) for k, v in raw["raw_to_train"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: expected {{\"raw_to_train\": {{\"<raw id>\": <train id>, ...}}}} ({exc})") from None
+
+
+class JointTransform:
+    """Resize (or augment) an image and its mask together, then normalise the image.
+
+    Masks are resampled with ``NEAREST_EXACT`` (pixel-centre aligned like bilinear ``align_corners=False``); the
+    legacy ``NEAREST`` that torchvision uses for masks by default is shifted by up to one pixel against the image.
+    """
+
+    def __init__(self, image_size: int, augment: bool = False, resize_mode: str = "stretch",
+                 ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0)):
+        self.size, self.augment, self.resize_mode = image_size, augment, resize_mode
+        self.ignore_index, self.scale = ignore_index, scale
+        self.color = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (3, H, W) image and int64 (H, W) mask -> normalised float image and int64 mask at the model size."""
+        mask = mask[None]
+        if self.augment:
+            image, mask = self._augment(image, mask)
+        elif self.resize_mode == "letterbox":
+            image, mask = self._letterbox(image, mask)
+        else:
+            image, mask = self._resize(image, mask, (self.size, self.size))
+        image = TF.normalize(image.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+        return image, mask[0]
+
+    @staticmethod
+    def _resize(image, mask, size):
+        return (TF.resize(image, list(size), InterpolationMode.BILINEAR, antialias=True),
+                TF.resize(mask, list(size), InterpolationMode.NEAREST_EXACT))
+
+    def _letterbox(self, image, mask):
+        """Longest side to the model size, aspect kept; padding is 0 in the image and ignore_index in the mask."""
+        h, w = image.shape[-2:]
+        factor = self.size / max(h, w)
+        nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+        image, mask = self._resize(image, mask, (nh, nw))
+        left, top = (self.size - nw) // 2, (self.size - nh) // 2
+        padding = [left, top, self.size - nw - left, self.size - nh - top]
+        return TF.pad(image, padding, fill=0), TF.pad(mask, padding, fill=self.ignore_index)
+
+    def _augment(self, image, mask):
+        """Random scale-crop and horizontal flip on both, colour jitter on the image (torch's global RNG)."""
+        top, left, h, w = RandomResizedCrop.get_params(image, scale=list(self.scale), ratio=[0.8, 1.25])
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR,
+                                antialias=True)
+        mask = TF.resized_crop(mask, top, left, h, w, [self.size, self.size], InterpolationMode.NEAREST_EXACT)
+        if torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        return self.color(image), mask
+
+
+class MTLDataset(Dataset):
+    """Images, index masks and activity labels of one split, as dicts ``image, mask, label, path``.
+
+    ``split`` is ``'train'``, ``'val'`` (a seeded, stratified ``val_fraction`` of the on-disk train split, never
+    used for training when ``split='train'``) or ``'test'``. Images are resized once to ``image_size`` (bilinear;
+    masks nearest) and normalised with the ImageNet mean/std.
+    """
+
+    def __init__(self, root: str | Path, split: str, dataset: str = "mtlesd", image_size: int = 224,
+                 val_fraction: float = 0.1, split_seed: int = 0, augment: bool = False,
+                 resize_mode: str = "stretch", id_map: str | Mapping[int, int] | None = None,
+                 ignore_index: int = 255):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+        if not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"image_size={image_size!r}: expected an int >= 16")
+        if resize_mode not in ("stretch", "letterbox"):
+            raise ValueError(f"resize_mode={resize_mode!r}: expected 'stretch' or 'letterbox'")
+        self.root = Path(root)
+        self.split, self.image_size, self.ignore_index = split, image_size, ignore_index
+        self.spec, self.synthetic = _resolve_spec(self.root, dataset)
+        self.id_map = resolve_id_map(self.spec, id_map if id_map is not None else _file_id_map(self.root))
+        on_disk = index_split(self.root, "test" if split == "test" else "train", self.spec)
+        if split == "test":
+            self.samples = on_disk
+        else:
+            train_idx, val_idx = stratified_split([s.label for s in on_disk], val_fraction, split_seed)
+            self.samples = [on_disk[i] for i in (train_idx if split == "train" else val_idx)]
+        if not self.samples:
+            raise DataError(f"{self.root}: split {split!r} is empty (val_fraction={val_fraction})")
+        self.transform = JointTransform(image_size, augment, resize_mode, ignore_index)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        """Activity label of every sample, in order."""
+        return [s.label for s in self.samples]
+
+    def class_counts(self) -> np.ndarray:
+        """Number of samples per activity (length K)."""
+        return np.bincount(self.labels, minlength=self.spec.num_activities)
+
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sample's image (uint8 HxWx3) and train-id mask (int64 HxW) at their size on disk, checked."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        raw = read_index_mask(sample.mask)
+        if raw.shape != image.shape[:2]:
+            raise DataError(f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from its image "
+                            f"{sample.image} ({image.shape[1]}x{image.shape[0]})")
+        return image, map_mask_ids(raw, self.id_map, sample.mask)
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load_raw(index)
+        image_t, mask_t = self.transform(torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(mask))
+        sample = self.samples[index]
+        return {"image": image_t, "mask": mask_t,
+                "label": torch.tensor(sample.label, dtype=torch.long), "path": str(sample.image)}
+
+    def __repr__(self) -> str:
+        kind = "synthetic" if self.synthetic else "real"
+        return (f"MTLDataset({self.spec.name!r}, split={self.split!r}, n={len(self)}, {kind}, "
+                f"image_size={self.image_size}, root={str(self.root)!r})")
