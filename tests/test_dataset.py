@@ -177,8 +177,9 @@ def test_empty_activity_folder(esd_root):
 def test_missing_activity_folder(esd_root):
     import shutil
     shutil.rmtree(esd_root / "test" / "3")
-    with pytest.raises(DataError, match=r"\['3'\] are missing"):
-        MTLDataset(esd_root, "test", dataset="mtlesd")
+    with pytest.warns(UserWarning, match=r"no folder for activities \['3'\]"):
+        ds = MTLDataset(esd_root, "test", dataset="mtlesd")
+    assert ds.labels == [0, 0, 1, 1]
 
 
 def test_unknown_activity_folder(esd_root):

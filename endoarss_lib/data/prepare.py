@@ -1,0 +1,385 @@
+"""Prepare real data: validate the authors' folders, convert EndoVis-18 / EndoVis-17 downloads into the layout.
+
+Nothing here downloads anything: run ``python -m endoarss_lib.data.prepare sources`` for where the files come from.
+
+    python -m endoarss_lib.data.prepare validate /data/MTLESD --dataset mtlesd
+    python -m endoarss_lib.data.prepare endovis18 --frames ... --type-masks ... --vqla ... --out /data/MTLEndovis
+    python -m endoarss_lib.data.prepare endovis17 --frames ... --type-masks ... --vqla ... --out /data/MTLEndovis-Gen
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .dataset import CARD_NAME, index_split, stratified_split
+from .io import DataError, image_size_of, read_index_mask, write_json_atomic
+from .registry import DatasetSpec, get_spec, resolve_id_map
+
+__all__ = ["ValidationReport", "validate", "convert_endovis18", "convert_endovis17", "parse_vqla_label",
+           "frame_activity", "SOURCES", "main"]
+
+CONVERTER_VERSION = "1"
+
+SOURCES = """\
+Where the data come from (none of it may be redistributed; this project never downloads it):
+- MTLESD and MTLEndovis (the authors' prepared folders): from the EndoARSS authors (the paper's data link). Check
+  them with:  python -m endoarss_lib.data.prepare validate ROOT --dataset mtlesd|mtlendovis
+- EndoVis-18 (frames): MICCAI 2018 Robotic Scene Segmentation challenge (https://endovissub2018-roboticscenesegmentation.grand-challenge.org/), after registration.
+- EndoVis-18 instrument-type masks: the ISINet instrument-type annotations for EndoVis-18 (Gonzalez et al., MICCAI 2020).
+- EndoVis-17 (frames, type masks): MICCAI 2017 Robotic Instrument Segmentation challenge, after registration.
+- Activity labels: EndoVis-18-VQLA-Extend and EndoVis-17-VQLA-Extend (Bai et al.), per-frame label .txt files.
+"""
+
+# Source instrument-type ids -> MTLEndovis train ids (registry order: 1 bipolar_forceps, 2 large_needle_driver,
+# 3 prograsp_forceps, 4 ultrasound_probe, 5 suction_instrument, 6 monopolar_curved_scissors, 7 clip_applier).
+# ISINet's EndoVis-18 type order: 1 bipolar, 2 prograsp, 3 large needle driver, 4 monopolar curved scissors,
+# 5 ultrasound probe, 6 suction, 7 clip applier.
+ENDOVIS18_TYPE_TO_TRAIN: Mapping[int, int] = {0: 0, 1: 1, 2: 3, 3: 2, 4: 6, 5: 4, 6: 5, 7: 7}
+# EndoVis-17 type order: 1 bipolar, 2 prograsp, 3 large needle driver, 4 vessel sealer, 5 grasping retractor,
+# 6 monopolar curved scissors, 7 other (the ultrasound probe). Vessel sealer and grasping retractor have no
+# MTLEndovis class: None means "refuse unless --unmapped background".
+ENDOVIS17_TYPE_TO_TRAIN: Mapping[int, int | None] = {0: 0, 1: 1, 2: 3, 3: 2, 4: None, 5: None, 6: 6, 7: 4}
+
+# VQLA-Extend answers -> MTLEndovis activity names.
+_ANSWER_ALIASES = {"tissue_manipulation": "manipulation", "ultrasound_sensing": "ultrasound_sensing",
+                   "ultrasound": "ultrasound_sensing", "cauterisation": "cauterization"}
+_STATE_QUESTION = re.compile(r"what is the state of (.+?)\??$", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+@dataclass
+class ValidationReport:
+    """What ``validate`` found: problems (errors), warnings, counts and the raw mask values seen."""
+
+    root: str
+    dataset: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    raw_values: dict = field(default_factory=dict)
+    image_sizes: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        """A human-readable report."""
+        lines = [f"{self.dataset} at {self.root}: {'OK' if self.ok else f'{len(self.problems)} problem(s)'}"]
+        for split, per in self.counts.items():
+            lines.append(f"  {split}: {sum(per.values())} images  " + ", ".join(f"{k}={v}" for k, v in per.items()))
+        lines.append(f"  raw mask values (pixels): {self.raw_values}")
+        lines.append(f"  image sizes (WxH: count): {self.image_sizes}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  PROBLEM: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = True) -> ValidationReport:
+    """Check every split, file, size, mask mode and mask id of a dataset folder; collect all problems."""
+    root, spec = Path(root), get_spec(dataset)
+    report = ValidationReport(str(root), dataset)
+    try:
+        mapping = resolve_id_map(spec, id_map)
+    except ValueError as exc:
+        report.problems.append(str(exc))
+        return report
+    raw_counts: Counter = Counter()
+    sizes: Counter = Counter()
+    index = []
+    for split in [s for s in ("train", "test") if not (spec.train_on and s == "train")]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                samples = index_split(root, split, spec)
+            except DataError as exc:
+                report.problems.append(str(exc))
+                continue
+        report.warnings += [str(w.message) for w in caught]
+        report.counts[split] = {spec.activities[k]: n for k, n in sorted(Counter(s.label for s in samples).items())}
+        expected = spec.split_sizes.get(split)
+        if expected and len(samples) != expected:
+            report.warnings.append(f"{split}: {len(samples)} images, the paper's Table I has {expected}")
+        for sample in samples:
+            entry = _check_sample(sample, mapping, report, raw_counts, sizes)
+            if entry:
+                index.append({"split": split, **entry})
+    report.raw_values = {int(k): int(v) for k, v in sorted(raw_counts.items())}
+    report.image_sizes = {f"{w}x{h}": n for (w, h), n in sizes.most_common()}
+    _suggest_id_map(spec, report)
+    if write_index and report.ok:
+        write_json_atomic(root / "index.json", {"dataset": dataset, "converter_version": CONVERTER_VERSION,
+                                                "samples": index})
+    return report
+
+
+def _check_sample(sample, mapping, report, raw_counts, sizes) -> dict | None:
+    try:
+        size = image_size_of(sample.image)
+        raw = read_index_mask(sample.mask)
+    except DataError as exc:
+        report.problems.append(str(exc))
+        return None
+    sizes[size] += 1
+    if raw.shape[::-1] != size:
+        report.problems.append(f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from its image "
+                               f"{sample.image} ({size[0]}x{size[1]})")
+        return None
+    values, counts = np.unique(raw, return_counts=True)
+    raw_counts.update(dict(zip(values.tolist(), counts.tolist())))
+    unknown = [int(v) for v in values if int(v) not in mapping]
+    if unknown:
+        report.problems.append(f"{sample.mask}: mask values {unknown} are not in the raw-to-train id map")
+        return None
+    return {"image": str(sample.image), "mask": str(sample.mask), "label": sample.label, "size": list(size)}
+
+
+def _suggest_id_map(spec: DatasetSpec, report: ValidationReport) -> None:
+    values = set(report.raw_values)
+    if values and min(values) >= 1 and max(values) == spec.num_seg_classes:
+        report.warnings.append(f"raw mask values run 1..{spec.num_seg_classes}: the masks may be 1-based; "
+                               f"consider id_map='released' (raw k -> k-1) or an id_map.json beside the data")
+
+
+# ---------------------------------------------------------------------------------------------------- VQLA labels
+
+def parse_vqla_label(path: str | Path) -> dict[str, str]:
+    """Instrument -> state answers from one VQLA(-Extend) label file (lines ``question|answer[|extra...]``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read label file ({exc})") from None
+    states = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 2:
+            raise DataError(f"{path}:{number}: expected 'question|answer', got {line!r}")
+        match = _STATE_QUESTION.match(parts[0])
+        if match:
+            states[match.group(1).strip().lower()] = parts[1]
+    return states
+
+
+def _activity_name(answer: str, where: str) -> str:
+    name = answer.strip().lower().replace(" ", "_").replace("-", "_")
+    name = _ANSWER_ALIASES.get(name, name)
+    endovis = get_spec("mtlendovis")
+    if name not in endovis.activities:
+        raise DataError(f"{where}: answer {answer!r} is not one of the 12 MTLEndovis activities {endovis.activities}")
+    return name
+
+
+def frame_activity(states: Mapping[str, str], where: str) -> str:
+    """One activity per frame: the most frequent non-idle instrument state (ties: alphabetical); else 'idle'.
+
+    The paper says only that activities were derived "from the actions of surgical instruments in each frame"; this
+    is our explicit rule, recorded in the dataset card.
+    """
+    if not states:
+        raise DataError(f"{where}: no 'What is the state of <instrument>?' answer in this label file")
+    names = [_activity_name(a, where) for a in states.values()]
+    busy = Counter(n for n in names if n != "idle")
+    if not busy:
+        return "idle"
+    top = max(busy.values())
+    return sorted(n for n, c in busy.items() if c == top)[0]
+
+
+# ---------------------------------------------------------------------------------------------------- conversion
+
+@dataclass(frozen=True)
+class _Frame:
+    image: Path
+    mask: Path
+    label_file: Path
+    name: str
+
+
+def _find_frames(frames_root: Path, masks_root: Path, vqla_root: Path, sequence_glob: str,
+                 frame_subdir: str, label_subdir: str) -> list[_Frame]:
+    """Frames that have a VQLA label file; each needs its image and its type mask (errors name what is missing)."""
+    for what, path in (("--frames", frames_root), ("--type-masks", masks_root), ("--vqla", vqla_root)):
+        if not path.is_dir():
+            raise DataError(f"{what} {path}: folder does not exist")
+    sequences = sorted(p for p in vqla_root.glob(sequence_glob) if p.is_dir())
+    if not sequences:
+        raise DataError(f"--vqla {vqla_root}: no sequence folders matching {sequence_glob!r}")
+    frames, missing = [], []
+    for seq in sequences:
+        labels = sorted((seq / label_subdir).glob("*.txt"))
+        if not labels:
+            raise DataError(f"{seq / label_subdir}: no label .txt files")
+        for label in labels:
+            image = frames_root / seq.name / frame_subdir / f"{label.stem}.png"
+            mask = masks_root / seq.name / f"{label.stem}.png"
+            missing += [str(p) for p in (image, mask) if not p.is_file()]
+            frames.append(_Frame(image, mask, label, f"{seq.name}_{label.stem}"))
+    if missing:
+        raise DataError(f"{len(missing)} file(s) expected beside the VQLA labels are missing: {missing[:5]}")
+    return frames
+
+
+def _remap(raw: np.ndarray, source_map: Mapping[int, int | None], unmapped: str, path: Path,
+           dropped: Counter) -> np.ndarray:
+    out = np.zeros_like(raw)
+    for value in np.unique(raw).tolist():
+        if value not in source_map:
+            raise DataError(f"{path}: mask value {value} is not a known source class {sorted(source_map)}")
+        target = source_map[value]
+        if target is None:
+            if unmapped != "background":
+                raise DataError(f"{path}: source class {value} has no MTLEndovis class; pass --unmapped background "
+                                f"to map it to background (counted in the card)")
+            dropped[value] += int((raw == value).sum())
+            target = 0
+        out[raw == value] = target
+    return out
+
+
+def _write_layout(frames: Sequence[_Frame], activities: Sequence[str], splits: Sequence[str], out: Path,
+                  spec: DatasetSpec, source_map, unmapped: str, card: dict) -> Path:
+    """Write images and remapped masks into ``out`` (built in a temporary folder, then renamed into place)."""
+    if out.exists():
+        raise DataError(f"--out {out}: already exists; remove it or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    dropped: Counter = Counter()
+    try:
+        counts: dict = {}
+        for frame, activity, split in zip(frames, activities, splits):
+            folder = tmp / split / str(spec.activities.index(activity) + 1)
+            (folder / "image").mkdir(parents=True, exist_ok=True)
+            (folder / "mask").mkdir(parents=True, exist_ok=True)
+            mask = _remap(read_index_mask(frame.mask), source_map, unmapped, frame.mask, dropped)
+            if mask.shape[::-1] != image_size_of(frame.image):
+                raise DataError(f"{frame.mask}: size differs from its frame {frame.image}")
+            shutil.copyfile(frame.image, folder / "image" / f"{frame.name}.png")
+            Image.fromarray(mask.astype(np.uint8), mode="L").save(folder / "mask" / f"{frame.name}.png")
+            counts.setdefault(split, Counter())[activity] += 1
+        card = {**card, "dataset": spec.name, "synthetic": False, "converter_version": CONVERTER_VERSION,
+                "counts": {s: dict(sorted(c.items())) for s, c in counts.items()},
+                "unmapped_pixels_to_background": {int(k): v for k, v in dropped.items()}}
+        write_json_atomic(tmp / CARD_NAME, card)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_endovis18(frames: str | Path, type_masks: str | Path, vqla: str | Path, out: str | Path,
+                      test_fraction: float = 0.2, seed: int = 0, source_map: Mapping[int, int] | None = None) -> Path:
+    """EndoVis-18 frames + instrument-type masks + VQLA-Extend labels -> the MTLEndovis layout (seeded 4:1 split).
+
+    Expected: ``frames/seq_<n>/left_frames/<frame>.png``, ``type_masks/seq_<n>/<frame>.png`` (index masks, ISINet
+    type ids), ``vqla/seq_<n>/vqla/label/<frame>.txt``. Only frames with a label file are converted.
+    """
+    found = _find_frames(Path(frames), Path(type_masks), Path(vqla), "seq_*", "left_frames", "vqla/label")
+    activities = [frame_activity(parse_vqla_label(f.label_file), str(f.label_file)) for f in found]
+    spec = get_spec("mtlendovis")
+    labels = [spec.activities.index(a) for a in activities]
+    train_idx, _ = stratified_split(labels, test_fraction, seed)
+    train = set(train_idx)
+    splits = ["train" if i in train else "test" for i in range(len(found))]
+    card = {"source": "EndoVis-18 + ISINet type masks + EndoVis-18-VQLA-Extend", "split_seed": seed,
+            "test_fraction": test_fraction, "activity_rule": frame_activity.__doc__.splitlines()[0]}
+    return _write_layout(found, activities, splits, Path(out), spec, source_map or ENDOVIS18_TYPE_TO_TRAIN,
+                         "error", card)
+
+
+def convert_endovis17(frames: str | Path, type_masks: str | Path, vqla: str | Path, out: str | Path,
+                      unmapped: str = "error", source_map: Mapping[int, int | None] | None = None) -> Path:
+    """EndoVis-17 frames + type masks + VQLA-Extend labels -> the MTLEndovis-Gen layout (test split only).
+
+    Expected: ``frames/instrument_dataset_<n>/left_frames/<frame>.png``, ``type_masks/instrument_dataset_<n>/
+    <frame>.png`` (EndoVis-17 type ids), ``vqla/instrument_dataset_<n>/vqla/label/<frame>.txt``.
+    """
+    if unmapped not in ("error", "background"):
+        raise ValueError(f"unmapped={unmapped!r}: expected 'error' or 'background'")
+    found = _find_frames(Path(frames), Path(type_masks), Path(vqla), "instrument_dataset_*", "left_frames",
+                         "vqla/label")
+    activities = [frame_activity(parse_vqla_label(f.label_file), str(f.label_file)) for f in found]
+    card = {"source": "EndoVis-17 + type masks + EndoVis-17-VQLA-Extend", "unmapped": unmapped,
+            "activity_rule": frame_activity.__doc__.splitlines()[0]}
+    return _write_layout(found, activities, ["test"] * len(found), Path(out), get_spec("mtlendovis_gen"),
+                         source_map or ENDOVIS17_TYPE_TO_TRAIN, unmapped, card)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def _id_map_arg(value: str | None):
+    if value is None or value in ("identity", "released"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(f"--id-map {value}: expected 'identity', 'released' or a JSON file")
+    return {int(k): int(v) for k, v in json.loads(path.read_text())["raw_to_train"].items()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m endoarss_lib.data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("sources", help="where each dataset comes from")
+    v = sub.add_parser("validate", help="check an MTLESD / MTLEndovis / MTLEndovis-Gen folder and write index.json")
+    v.add_argument("root")
+    v.add_argument("--dataset", required=True)
+    v.add_argument("--id-map", default=None, help="identity | released | a JSON file {raw_to_train: {...}}")
+    v.add_argument("--no-index", action="store_true", help="do not write index.json")
+    for name, help_ in (("endovis18", "EndoVis-18 + VQLA-Extend -> MTLEndovis"),
+                        ("endovis17", "EndoVis-17 + VQLA-Extend -> MTLEndovis-Gen")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--frames", required=True)
+        c.add_argument("--type-masks", required=True)
+        c.add_argument("--vqla", required=True)
+        c.add_argument("--out", required=True)
+        if name == "endovis18":
+            c.add_argument("--test-fraction", type=float, default=0.2)
+            c.add_argument("--seed", type=int, default=0)
+        else:
+            c.add_argument("--unmapped", choices=("error", "background"), default="error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sources":
+            print(SOURCES)
+            return 0
+        if args.command == "validate":
+            report = validate(args.root, args.dataset, _id_map_arg(args.id_map), write_index=not args.no_index)
+            print(report.format())
+            return 0 if report.ok else 1
+        if args.command == "endovis18":
+            out = convert_endovis18(args.frames, args.type_masks, args.vqla, args.out, args.test_fraction, args.seed)
+        else:
+            out = convert_endovis17(args.frames, args.type_masks, args.vqla, args.out, args.unmapped)
+        print(f"wrote {out}; now run: python -m endoarss_lib.data.prepare validate {out} --dataset "
+              f"{'mtlendovis' if args.command == 'endovis18' else 'mtlendovis_gen'}")
+        return 0
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
