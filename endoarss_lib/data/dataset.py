@@ -250,6 +250,15 @@ class MTLDataset(Dataset):
         """Number of samples per activity (length K)."""
         return np.bincount(self.labels, minlength=self.spec.num_activities)
 
+    def pixel_class_fractions(self) -> np.ndarray:
+        """(K activities, S classes) fraction of mask pixels of each class among the images of each activity."""
+        counts = np.zeros((self.spec.num_activities, self.spec.num_seg_classes), np.int64)
+        for index, sample in enumerate(self.samples):
+            mask = self.load_raw(index)[1]
+            counts[sample.label] += np.bincount(mask.ravel(), minlength=self.spec.num_seg_classes)
+        totals = counts.sum(1, keepdims=True)
+        return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+
     def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The sample's image (uint8 HxWx3) and train-id mask (int64 HxW) at their size on disk, checked."""
         sample = self.samples[index]

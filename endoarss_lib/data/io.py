@@ -1,17 +1,15 @@
 """Reading images and index masks from disk with errors that name the file, and atomic writes."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["DataError", "IMAGE_SUFFIXES", "MASK_SUFFIX", "read_image", "read_index_mask", "map_mask_ids",
-           "write_json_atomic", "image_size_of"]
+           "image_size_of"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIX = ".png"  # masks must be lossless
@@ -74,19 +72,3 @@ def map_mask_ids(raw: np.ndarray, id_map: Mapping[int, int], path: str | os.Path
         if raw_id < lut.size:
             lut[raw_id] = train_id
     return lut[raw]
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it into place, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

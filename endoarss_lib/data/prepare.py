@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from .dataset import CARD_NAME, index_split, stratified_split
-from .io import DataError, image_size_of, read_index_mask, write_json_atomic
+from ..atomic import write_json_atomic
+from .io import DataError, image_size_of, read_index_mask
 from .registry import DatasetSpec, get_spec, resolve_id_map
 
 __all__ = ["ValidationReport", "validate", "convert_endovis18", "convert_endovis17", "parse_vqla_label",
