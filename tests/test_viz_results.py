@@ -1,0 +1,57 @@
+"""Overlays, palettes, atomic writes and result tables."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from endoarss_lib.atomic import atomic_path, write_json_atomic
+from endoarss_lib.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from endoarss_lib.results import write_table
+from endoarss_lib.viz import class_palette, denormalize, overlay
+
+
+def test_palette_is_distinct_with_black_background():
+    palette = class_palette(12)
+    assert palette.shape == (12, 3) and palette.dtype == np.uint8
+    assert (palette[0] == 0).all()
+    assert len({tuple(c) for c in palette}) == 12
+
+
+def test_overlay_blends_only_labelled_pixels():
+    image = np.full((4, 4, 3), 100, np.uint8)
+    mask = np.zeros((4, 4), np.int64)
+    mask[0, 0], mask[1, 1] = 1, 255  # one class pixel, one ignored pixel
+    palette = np.array([[0, 0, 0], [200, 0, 50]], np.uint8)
+    out = overlay(image, mask, palette, alpha=0.5)
+    np.testing.assert_array_equal(out[0, 0], [150, 50, 75])
+    assert (out[1:, :] == 100).all() and (out[0, 1:] == 100).all()
+
+
+def test_denormalize_inverts_imagenet_normalisation():
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3)).astype(np.uint8)
+    tensor = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
+        / torch.tensor(IMAGENET_STD)[:, None, None]
+    np.testing.assert_array_equal(denormalize(tensor), rgb)
+
+
+def test_atomic_path_leaves_old_file_on_error(tmp_path):
+    target = tmp_path / "a.json"
+    write_json_atomic(target, {"x": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text().strip().startswith("{") and '"x": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_write_table_labels_markdown(tmp_path):
+    df = pd.DataFrame([{"model": "m", "miou": 0.5}])
+    csv, md = write_table(df, tmp_path / "t", "SYNTHETIC data")
+    assert pd.read_csv(csv).equals(df)
+    assert md.read_text().startswith("_SYNTHETIC data_") and "0.5000" in md.read_text()
