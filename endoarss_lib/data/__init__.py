@@ -2,3 +2,4 @@
 from .dataset import MTLDataset, Sample, index_split, read_card, stratified_split
 from .io import DataError
 from .registry import DATASETS, DatasetSpec, get_spec, list_datasets
+from .synthetic import LOOK_ALIKE_PAIRS, make_synthetic, render_sample
