@@ -91,9 +91,14 @@ def plot_distributions(dataset, pixel_fractions: np.ndarray) -> Figure:
     left.invert_yaxis()
     left.set_xlabel("images")
     left.set_title("activities")
-    sns.heatmap(pixel_fractions, ax=right, annot=spec.num_seg_classes <= 8, fmt=".2f", cmap="mako",
-                xticklabels=spec.seg_classes, yticklabels=spec.activities, cbar_kws={"label": "pixel fraction"})
-    right.set_title("segmentation classes by activity (fraction of pixels)")
+    # Background dwarfs everything else: show each class's share of the foreground pixels.
+    foreground = pixel_fractions[:, 1:]
+    totals = foreground.sum(1, keepdims=True)
+    shares = np.divide(foreground, totals, out=np.zeros_like(foreground), where=totals > 0)
+    sns.heatmap(shares, ax=right, annot=spec.num_seg_classes <= 8, fmt=".2f", cmap="mako",
+                xticklabels=spec.seg_classes[1:], yticklabels=spec.activities,
+                cbar_kws={"label": "share of foreground pixels"})
+    right.set_title("foreground classes by activity")
     right.tick_params(axis="x", rotation=45)
     fig.suptitle(f"{spec.name} {dataset.split} - {data_label(dataset)}", fontsize=9)
     fig.tight_layout()
