@@ -55,3 +55,11 @@ def test_write_table_labels_markdown(tmp_path):
     csv, md = write_table(df, tmp_path / "t", "SYNTHETIC data")
     assert pd.read_csv(csv).equals(df)
     assert md.read_text().startswith("_SYNTHETIC data_") and "0.5000" in md.read_text()
+
+
+def test_atomic_files_get_umask_permissions(tmp_path):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    path = write_json_atomic(tmp_path / "p.json", {})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
