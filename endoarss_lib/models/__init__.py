@@ -1,0 +1,35 @@
+"""Models: timm backbones (DINOv2, ResNet), LoRA / TESLA adapters, SMA, DeepLab-style heads, MTL architectures.
+
+Entry point: :func:`build_model` (options documented in :class:`ModelConfig`); :func:`count_gflops` and
+``model.parameter_report()`` for cost.
+"""
+from .architectures import ARCHITECTURES, DSelectKModel, HPSModel, MMoEModel, MultiTaskModel, TESLAModel
+from .backbones import (
+    BACKBONES,
+    VIT_LORA_TARGETS,
+    BackboneConfig,
+    BackboneOutput,
+    GroupBatchNorm2d,
+    ResNetBackbone,
+    ViTBackbone,
+    build_backbone,
+    create_timm_backbone,
+)
+from .build import TASKS, ModelConfig, build_model, build_model_from_config
+from .gates import DSelectKGate, SoftmaxGate, image_descriptor
+from .heads import ClassificationHead, SegmentationHead
+from .lora import LoRAConv1x1, LoRALinear, lora_modules, merge_lora, route_to_group, unmerge_lora
+from .report import count_gflops, parameter_report
+from .sma import SMA
+from .weights import RandomInitWarning, WeightsError, load_state_dict_strict, read_state_dict
+
+__all__ = [
+    "build_model", "build_model_from_config", "ModelConfig", "TASKS", "count_gflops", "parameter_report",
+    "BACKBONES", "BackboneConfig", "BackboneOutput", "ARCHITECTURES", "VIT_LORA_TARGETS",
+    "ViTBackbone", "ResNetBackbone", "GroupBatchNorm2d", "build_backbone", "create_timm_backbone",
+    "MultiTaskModel", "HPSModel", "TESLAModel", "MMoEModel", "DSelectKModel",
+    "LoRALinear", "LoRAConv1x1", "lora_modules", "merge_lora", "unmerge_lora", "route_to_group",
+    "SoftmaxGate", "DSelectKGate", "image_descriptor",
+    "SMA", "SegmentationHead", "ClassificationHead",
+    "WeightsError", "RandomInitWarning", "load_state_dict_strict", "read_state_dict",
+]

@@ -1,0 +1,401 @@
+"""Backbones from timm: DINOv2 ViT-B/14 and ViT-S/14 (frozen), ResNet-101 (trainable, dilated), and tiny test variants.
+
+Configs are data (:data:`BACKBONES`); every entry, tiny ones included, is built by the same code path
+(:func:`create_timm_backbone`). A backbone returns :class:`BackboneOutput`: ``maps`` (G, B, C, h, w), one spatial
+feature map per group (G = 1, or one per TESLA task / MoE expert), and ``tokens`` (G, B, C_token) (the final-norm
+class token; None for ResNet).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import QKV_CHUNKS, LoRAConv1x1, LoRALinear, route_to_group
+from .weights import (RandomInitWarning, WeightsError, file_sha256, hub_mode, hub_offline, load_state_dict_strict,
+                      read_state_dict)
+
+__all__ = ["BackboneConfig", "BACKBONES", "BackboneOutput", "create_timm_backbone", "ViTBackbone", "ResNetBackbone",
+           "GroupBatchNorm2d", "build_backbone", "VIT_LORA_TARGETS"]
+
+VIT_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """One backbone: timm model name and size, whether its weights are frozen, what to load."""
+
+    family: str  # "vit" | "resnet"
+    timm_name: str
+    embed_dim: int  # feature channels (ViT width, ResNet last-stage channels)
+    depth: int  # transformer blocks / residual blocks
+    num_heads: int = 0
+    patch_size: int = 14  # ViT patch (the input side must be a multiple of it)
+    frozen: bool = True
+    warn_random_init: bool = True  # random init is loud for backbones that are meant to be pretrained
+    has_weights: bool = True  # False for test-size variants: no published weights exist
+    timm_kwargs: dict = field(default_factory=dict)
+    ignore_unexpected: tuple = ()  # classifier keys a checkpoint may carry and the headless model drops
+    description: str = ""
+
+
+BACKBONES: dict[str, BackboneConfig] = {
+    "dinov2_vitb14": BackboneConfig(
+        "vit", "vit_base_patch14_dinov2", 768, 12, 12, ignore_unexpected=("head.weight", "head.bias"),
+        description="DINOv2 ViT-B/14 (paper default), 86 M frozen parameters"),
+    "dinov2_vits14": BackboneConfig(
+        "vit", "vit_small_patch14_dinov2", 384, 12, 6, ignore_unexpected=("head.weight", "head.bias"),
+        description="DINOv2 ViT-S/14, 21 M frozen parameters"),
+    "vit_tiny_patch14": BackboneConfig(
+        "vit", "vit_small_patch14_dinov2", 64, 3, 2, warn_random_init=False, has_weights=False,
+        timm_kwargs=dict(embed_dim=64, depth=3, num_heads=2), ignore_unexpected=("head.weight", "head.bias"),
+        description="test-size DINOv2-style ViT (same timm class and kwargs as DINOv2), width 64, 3 blocks"),
+    "resnet101": BackboneConfig(
+        "resnet", "resnet101", 2048, 33, patch_size=1, frozen=False, ignore_unexpected=("fc.weight", "fc.bias"),
+        description="ResNet-101 (timm), trainable, dilated (output stride 16 or 8)"),
+    "resnet_tiny": BackboneConfig(
+        "resnet", "resnet101", 256, 4, patch_size=1, frozen=False, warn_random_init=False, has_weights=False,
+        timm_kwargs=dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8),
+        ignore_unexpected=("fc.weight", "fc.bias"),
+        description="test-size ResNet (timm resnet101 code path, one bottleneck per stage, widths 8-64)"),
+}
+
+
+class BackboneOutput(NamedTuple):
+    """Per-group spatial feature maps (G, B, C, h, w) and class tokens (G, B, C) or None."""
+
+    maps: torch.Tensor
+    tokens: torch.Tensor | None
+
+
+def _timm_kwargs(cfg: BackboneConfig, image_size: int, output_stride: int) -> dict:
+    if cfg.family == "vit":
+        return dict(img_size=image_size, num_classes=0, dynamic_img_size=True, **cfg.timm_kwargs)
+    return dict(num_classes=0, global_pool="", output_stride=output_stride, **cfg.timm_kwargs)
+
+
+def create_timm_backbone(
+    name: str,
+    image_size: int = 224,
+    pretrained: bool | str | os.PathLike = False,
+    output_stride: int = 16,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
+) -> tuple[nn.Module, dict]:
+    """Create the timm model of backbone ``name`` and load its weights; returns (model, weights provenance)."""
+    cfg = BACKBONES[name]
+    kwargs = _timm_kwargs(cfg, image_size, output_stride)
+    if pretrained is True:
+        if not cfg.has_weights:
+            raise WeightsError(f"backbone {name!r} is a test-size model: no pretrained weights exist "
+                               "(use pretrained=False)")
+        try:
+            with hub_mode():
+                model = timm.create_model(cfg.timm_name, pretrained=True, **kwargs)
+        except Exception as e:  # offline hub, missing cache, network
+            hint = (" The hub is disabled (HF_HUB_OFFLINE=1, set by `import endoarss_lib`; opt in with "
+                    "ENDOARSS_ALLOW_HUB=1 before the import)." if hub_offline() else "")
+            raise WeightsError(
+                f"pretrained=True could not fetch {cfg.timm_name} weights from the hub: {type(e).__name__}: {e}.{hint}"
+                f" Pass a local file instead: pretrained='/path/to/checkpoint.pth' (official DINOv2 .pth or a "
+                f".safetensors)") from e
+        return model, {"source": f"timm hub: {cfg.timm_name}", "sha256": None}
+    model = timm.create_model(cfg.timm_name, pretrained=False, **kwargs)
+    if pretrained is False or pretrained is None:
+        if cfg.warn_random_init:
+            warnings.warn(
+                f"backbone {name!r} is RANDOMLY INITIALISED (pretrained=False): results mean nothing about "
+                f"{'DINOv2' if cfg.family == 'vit' else 'an ImageNet-pretrained ' + name}. Pass pretrained="
+                f"'/path/to/weights' for real runs.", RandomInitWarning, stacklevel=3)
+        return model, {"source": "random init", "sha256": None}
+    path = os.fspath(pretrained)
+    convert = None
+    if cfg.family == "vit":
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        convert = checkpoint_filter_fn  # official DINOv2 names (mask_token, w12/w3), pos_embed resampling
+    load_state_dict_strict(model, read_state_dict(path), source=path, allow_missing=allow_missing,
+                           allow_unexpected=tuple(allow_unexpected) + cfg.ignore_unexpected, convert=convert)
+    return model, {"source": os.path.abspath(path), "sha256": file_sha256(path)}
+
+
+def _check_images(images: torch.Tensor, multiple: int, what: str) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if multiple > 1 and (images.shape[2] % multiple or images.shape[3] % multiple):
+        raise ValueError(f"image size {tuple(images.shape[2:])} must be a multiple of {multiple} ({what})")
+
+
+class _Backbone(nn.Module):
+    """Shared parts: SMA in front, weights provenance, grouping state."""
+
+    family = ""
+
+    def __init__(self, name: str, cfg: BackboneConfig, sma: nn.Module | None):
+        super().__init__()
+        self.name, self.cfg = name, cfg
+        if sma is not None:
+            self.sma = sma
+        else:
+            self.sma = None
+        self.num_groups = 1  # G: groups in the task/expert-major batch the backbone returns
+        self.expand_at = 0  # index of the first block that runs on the G-times-repeated batch
+        self.input_multiple = 1
+
+    def _set_weights(self, info: dict) -> None:
+        self.weights = info
+        self.pretrained_random_init = info["source"] == "random init"
+
+    def _pre(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.input_multiple, f"{self.name}"
+                      + (f" and SMA patch size {self.sma.patch_size}" if self.sma is not None else ""))
+        return self.sma(images) if self.sma is not None else images
+
+    def _route(self, group: int | None):
+        return route_to_group(self, group) if group is not None else nullcontext()
+
+
+class ViTBackbone(_Backbone):
+    """Frozen timm ViT (DINOv2 layout) with optional SMA, LoRA / TESLA / expert adapters; patch tokens -> (C, h, w)."""
+
+    family = "vit"
+
+    def __init__(self, name: str, image_size: int = 224, pretrained=False, sma: nn.Module | None = None,
+                 out_layers: Sequence[int] = (-1,), allow_missing: Sequence[str] = (),
+                 allow_unexpected: Sequence[str] = ()):
+        cfg = BACKBONES[name]
+        super().__init__(name, cfg, sma)
+        if image_size % cfg.patch_size:
+            raise ValueError(f"image_size={image_size} must be a multiple of the patch size {cfg.patch_size}")
+        vit, info = create_timm_backbone(name, image_size, pretrained, allow_missing=allow_missing,
+                                         allow_unexpected=allow_unexpected)
+        self.vit = vit
+        self._set_weights(info)
+        if cfg.frozen:
+            self.vit.requires_grad_(False)
+        depth = len(self.vit.blocks)
+        layers = [int(i) % depth for i in out_layers]
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"out_layers={tuple(out_layers)} must name distinct blocks of {depth}")
+        self.out_layers = tuple(layers)
+        self.depth = depth
+        self.embed_dim = cfg.embed_dim
+        self.out_channels = cfg.embed_dim * len(layers)
+        self.token_dim = cfg.embed_dim
+        self.stride = cfg.patch_size
+        self.input_multiple = cfg.patch_size
+
+    def add_adapters(
+        self,
+        rank: int = 4,
+        alpha: float | None = None,
+        targets: Sequence[str] = ("attn.qkv",),
+        qkv: Sequence[str] = ("q", "v"),
+        num_groups: int = 0,
+        group_kind: str = "tesla",
+        group_targets: Sequence[str] | None = None,
+        group_rank: int | None = None,
+        group_alpha: float | None = None,
+        soft: bool = False,
+        num_adapters: int | None = None,
+        last_k: int | None = None,
+    ) -> None:
+        """Wrap target linears of every block in :class:`LoRALinear` (shared LoRA; groups in the last ``last_k``)."""
+        targets = tuple(targets) if rank else ()
+        group_targets = tuple(targets if group_targets is None else group_targets) if num_groups else ()
+        for t in targets + group_targets:
+            if t not in VIT_LORA_TARGETS:
+                raise ValueError(f"unknown LoRA target {t!r}; valid: {VIT_LORA_TARGETS}")
+        bad = [c for c in qkv if c not in QKV_CHUNKS]
+        if bad or not qkv:
+            raise ValueError(f"lora_qkv={tuple(qkv)} must name some of {tuple(QKV_CHUNKS)}")
+        last_k = self.depth if last_k is None else int(last_k)
+        if num_groups and not 1 <= last_k <= self.depth:
+            raise ValueError(f"last_k={last_k} must be in [1, {self.depth}]")
+        first = self.depth - last_k if num_groups else self.depth
+        for i, blk in enumerate(self.vit.blocks):
+            gts = group_targets if i >= first else ()
+            for path in dict.fromkeys(targets + gts):
+                parent_path, attr = path.rsplit(".", 1)
+                parent = blk.get_submodule(parent_path)
+                base = getattr(parent, attr)
+                if isinstance(base, LoRALinear):
+                    raise RuntimeError(f"block {i} {path} already carries adapters")
+                chunks, adapt = (3, [QKV_CHUNKS[c] for c in qkv]) if attr == "qkv" else (1, None)
+                setattr(parent, attr, LoRALinear(
+                    base, rank=rank if path in targets else 0, alpha=alpha, chunks=chunks, adapt=adapt,
+                    num_groups=num_groups if path in gts else 0, group_rank=group_rank or rank or 4,
+                    group_alpha=group_alpha, kind=group_kind, soft=soft, num_adapters=num_adapters))
+        if num_groups:
+            self.num_groups, self.expand_at = num_groups, first
+
+    def forward(self, images: torch.Tensor, group: int | None = None) -> BackboneOutput:
+        """(B, 3, H, W) -> maps (G, B, C, H/14, W/14), tokens (G, B, C); ``group`` runs one group's adapters only."""
+        x = self._pre(images)
+        b, h, w = images.shape[0], images.shape[2] // self.stride, images.shape[3] // self.stride
+        g = 1 if group is not None else self.num_groups
+        v = self.vit
+        with self._route(group):
+            x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+            outs = []
+            for i, blk in enumerate(v.blocks):
+                if g > 1 and i == self.expand_at:
+                    x = x.repeat(g, 1, 1)  # task/expert-major: rows [t*B, (t+1)*B) belong to group t
+                x = blk(x)
+                if i in self.out_layers:
+                    outs.append((self.out_layers.index(i), x))
+        feats = []
+        for _, t in sorted(outs):
+            if t.shape[0] != g * b:  # an out layer before the group split
+                t = t.repeat(g, 1, 1)
+            feats.append(v.norm(t))
+        npt = v.num_prefix_tokens
+        maps = torch.cat([f[:, npt:].transpose(1, 2).reshape(g * b, self.embed_dim, h, w) for f in feats], dim=1)
+        tok = feats[-1][:, 0] if getattr(v, "cls_token", None) is not None else None
+        maps = maps.reshape(g, b, self.out_channels, h, w)
+        return BackboneOutput(maps, None if tok is None else tok.reshape(g, b, self.token_dim))
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed per group of a group-major batch (tasks never mix)."""
+
+    groups: int = 1
+    forced_group: int | None = None
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, groups: int) -> "GroupBatchNorm2d":
+        """Copy of ``bn`` (same parameters, buffers and names) with per-group training statistics."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        new.load_state_dict(bn.state_dict())
+        new.train(bn.training)
+        new.groups = groups
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = 1 if self.forced_group is not None else self.groups
+        if g == 1 or not (self.training or not self.track_running_stats):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        xg = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
+        wt = self.weight.repeat(g) if self.affine else None
+        bs = self.bias.repeat(g) if self.affine else None
+        y = F.batch_norm(xg, None, None, wt, bs, True, 0.0, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                mean = xg.mean(dim=(0, 2, 3)).view(g, c).mean(0)
+                var = xg.var(dim=(0, 2, 3), unbiased=True).view(g, c).mean(0)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var, alpha=m)
+        return y.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+
+
+def _resnet_blocks(net: nn.Module) -> list[nn.Module]:
+    return [blk for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for blk in layer]
+
+
+class ResNetBackbone(_Backbone):
+    """Trainable timm ResNet, dilated to output stride 16 or 8, last-stage map; optional expert copies / TESLA."""
+
+    family = "resnet"
+
+    def __init__(self, name: str, image_size: int = 224, pretrained=False, sma: nn.Module | None = None,
+                 output_stride: int = 16, num_experts: int = 0, allow_missing: Sequence[str] = (),
+                 allow_unexpected: Sequence[str] = ()):
+        cfg = BACKBONES[name]
+        super().__init__(name, cfg, sma)
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"resnet_output_stride must be 8, 16 or 32, got {output_stride}")
+        kw = dict(image_size=image_size, output_stride=output_stride, allow_missing=allow_missing,
+                  allow_unexpected=allow_unexpected)
+        net, info = create_timm_backbone(name, pretrained=pretrained, **kw)
+        self._set_weights(info)
+        if num_experts > 1:
+            # MMoE / DSelect-k on a trainable CNN: E full copies (LibMTL parity). Pretrained copies start equal;
+            # random ones are initialised independently.
+            nets = [net]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RandomInitWarning)
+                for _ in range(num_experts - 1):
+                    nets.append(copy.deepcopy(net) if not self.pretrained_random_init
+                                else create_timm_backbone(name, pretrained=False, **kw)[0])
+            self.experts = nn.ModuleList(nets)
+            self.num_groups = num_experts
+        else:
+            self.resnet = net
+        self.embed_dim = self.out_channels = net.num_features
+        self.token_dim = None
+        self.stride = output_stride
+        self.depth = len(_resnet_blocks(net))
+
+    def add_adapters(self, num_groups: int, group_rank: int = 4, group_alpha: float | None = None,
+                     soft: bool = False, num_adapters: int | None = None, last_k: int | None = None) -> None:
+        """TESLA on ResNet: per-task low-rank adapters on the 1x1 convs of the last ``last_k`` bottlenecks."""
+        if not hasattr(self, "resnet"):
+            raise RuntimeError("adapters on an expert-copy ResNet are not supported")
+        blocks = _resnet_blocks(self.resnet)
+        last_k = len(blocks) if last_k is None else int(last_k)
+        if not 1 <= last_k <= len(blocks):
+            raise ValueError(f"last_k={last_k} must be in [1, {len(blocks)}]")
+        first = len(blocks) - last_k
+        for blk in blocks[first:]:
+            for attr in ("conv1", "conv3"):
+                conv = getattr(blk, attr, None)
+                if conv is not None and conv.kernel_size == (1, 1) and conv.stride == (1, 1):
+                    setattr(blk, attr, LoRAConv1x1(conv, rank=0, num_groups=num_groups, group_rank=group_rank,
+                                                   group_alpha=group_alpha, kind="tesla", soft=soft,
+                                                   num_adapters=num_adapters))
+            # Batch statistics must not mix the tasks of the concatenated batch (gradient isolation).
+            for mname, mod in list(blk.named_modules()):
+                if isinstance(mod, nn.BatchNorm2d) and not isinstance(mod, GroupBatchNorm2d):
+                    parent = blk.get_submodule(mname.rsplit(".", 1)[0]) if "." in mname else blk
+                    setattr(parent, mname.rsplit(".", 1)[-1], GroupBatchNorm2d.from_bn(mod, num_groups))
+        self.num_groups, self.expand_at = num_groups, first
+
+    def _run(self, net: nn.Module, x: torch.Tensor, g: int) -> torch.Tensor:
+        x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
+        for i, blk in enumerate(_resnet_blocks(net)):
+            if g > 1 and i == self.expand_at:
+                x = x.repeat(g, 1, 1, 1)
+            x = blk(x)
+        return x
+
+    def forward(self, images: torch.Tensor, group: int | None = None) -> BackboneOutput:
+        """(B, 3, H, W) -> maps (G, B, C, H/s, W/s) (s = output stride), tokens None."""
+        x = self._pre(images)
+        b = images.shape[0]
+        if hasattr(self, "experts"):
+            nets = self.experts if group is None else [self.experts[group]]
+            maps = torch.stack([self._run(n, x, 1) for n in nets])
+            return BackboneOutput(maps, None)
+        g = 1 if group is not None else self.num_groups
+        with self._route(group):
+            y = self._run(self.resnet, x, g)
+        return BackboneOutput(y.reshape(g, b, *y.shape[1:]), None)
+
+
+def build_backbone(name: str, image_size: int = 224, pretrained=False, sma: nn.Module | None = None, **kwargs):
+    """Backbone module for ``name`` (see :data:`BACKBONES`)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {sorted(BACKBONES)}")
+    cls = ViTBackbone if BACKBONES[name].family == "vit" else ResNetBackbone
+    bb = cls(name, image_size=image_size, pretrained=pretrained, sma=sma, **kwargs)
+    if sma is not None:
+        bb.input_multiple = _lcm(bb.input_multiple, sma.patch_size)
+    return bb
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)

@@ -1,0 +1,221 @@
+"""``build_model``: options -> :class:`ModelConfig` (every default documented here, in one place) -> model."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from .architectures import ARCHITECTURES, MultiTaskModel
+from .backbones import BACKBONES, VIT_LORA_TARGETS, build_backbone
+from .heads import ClassificationHead, SegmentationHead
+from .lora import QKV_CHUNKS
+from .sma import SMA
+
+__all__ = ["TASKS", "ModelConfig", "build_model", "build_model_from_config"]
+
+TASKS = ("cls", "seg")
+_MOE = ("mmoe", "dselect_k")
+
+
+@dataclass
+class ModelConfig:
+    """All model options with their defaults (paper values unless noted)."""
+
+    backbone: str = "dinov2_vitb14"  # key of BACKBONES
+    arch: str = "hps"  # hps | tesla | mmoe | dselect_k | single (hps with one task)
+    sma: bool = False  # SMA before patch embedding (EndoARSS backbone = DINOv2 + SMA)
+    num_activities: int | None = None  # K, required when "cls" in tasks
+    num_seg_classes: int | None = None  # S incl. background, required when "seg" in tasks
+    tasks: tuple = ("cls", "seg")
+    pretrained: Any = False  # False (random init, loud for DINOv2) | local file path | True (timm hub, needs internet)
+    lora_rank: int = 4  # shared LoRA rank r (Table VI); also the expert LoRA rank for mmoe / dselect_k on a ViT
+    image_size: int = 224  # multiple of the ViT patch (14) and of sma_patch_size when sma=True
+    # LoRA (paper Eq. 2-3)
+    lora_alpha: float | None = None  # scale alpha / r; None -> alpha = r (scale 1)
+    lora_targets: tuple = ("attn.qkv",)  # released code: ("mlp.fc1", "mlp.fc2"); valid: VIT_LORA_TARGETS
+    lora_qkv: tuple = ("q", "v")  # chunks of the fused qkv that LoRA adapts (paper: q and v; k untouched)
+    # TESLA (paper Eq. 5-6)
+    tesla_rank: int | None = None  # task-adapter rank; None -> lora_rank (4 if lora_rank is 0)
+    tesla_alpha: str = "onehot"  # "onehot": adapter t serves task t only (explicit gradient separation);
+    #                              "soft": per task a learnable softmax mix over all adapters (logits start at 0)
+    tesla_num_adapters: int | None = None  # soft alpha only: number of adapters E (None -> number of tasks)
+    tesla_last_k: int | None = None  # task adapters in the last k blocks only (None -> every block)
+    tesla_targets: tuple | None = None  # layers with task adapters (None -> lora_targets); ViT only
+    # Mixtures of experts (mmoe, dselect_k)
+    num_experts: int = 2  # E
+    gate_pool: int = 8  # gate input: the image average-pooled to gate_pool x gate_pool (3 * gate_pool^2 numbers)
+    dselect_k: int = 2  # DSelect-k: number of selectors (non-zeros)
+    dselect_gamma: float = 1.0  # smooth-step width
+    dselect_entropy_weight: float = 1e-4  # weight of the entropy regulariser in model.regularization_loss()
+    # SMA (paper Sec. III-B)
+    sma_dim: int = 512  # d (released: 512)
+    sma_patch_size: int = 7  # unfold patch side (released: 7)
+    sma_groups: int = 1  # EMA channel groups (released: 1)
+    sma_kernel_size: int = 3  # n of the local and fusion convs
+    sma_residual: bool = False  # add the input back through a zero-initialised fusion (identity at start)
+    sma_trainable: bool = True  # False reproduces the released code (SMA frozen at random init)
+    sma_checkpoint: bool = False  # activation checkpointing of SMA's dim-wide part
+    # Heads (DeepLab-V3 style)
+    head_channels: int = 256
+    seg_rates: tuple | None = None  # ASPP rates; None -> chosen from the feature-map size
+    seg_dropout: float = 0.1
+    cls_dropout: float = 0.0
+    cls_use_token: bool | None = None  # concat the class token in the cls head; None -> when the backbone has one
+    # Features / backbone
+    out_layers: tuple = (-1,)  # ViT blocks whose (final-normed) patch tokens are concatenated along channels
+    resnet_output_stride: int = 16  # 8 or 16 (dilated last stages)
+    weights_allow_missing: tuple = ()  # fnmatch patterns of checkpoint keys allowed to be missing
+    weights_allow_unexpected: tuple = ()  # fnmatch patterns of checkpoint keys allowed to be unexpected
+
+    def __post_init__(self):
+        for f in ("tasks", "lora_targets", "lora_qkv", "out_layers", "weights_allow_missing",
+                  "weights_allow_unexpected"):
+            v = getattr(self, f)
+            setattr(self, f, (v,) if isinstance(v, str) else tuple(v))
+        if self.tesla_targets is not None:
+            self.tesla_targets = ((self.tesla_targets,) if isinstance(self.tesla_targets, str)
+                                  else tuple(self.tesla_targets))
+        if self.seg_rates is not None:
+            self.seg_rates = tuple(self.seg_rates)
+        if isinstance(self.pretrained, os.PathLike):
+            self.pretrained = os.fspath(self.pretrained)
+        self.validate()
+
+    @property
+    def family(self) -> str:
+        """``"vit"`` or ``"resnet"``."""
+        return BACKBONES[self.backbone].family
+
+    def to_dict(self) -> dict:
+        """Plain dict (for result rows / yaml)."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError on an inconsistent configuration."""
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; valid: {sorted(BACKBONES)}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {sorted(ARCHITECTURES)}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks={self.tasks!r} must be distinct names from {TASKS}")
+        if self.arch == "single" and len(self.tasks) != 1:
+            raise ValueError(f"arch='single' needs exactly one task, got tasks={self.tasks}")
+        for task, attr in (("cls", "num_activities"), ("seg", "num_seg_classes")):
+            v = getattr(self, attr)
+            if task in self.tasks and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+                raise ValueError(f"{attr} must be an int >= 2 for task {task!r}, got {v!r}")
+        if not (self.pretrained is True or self.pretrained is False or self.pretrained is None
+                or isinstance(self.pretrained, str)):
+            raise ValueError(f"pretrained must be False, True or a file path, got {self.pretrained!r}")
+        cfg = BACKBONES[self.backbone]
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        if cfg.family == "vit" and self.image_size % cfg.patch_size:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of the patch size {cfg.patch_size} "
+                             f"of {self.backbone}")
+        if self.sma and self.image_size % self.sma_patch_size:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of sma_patch_size="
+                             f"{self.sma_patch_size} (e.g. 224 = 32 x 7)")
+        if self.lora_rank < 0 or (self.tesla_rank is not None and self.tesla_rank < 1):
+            raise ValueError(f"lora_rank must be >= 0 and tesla_rank >= 1, got {self.lora_rank}, {self.tesla_rank}")
+        if self.arch in _MOE and cfg.family == "vit" and self.lora_rank < 1:
+            raise ValueError(f"arch={self.arch!r} on a ViT needs lora_rank >= 1 (experts are LoRA sets)")
+        for t in self.lora_targets + (self.tesla_targets or ()):
+            if t not in VIT_LORA_TARGETS:
+                raise ValueError(f"unknown LoRA target {t!r}; valid: {VIT_LORA_TARGETS}")
+        if not self.lora_qkv or any(c not in QKV_CHUNKS for c in self.lora_qkv):
+            raise ValueError(f"lora_qkv={self.lora_qkv!r} must name some of {tuple(QKV_CHUNKS)}")
+        if self.tesla_alpha not in ("onehot", "soft"):
+            raise ValueError(f"tesla_alpha must be 'onehot' or 'soft', got {self.tesla_alpha!r}")
+        if self.tesla_num_adapters is not None and self.tesla_alpha != "soft":
+            raise ValueError("tesla_num_adapters needs tesla_alpha='soft' (one-hot routing: one adapter per task)")
+        if self.tesla_last_k is not None and not 1 <= self.tesla_last_k <= cfg.depth:
+            raise ValueError(f"tesla_last_k={self.tesla_last_k} must be in [1, {cfg.depth}] for {self.backbone}")
+        if self.arch in _MOE and self.num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2, got {self.num_experts}")
+        if self.arch == "dselect_k" and not 1 <= self.dselect_k <= self.num_experts:
+            raise ValueError(f"dselect_k={self.dselect_k} must be in [1, num_experts={self.num_experts}]")
+        if self.cls_use_token and cfg.family != "vit":
+            raise ValueError(f"cls_use_token=True needs a class token; {self.backbone} has none")
+
+
+def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
+    """Model for a validated :class:`ModelConfig` (stored as ``model.config``)."""
+    c = config
+    c.validate()
+    sma = None
+    if c.sma:
+        sma = SMA(in_chans=3, dim=c.sma_dim, patch_size=c.sma_patch_size, groups=c.sma_groups,
+                  kernel_size=c.sma_kernel_size, residual=c.sma_residual, checkpoint=c.sma_checkpoint)
+        sma.requires_grad_(c.sma_trainable)
+    kw = dict(allow_missing=c.weights_allow_missing, allow_unexpected=c.weights_allow_unexpected)
+    num_tasks = len(c.tasks)
+    tesla_rank = c.tesla_rank or c.lora_rank or 4
+    soft = c.tesla_alpha == "soft"
+    if c.family == "vit":
+        bb = build_backbone(c.backbone, c.image_size, c.pretrained, sma, out_layers=c.out_layers, **kw)
+        common = dict(alpha=c.lora_alpha, qkv=c.lora_qkv)
+        if c.arch == "tesla":
+            bb.add_adapters(rank=c.lora_rank, targets=c.lora_targets, num_groups=num_tasks, group_kind="tesla",
+                            group_targets=c.tesla_targets or c.lora_targets, group_rank=tesla_rank, soft=soft,
+                            num_adapters=c.tesla_num_adapters, last_k=c.tesla_last_k, **common)
+        elif c.arch in _MOE:
+            bb.add_adapters(rank=0, targets=(), num_groups=c.num_experts, group_kind="expert",
+                            group_targets=c.lora_targets, group_rank=c.lora_rank, group_alpha=c.lora_alpha,
+                            **common)
+        else:
+            bb.add_adapters(rank=c.lora_rank, targets=c.lora_targets, **common)
+    else:
+        bb = build_backbone(c.backbone, c.image_size, c.pretrained, sma, output_stride=c.resnet_output_stride,
+                            num_experts=c.num_experts if c.arch in _MOE else 0, **kw)
+        if c.arch == "tesla":
+            bb.add_adapters(num_groups=num_tasks, group_rank=tesla_rank, soft=soft,
+                            num_adapters=c.tesla_num_adapters, last_k=c.tesla_last_k)
+    feature_size = -(-c.image_size // bb.stride)
+    use_token = (bb.token_dim is not None) if c.cls_use_token is None else c.cls_use_token
+    heads: dict[str, nn.Module] = {}
+    for t in c.tasks:
+        if t == "seg":
+            heads[t] = SegmentationHead(bb.out_channels, c.num_seg_classes, channels=c.head_channels,
+                                        rates=c.seg_rates, feature_size=feature_size, dropout=c.seg_dropout)
+        else:
+            heads[t] = ClassificationHead(bb.out_channels, c.num_activities, channels=c.head_channels,
+                                          token_dim=bb.token_dim if use_token else None, dropout=c.cls_dropout)
+    cls = ARCHITECTURES[c.arch]
+    if c.arch == "tesla":
+        return cls(bb, heads, c.tasks, c, soft=soft)
+    if c.arch == "mmoe":
+        return cls(bb, heads, c.tasks, c, gate_pool=c.gate_pool)
+    if c.arch == "dselect_k":
+        return cls(bb, heads, c.tasks, c, gate_pool=c.gate_pool, k=c.dselect_k, gamma=c.dselect_gamma,
+                   entropy_weight=c.dselect_entropy_weight)
+    return cls(bb, heads, c.tasks, c)
+
+
+def build_model(
+    backbone: str = "dinov2_vitb14",
+    arch: str = "hps",
+    sma: bool = False,
+    num_activities: int | None = None,
+    num_seg_classes: int | None = None,
+    tasks=("cls", "seg"),
+    pretrained=False,
+    lora_rank: int = 4,
+    image_size: int = 224,
+    **options,
+) -> MultiTaskModel:
+    """Build a multi-task (or single-task) model; ``options`` are :class:`ModelConfig` fields (TypeError otherwise).
+
+    ``forward(images)`` returns ``{"cls": (B, K), "seg": (B, S, H, W)}`` (the tasks asked for).
+    """
+    valid = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"unknown model option(s) {unknown}; valid options: {sorted(valid - {'backbone', 'arch'})}")
+    cfg = ModelConfig(backbone=backbone, arch=arch, sma=sma, num_activities=num_activities,
+                      num_seg_classes=num_seg_classes, tasks=tasks, pretrained=pretrained, lora_rank=lora_rank,
+                      image_size=image_size, **options)
+    return build_model_from_config(cfg)

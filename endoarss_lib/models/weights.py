@@ -1,0 +1,119 @@
+"""Strict loading of backbone weights from a local file (official DINOv2 ``.pth``, ``.safetensors``) or the hub.
+
+The released EndoARSS code loaded its encoder with ``strict=False`` and never looked at the result, so a naming
+mismatch silently left the backbone random. Here every missing or unexpected key is an error that names the keys and
+the file, unless the caller lists it (fnmatch patterns) in ``allow_missing`` / ``allow_unexpected``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["WeightsError", "RandomInitWarning", "read_state_dict", "file_sha256", "load_state_dict_strict",
+           "hub_offline", "hub_mode"]
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint does not match the model (missing / unexpected keys, shapes) or cannot be obtained."""
+
+
+class RandomInitWarning(UserWarning):
+    """A backbone meant to be pretrained was randomly initialised."""
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub is disabled (``HF_HUB_OFFLINE=1``, the default set by ``import endoarss_lib``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+@contextmanager
+def hub_mode():
+    """Make huggingface_hub honour ``HF_HUB_OFFLINE`` even if it was imported before the variable was set."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = hub_offline()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``); unwrap ``model`` etc."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping) and len(sd) <= 4:
+            sd = sd[key]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a flat state dict of tensors")
+    sd = dict(sd)
+    if sd and all(k.startswith("module.") for k in sd):  # DistributedDataParallel prefix
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _fmt(keys: Sequence[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
+    convert: Callable[[dict, nn.Module], dict] | None = None,
+) -> None:
+    """Load ``state_dict`` (after ``convert``) into ``model``; :class:`WeightsError` names bad keys and the source."""
+    sd = dict(state_dict)
+    if convert is not None:
+        sd = convert(sd, model)
+    own = model.state_dict()
+    unexpected = sorted(k for k in sd if k not in own and not _matches(k, allow_unexpected))
+    missing = sorted(k for k in own if k not in sd and not _matches(k, allow_missing))
+    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in sd if k in own and sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"strict weight loading failed for {type(model).__name__} from {source}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): {_fmt(shapes)}")
+        lines.append("  (build_model options weights_allow_missing= / weights_allow_unexpected= accept named keys)")
+        raise WeightsError("\n".join(lines))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
