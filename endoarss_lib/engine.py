@@ -33,8 +33,8 @@ from .metrics import ClassificationMeter, SegmentationMeter
 from .models import build_model
 from .weighting import get_weighting
 
-__all__ = ["fit", "evaluate", "seed_everything", "resolve_device", "load_checkpoint", "CheckpointMismatch",
-           "RESULT_METRICS"]
+__all__ = ["fit", "evaluate", "predict", "load_run_model", "seed_everything", "resolve_device", "load_checkpoint",
+           "CheckpointMismatch", "RESULT_METRICS"]
 
 CHECKPOINT_VERSION = 1
 RESULT_METRICS = {"cls": ("accuracy", "macro_f1", "weighted_f1", "compat_ac", "compat_f1"),
@@ -417,3 +417,41 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path) -> dict:
             "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
             "library_version": __version__, "git_commit": _git_commit(), "config_hash": cfg.results_hash(),
             "run_dir": str(folder)}
+
+
+def load_run_model(folder: str | Path, device: str = "cpu"):
+    """The selected (best) model of a run folder, rebuilt from its config.json, in eval mode."""
+    import json
+
+    from .config import TrainConfig
+
+    folder = Path(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data.pop("config_hash", None)
+    cfg = TrainConfig(**data)
+    spec = get_spec(cfg.dataset)
+    model = build_model(**_model_options(cfg, spec))
+    load_checkpoint(folder / "best.pt", model, cfg.results_hash())
+    return model.to(resolve_device(device)).eval()
+
+
+@torch.no_grad()
+def predict(model, dataset, indices=None, device: str = "cpu") -> list[dict]:
+    """Per-sample predictions for display: image (uint8), true / predicted mask and activity, class probabilities."""
+    from .viz import denormalize
+
+    model.eval()
+    device = resolve_device(device)
+    out = []
+    for index in (range(len(dataset)) if indices is None else indices):
+        item = dataset[int(index)]
+        result = model(item["image"][None].to(device))
+        row = {"index": int(index), "path": item["path"], "image": denormalize(item["image"]),
+               "mask": item["mask"].numpy(), "label": int(item["label"])}
+        if "seg" in result:
+            row["pred_mask"] = result["seg"][0].float().argmax(0).cpu().numpy()
+        if "cls" in result:
+            probs = result["cls"][0].float().softmax(0).cpu().numpy()
+            row["pred_label"], row["cls_probs"] = int(probs.argmax()), probs
+        out.append(row)
+    return out

@@ -15,7 +15,7 @@ from .atomic import atomic_path
 from .data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
-           "save_figure", "data_label"]
+           "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves"]
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -110,3 +110,67 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     return Path(path)
+
+
+def plot_prediction(sample: dict, spec, ax_row=None, alpha: float = 0.6) -> Figure | None:
+    """Image, ground truth and prediction of one :func:`endoarss_lib.engine.predict` sample, side by side."""
+    palette = class_palette(spec.num_seg_classes)
+    fig = None
+    if ax_row is None:
+        fig, ax_row = plt.subplots(1, 3, figsize=(9, 3.4))
+    truth = spec.activities[sample["label"]]
+    guess = spec.activities[sample["pred_label"]] if "pred_label" in sample else "-"
+    panels = [("image", sample["image"]), (f"truth: {truth}", overlay(sample["image"], sample["mask"], palette, alpha))]
+    if "pred_mask" in sample:
+        panels.append((f"predicted: {guess}", overlay(sample["image"], sample["pred_mask"], palette, alpha)))
+    for ax, (title, picture) in zip(ax_row, panels):
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=9, color="black" if "predicted" not in title or guess == truth else "crimson")
+        ax.axis("off")
+    if fig is not None:
+        fig.legend(handles=legend_handles(spec.seg_classes, palette), loc="lower center", fontsize=7,
+                   ncol=min(4, spec.num_seg_classes), frameon=False)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
+def prediction_browser(samples: list[dict], spec, note: str = ""):
+    """An ipywidgets browser: a slider over samples, showing image, truth and prediction."""
+    import ipywidgets as widgets
+
+    output = widgets.Output()
+    slider = widgets.IntSlider(value=0, min=0, max=len(samples) - 1, description="sample",
+                               continuous_update=False)
+    caption = widgets.HTML()
+
+    def show(change=None):
+        sample = samples[slider.value]
+        caption.value = f"<b>{Path(sample['path']).name}</b> {note}"
+        with output:
+            output.clear_output(wait=True)
+            fig = plot_prediction(sample, spec)
+            plt.show(fig)
+
+    slider.observe(show, names="value")
+    show()
+    return widgets.VBox([slider, caption, output])
+
+
+def plot_training_curves(log, title: str) -> Figure:
+    """Training losses and validation metrics per epoch from a run's log.csv (a DataFrame)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for column in [c for c in log.columns if c.startswith("train_loss_")]:
+        left.plot(log["epoch"], log[column], marker="o", label=column.replace("train_loss_", "loss "))
+    left.set_xlabel("epoch")
+    left.set_title("training loss")
+    left.legend()
+    for column in ("val_cls_accuracy", "val_seg_miou", "val_seg_miou_fg", "val_select"):
+        if column in log:
+            right.plot(log["epoch"], log[column], marker="o", label=column.replace("val_", ""))
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1)
+    right.set_title("validation")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
