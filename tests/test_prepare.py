@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from endoarss_lib.data import DataError, MTLDataset
-from endoarss_lib.data.prepare import (ENDOVIS18_TYPE_TO_TRAIN, convert_endovis17, convert_endovis18,
+from endoarss_lib.data.prepare import (ENDOVIS18_TYPE_TO_TRAIN, convert_colour_masks, convert_endovis17, convert_endovis18,
                                        frame_activity, main, parse_vqla_label, validate)
 
 from .test_dataset import write_pair
@@ -169,3 +169,20 @@ def test_convert_endovis17_unmapped_classes(tmp_path):
     assert not (out / "train").exists()
     ds = MTLDataset(out, "test", dataset="mtlendovis_gen")
     assert len(ds) == 4 and set(ds.labels) == {2, 4}
+
+
+def test_colour_masks_are_converted_through_an_exact_palette(tmp_path):
+    src = tmp_path / "colour"
+    for activity in (1, 2, 3):
+        image, _ = write_pair(src, "test", activity, f"c{activity}")
+        rgb = np.zeros((30, 40, 3), np.uint8)
+        rgb[:, 20:] = (255, 0, 0) if activity == 1 else (0, 255, 0)
+        Image.fromarray(rgb).save(src / "test" / str(activity) / "mask" / f"c{activity}.png")
+    palette = {"0,0,0": 0, "255,0,0": 3, "0,255,0": 5}
+    out = convert_colour_masks(src, palette, tmp_path / "indexed")
+    ds = MTLDataset(out, "test", dataset="mtlesd")
+    assert set(np.unique(ds.load_raw(0)[1])) == {0, 3} and set(np.unique(ds.load_raw(1)[1])) == {0, 5}
+    assert (out / "test" / "1" / "image" / "c1.png").read_bytes() == (src / "test" / "1" / "image" / "c1.png").read_bytes()
+    with pytest.raises(DataError, match=r"c1.png: colours \[\(255, 0, 0\)\] are not in the palette"):
+        convert_colour_masks(src, {"0,0,0": 0, "0,255,0": 5}, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -56,7 +56,7 @@ def read_index_mask(path: str | os.PathLike) -> np.ndarray:
         raise DataError(
             f"{path}: mask has mode {img.mode!r} (colour); expected a single-channel index PNG (mode 'L', 'P' or "
             f"'I;16') whose pixel values are class ids. Convert colour-coded masks with an explicit palette first "
-            f"(python -m endoarss_lib.data.prepare --help).")
+            f"(python -m endoarss_lib.data.prepare colour-masks --help).")
     return np.asarray(img).astype(np.int64)
 
 

@@ -5,6 +5,7 @@ Nothing here downloads anything: run ``python -m endoarss_lib.data.prepare sourc
     python -m endoarss_lib.data.prepare validate /data/MTLESD --dataset mtlesd
     python -m endoarss_lib.data.prepare endovis18 --frames ... --type-masks ... --vqla ... --out /data/MTLEndovis
     python -m endoarss_lib.data.prepare endovis17 --frames ... --type-masks ... --vqla ... --out /data/MTLEndovis-Gen
+    python -m endoarss_lib.data.prepare colour-masks /data/raw --palette palette.json --out /data/indexed
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from ..atomic import write_json_atomic
 from .io import DataError, image_size_of, read_index_mask
 from .registry import DatasetSpec, get_spec, resolve_id_map
 
-__all__ = ["ValidationReport", "validate", "convert_endovis18", "convert_endovis17", "parse_vqla_label",
-           "frame_activity", "SOURCES", "main"]
+__all__ = ["ValidationReport", "validate", "convert_endovis18", "convert_endovis17", "convert_colour_masks",
+           "parse_vqla_label", "frame_activity", "SOURCES", "main"]
 
 CONVERTER_VERSION = "1"
 
@@ -323,6 +324,57 @@ def convert_endovis17(frames: str | Path, type_masks: str | Path, vqla: str | Pa
                          source_map or ENDOVIS17_TYPE_TO_TRAIN, unmapped, card)
 
 
+def _read_palette(palette: Mapping | str | Path) -> dict[tuple[int, int, int], int]:
+    """``{"R,G,B": id}`` (a dict or a JSON file) as ``{(r, g, b): id}``."""
+    if not isinstance(palette, Mapping):
+        path = Path(palette)
+        try:
+            palette = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"--palette {path}: expected a JSON object {{\"R,G,B\": id}} ({exc})") from None
+    try:
+        return {tuple(int(c) for c in str(k).split(",")): int(v) for k, v in palette.items()}
+    except ValueError as exc:
+        raise DataError(f"palette: keys must be 'R,G,B' and values ids ({exc})") from None
+
+
+def convert_colour_masks(src: str | Path, palette: Mapping | str | Path, out: str | Path) -> Path:
+    """Copy a layout whose masks are colour-coded into ``out`` with index masks, through an exact palette.
+
+    A colour that is not in the palette is an error naming the file and the colours; nothing is guessed.
+    """
+    src, out = Path(src), Path(out)
+    colours = _read_palette(palette)
+    if not src.is_dir():
+        raise DataError(f"{src}: folder does not exist")
+    if out.exists():
+        raise DataError(f"--out {out}: already exists; remove it or choose another folder")
+    masks = sorted(src.glob("*/*/mask/*.png"))
+    if not masks:
+        raise DataError(f"{src}: no masks at <split>/<activity>/mask/*.png")
+    keys = np.array([r << 16 | g << 8 | b for r, g, b in colours])
+    ids = np.array(list(colours.values()), np.uint8)
+    order = np.argsort(keys)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+    try:
+        shutil.copytree(src, tmp / "tree", ignore=shutil.ignore_patterns("mask"))
+        for mask in masks:
+            rgb = np.asarray(Image.open(mask).convert("RGB")).astype(np.int64)
+            code = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+            pos = np.clip(np.searchsorted(keys[order], code), 0, len(keys) - 1)
+            known = keys[order][pos] == code
+            if not known.all():
+                bad = sorted({tuple(int(c) for c in rgb[i, j]) for i, j in zip(*np.nonzero(~known))})[:8]
+                raise DataError(f"{mask}: colours {bad} are not in the palette")
+            target = tmp / "tree" / mask.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ids[order][pos], mode="L").save(target)
+        os.replace(tmp / "tree", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def _id_map_arg(value: str | None):
@@ -344,6 +396,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dataset", required=True)
     v.add_argument("--id-map", default=None, help="identity | released | a JSON file {raw_to_train: {...}}")
     v.add_argument("--no-index", action="store_true", help="do not write index.json")
+    c = sub.add_parser("colour-masks", help="copy a layout, turning colour-coded masks into index masks")
+    c.add_argument("src")
+    c.add_argument("--palette", required=True, help='JSON file {"R,G,B": class id, ...}')
+    c.add_argument("--out", required=True)
     for name, help_ in (("endovis18", "EndoVis-18 + VQLA-Extend -> MTLEndovis"),
                         ("endovis17", "EndoVis-17 + VQLA-Extend -> MTLEndovis-Gen")):
         c = sub.add_parser(name, help=help_)
@@ -370,6 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = validate(args.root, args.dataset, _id_map_arg(args.id_map), write_index=not args.no_index)
             print(report.format())
             return 0 if report.ok else 1
+        if args.command == "colour-masks":
+            out = convert_colour_masks(args.src, args.palette, args.out)
+            print(f"wrote {out}; now run: python -m endoarss_lib.data.prepare validate {out} --dataset <name>")
+            return 0
         if args.command == "endovis18":
             out = convert_endovis18(args.frames, args.type_masks, args.vqla, args.out, args.test_fraction, args.seed)
         else:
