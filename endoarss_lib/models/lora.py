@@ -240,17 +240,22 @@ def lora_modules(module: nn.Module) -> Iterator[LoRALinear]:
 
 
 @contextmanager
-def route_to_group(module: nn.Module, group: int | None):
-    """Inside the context every group-aware layer (LoRA, grouped BN) uses group ``group`` for the whole batch."""
-    mods = [m for m in module.modules() if hasattr(m, "forced_group")]
-    old = [m.forced_group for m in mods]
+def override_attribute(module: nn.Module, name: str, value):
+    """Inside the context every submodule that has attribute ``name`` has it set to ``value``; restored after."""
+    mods = [m for m in module.modules() if hasattr(m, name)]
+    old = [getattr(m, name) for m in mods]
     for m in mods:
-        m.forced_group = group
+        setattr(m, name, value)
     try:
         yield
     finally:
         for m, o in zip(mods, old):
-            m.forced_group = o
+            setattr(m, name, o)
+
+
+def route_to_group(module: nn.Module, group: int | None):
+    """Inside the context every group-aware layer (LoRA, grouped BN) uses group ``group`` for the whole batch."""
+    return override_attribute(module, "forced_group", group)
 
 
 def merge_lora(module: nn.Module) -> None:

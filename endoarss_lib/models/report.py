@@ -6,11 +6,11 @@ explicit ``q @ k^T`` / ``attn @ v`` path, because the CPU fused kernel is not co
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .lora import override_attribute
 
 __all__ = ["component_of", "parameter_report", "count_gflops", "COMPONENTS"]
 
@@ -48,19 +48,6 @@ def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
-@contextmanager
-def _explicit_attention(model: nn.Module):
-    mods = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    old = [m.fused_attn for m in mods]
-    for m in mods:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m, o in zip(mods, old):
-            m.fused_attn = o
-
-
 def count_gflops(model: nn.Module, image_size: int | None = None, by_component: bool = False):
     """GFLOPs (2 x MACs) of one forward of one image; ``by_component`` -> dict total/sma/backbone/gates/heads."""
     if image_size is None:
@@ -70,7 +57,7 @@ def count_gflops(model: nn.Module, image_size: int | None = None, by_component: 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _explicit_attention(model), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), override_attribute(model, "fused_attn", False), FlopCounterMode(display=False) as fc:
             model(x)
     finally:
         model.train(was_training)
