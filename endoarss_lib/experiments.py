@@ -1,0 +1,80 @@
+"""Experiment helpers for the notebooks: run a set of named configurations, evaluate a run on another dataset.
+
+Everything goes through :func:`endoarss_lib.engine.fit`, so each run is resumable and a finished one is returned
+instantly; a notebook rerun with the same parameters costs nothing.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import TrainConfig, preset
+from .data import MTLDataset, get_spec
+from .engine import _loader, evaluate, fit, load_run_model
+
+__all__ = ["grid", "run_all", "evaluate_run_on", "subset_metrics", "MAIN_METRICS"]
+
+# The metrics tables show by default: correct first, then the compat value that sits beside the paper's column.
+MAIN_METRICS = ("test_cls_accuracy", "test_cls_macro_f1", "test_cls_compat_ac", "test_cls_compat_f1",
+                "test_seg_miou", "test_seg_miou_fg", "test_seg_dice", "test_seg_hd95", "test_seg_ssim",
+                "test_seg_compat_miou", "test_seg_compat_dice", "test_seg_compat_hd", "test_seg_compat_ssim")
+
+
+def grid(**axes: Sequence) -> list[dict]:
+    """Cartesian product of the axes as a list of dicts: ``grid(a=[1, 2], b=["x"])`` -> 2 dicts."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def run_all(configs: Mapping[str, TrainConfig], progress: bool = True) -> pd.DataFrame:
+    """Fit every named configuration (resuming or reusing finished runs); one result row per configuration."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for name, cfg in tqdm(configs.items(), desc="runs", disable=not progress):
+        rows.append({"name": name, **fit(cfg)})
+    return pd.DataFrame(rows)
+
+
+def subset_metrics(confusion: np.ndarray, ids: Iterable[int]) -> dict[str, float]:
+    """Mean IoU and Dice over a subset of classes from a (truth x prediction) confusion matrix (NaN-safe)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    ids = list(ids)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (tp + fp + fn)
+        dice = 2 * tp / (2 * tp + fp + fn)
+    return {"miou": float(np.nanmean(iou[ids])), "dice": float(np.nanmean(dice[ids]))}
+
+
+def evaluate_run_on(run_dir: str | Path, data_root: str | Path, dataset: str, image_size: int,
+                    split: str = "test", device: str = "cpu", batch_size: int = 8) -> dict:
+    """Metrics of a finished run's selected model on another dataset (e.g. MTLEndovis-Gen), with subset means.
+
+    Besides the usual keys (over every class present), ``seg_miou_eval`` / ``seg_dice_eval`` average over the
+    dataset's evaluated classes only (its registry ``eval_seg_classes``), and ``cls_accuracy`` counts all images.
+    """
+    from .metrics import SegmentationMeter
+
+    model = load_run_model(run_dir, device=device)
+    data = MTLDataset(data_root, split, dataset=dataset, image_size=image_size)
+    spec = data.spec
+    loader = _loader(data, TrainConfig(batch_size=batch_size, progress=False), shuffle=False)
+    tasks = tuple(model.config.tasks)
+    dev = torch.device(device)
+    metrics = evaluate(model, loader, dev, tasks, spec.num_activities, spec.num_seg_classes, distances=True)
+    if "seg" in tasks:
+        meter = SegmentationMeter(spec.num_seg_classes, compute_distances=False, compute_ssim=False)
+        with torch.no_grad():
+            for batch in loader:
+                meter.update(model(batch["image"].to(dev))["seg"].argmax(1).cpu(), batch["mask"])
+        ids = spec.eval_seg_classes or range(spec.num_seg_classes)
+        sub = subset_metrics(meter.compute()["confusion"], ids)
+        metrics.update({"seg_miou_eval": sub["miou"], "seg_dice_eval": sub["dice"]})
+    return {"dataset": spec.name, "data": "synthetic" if data.synthetic else "real", **metrics}
