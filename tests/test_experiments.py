@@ -41,3 +41,28 @@ def test_evaluate_run_on_the_generalisation_set(tmp_path):
     for key in ("cls_accuracy", "seg_miou", "seg_miou_eval", "seg_dice_eval", "seg_compat_hd"):
         assert key in out
     assert 0 <= out["seg_miou_eval"] <= 1
+
+
+def test_model_options_parse_the_sma_suffix():
+    from endoarss_lib.experiments import model_options
+    assert model_options("dinov2_vitb14+sma", "tesla") == {"backbone": "dinov2_vitb14", "arch": "tesla", "sma": True}
+    assert model_options("resnet_tiny", "hps")["sma"] is False
+    with pytest.raises(ValueError, match="backbone='x\\+y'"):
+        model_options("x+y", "hps")
+
+
+def test_delta_m_against_single_by_hand():
+    import pandas as pd
+    from endoarss_lib.experiments import delta_m_against_single
+    base = dict(backbone="b", sma=False, seed=0)
+    rows = pd.DataFrame([
+        {**base, "arch": "tesla", "tasks": "cls+seg", "test_cls_accuracy": 0.6, "test_seg_miou": 0.55,
+         "test_seg_hd95": 8.0},
+        {**base, "arch": "single", "tasks": "cls", "test_cls_accuracy": 0.5},
+        {**base, "arch": "single", "tasks": "seg", "test_seg_miou": 0.5, "test_seg_hd95": 10.0},
+    ])
+    metrics = {"test_cls_accuracy": True, "test_seg_miou": True, "test_seg_hd95": False}
+    out = delta_m_against_single(rows, metrics)
+    # mean of +20 %, +10 %, +20 % (HD lower is better)
+    assert out.loc[0, "delta_m"] == pytest.approx((0.2 + 0.1 + 0.2) / 3)
+    assert np.isnan(out.loc[1, "delta_m"]) and np.isnan(out.loc[2, "delta_m"])
