@@ -18,7 +18,7 @@ from .data import MTLDataset, get_spec
 from .engine import _loader, evaluate, fit, load_run_model
 
 __all__ = ["grid", "run_all", "evaluate_run_on", "subset_metrics", "delta_m_against_single", "per_class_spread",
-           "model_options", "MAIN_METRICS", "DELTA_M_METRICS"]
+           "model_options", "make_configs", "MAIN_METRICS", "DELTA_M_METRICS"]
 
 # The metrics tables show by default: correct first, then the compat value that sits beside the paper's column.
 MAIN_METRICS = ("test_cls_accuracy", "test_cls_macro_f1", "test_cls_compat_ac", "test_cls_compat_f1",
@@ -37,6 +37,35 @@ def model_options(backbone: str, arch: str, **extra) -> dict:
     if suffix not in ("", "sma"):
         raise ValueError(f"backbone={backbone!r}: expected a registry name, optionally with '+sma'")
     return {"backbone": name, "arch": arch, "sma": suffix == "sma", **extra}
+
+
+def make_configs(combos: Iterable[Mapping], *, single_task: bool = True, base_preset: str = "smoke",
+                 model_extra: Mapping | None = None, weights: Mapping[str, str] | None = None,
+                 **fields) -> dict[str, TrainConfig]:
+    """Named TrainConfigs for combinations of ``backbone``, ``arch``, ``weighting``, ``seed`` (+ other model options).
+
+    With ``single_task`` a cls-only and a seg-only baseline are added for every (backbone, seed). ``weights`` maps
+    a backbone name to a local checkpoint (``pretrained=``). ``fields`` are TrainConfig fields shared by all runs
+    (dataset, data_root, epochs, image_size, out_dir, ...).
+    """
+    configs: dict[str, TrainConfig] = {}
+    for combo in combos:
+        combo = dict(combo)
+        backbone, arch = combo.pop("backbone"), combo.pop("arch")
+        extra = dict(model_extra or {})
+        if weights and backbone.partition("+")[0] in weights:
+            extra["pretrained"] = weights[backbone.partition("+")[0]]
+        weighting, seed = combo.pop("weighting", "ew"), combo.pop("seed", 0)
+        name = f"{backbone} | {arch} | {weighting} | seed {seed}" + "".join(f" | {k}={v}" for k, v in combo.items())
+        configs[name] = preset(base_preset, model=model_options(backbone, arch, **extra, **combo),
+                               weighting=weighting, seed=seed, **fields)
+        if single_task:
+            for task in ("cls", "seg"):
+                single = f"{backbone} | single {task} | seed {seed}"
+                configs.setdefault(single, preset(base_preset, model=model_options(backbone, "single", tasks=[task],
+                                                                                    **extra),
+                                                  weighting="ew", seed=seed, **fields))
+    return configs
 
 
 def grid(**axes: Sequence) -> list[dict]:
