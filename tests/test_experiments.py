@@ -66,3 +66,14 @@ def test_delta_m_against_single_by_hand():
     # mean of +20 %, +10 %, +20 % (HD lower is better)
     assert out.loc[0, "delta_m"] == pytest.approx((0.2 + 0.1 + 0.2) / 3)
     assert np.isnan(out.loc[1, "delta_m"]) and np.isnan(out.loc[2, "delta_m"])
+
+
+def test_make_configs_adds_single_task_baselines_once():
+    from endoarss_lib.experiments import make_configs
+    combos = grid(backbone=["vit_tiny_patch14+sma"], arch=["hps", "tesla"], weighting=["ew"], seed=[0, 1])
+    configs = make_configs(combos, model_extra={"sma_dim": 8}, epochs=1, image_size=56)
+    assert len(configs) == 4 + 2 * 2  # 4 MTL runs, cls-only and seg-only per seed
+    tesla = configs["vit_tiny_patch14+sma | tesla | ew | seed 1"]
+    assert tesla.model == {"backbone": "vit_tiny_patch14", "arch": "tesla", "sma": True, "sma_dim": 8}
+    assert tesla.seed == 1 and tesla.epochs == 1
+    assert configs["vit_tiny_patch14+sma | single seg | seed 0"].model["tasks"] == ["seg"]
