@@ -19,6 +19,11 @@ def data_home() -> Path:
 
 _RESULT_FIELDS_THAT_DO_NOT_CHANGE_RESULTS = ("out_dir", "run_name", "num_workers", "progress", "stop_after_epochs",
                                              "device")
+# Fields added after the first runs: left out of the results hash while at their defaults, so that configs which do
+# not use them keep their hash (and their run folders).
+_LATER_FIELD_DEFAULTS = {"cls_loss": "ce", "cls_loss_hparams": {}}
+CLS_LOSSES = ("ce", "cgl")
+_CGL_HPARAMS = ("p", "grouping", "head", "tail")
 
 
 @dataclass
@@ -44,6 +49,10 @@ class TrainConfig:
     weighting: str = "ew"
     weighting_hparams: dict = field(default_factory=dict)
     loss_weights: dict = field(default_factory=lambda: {"cls": 1.0, "seg": 1.0})
+    # activity loss: "ce" (cross-entropy) | "cgl" (MEJO's Coordinated Gradient Learning; class counts from the training
+    # split, Bernoulli masks from a generator seeded by the run seed); cls_loss_hparams: p, grouping, head, tail
+    cls_loss: str = "ce"
+    cls_loss_hparams: dict = field(default_factory=dict)
     label_smoothing: float = 0.0
     ignore_index: int = 255
     # optimisation
@@ -90,6 +99,18 @@ class TrainConfig:
         unknown = set(self.loss_weights) - {"cls", "seg"}
         if unknown:
             raise ValueError(f"config loss_weights has unknown tasks {sorted(unknown)}; expected 'cls', 'seg'")
+        if self.cls_loss not in CLS_LOSSES:
+            raise ValueError(f"config cls_loss={self.cls_loss!r}: expected one of {CLS_LOSSES}")
+        if not isinstance(self.cls_loss_hparams, dict):
+            raise ValueError(f"config cls_loss_hparams={self.cls_loss_hparams!r}: expected a dict")
+        valid = _CGL_HPARAMS if self.cls_loss == "cgl" else ()
+        unknown = sorted(set(self.cls_loss_hparams) - set(valid))
+        if unknown:
+            raise ValueError(f"config cls_loss_hparams has unknown keys {unknown} for cls_loss={self.cls_loss!r}; "
+                             f"valid: {list(valid)}")
+        if self.cls_loss == "cgl" and self.label_smoothing:
+            raise ValueError(f"config label_smoothing={self.label_smoothing!r}: expected 0 with cls_loss='cgl' (a "
+                             "sigmoid BCE loss)")
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -100,7 +121,8 @@ class TrainConfig:
 
     def results_hash(self) -> str:
         """Hash of every field that can change the results (not paths, workers or progress bars)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _RESULT_FIELDS_THAT_DO_NOT_CHANGE_RESULTS}
+        data = {k: v for k, v in self.to_dict().items() if k not in _RESULT_FIELDS_THAT_DO_NOT_CHANGE_RESULTS
+                and not (k in _LATER_FIELD_DEFAULTS and v == _LATER_FIELD_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -2,8 +2,15 @@
 
 A run lives in ``<out_dir>/<run_name>/``: ``config.json``, ``last.pt`` (everything needed to resume, written
 atomically after every epoch), ``best.pt`` (the selected model), ``log.csv`` (per epoch), ``diagnostics.csv``
-(task-gradient conflict, when enabled) and ``result.json`` (the result row). Calling ``fit`` again with the same
-config resumes an interrupted run, or returns the finished run's row.
+(task-gradient conflict, when enabled), ``routing.csv`` (per epoch and task, the mean routing weight per expert and
+the routing entropy of a CMoE connector, when the model has one) and ``result.json`` (the result row).
+
+Seed components (``seed_components.md``): ``cls_loss="cgl"`` trains the activity with MEJO's CGL (class counts of
+the training split; its Bernoulli generator is seeded from the run seed and saved in ``last.pt``); a weighting with
+``needs_progress`` (GM-Coord) gets each batch's per-task progress scores before its backward and adds its per-epoch
+summary (``gm_*`` columns) to ``log.csv``; a CMoE connector adds ``routing_*`` columns to ``log.csv``.
+
+Calling ``fit`` again with the same config resumes an interrupted run, or returns the finished run's row.
 """
 from __future__ import annotations
 
@@ -28,9 +35,9 @@ from .atomic import atomic_path, write_json_atomic, write_text_atomic
 from .config import TrainConfig, data_home
 from .data import MTLDataset, get_spec, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
-from .losses import task_losses
+from .losses import make_cls_loss, progress_scores, task_losses
 from .metrics import ClassificationMeter, SegmentationMeter
-from .models import build_model
+from .models import build_model, routing_divergence
 from .weighting import get_weighting
 
 __all__ = ["fit", "evaluate", "predict", "load_run_model", "seed_everything", "resolve_device", "load_checkpoint",
@@ -249,6 +256,8 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
 
     model, optimizer, weighting = state["model"], state["optimizer"], state["weighting"]
     device, tasks = state["device"], cfg.tasks
+    connector = getattr(state["raw_model"], "connector", None)
+    routing: dict[str, list] = {}  # task -> [sum of batch-mean weights x images, sum of entropies x images, images]
     shared = [p for p in state["raw_model"].trainable_shared_parameters()]
     heads = [state["raw_model"].task_specific_parameters(t) for t in tasks]
     model.train()
@@ -260,13 +269,22 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with _autocast(device, cfg.amp):
             out = model(batch["image"])
-        raw = task_losses(out, batch, tasks, cfg.ignore_index, cfg.label_smoothing)
+        if connector is not None and getattr(connector, "last_routing", None):
+            n = batch["image"].shape[0]
+            for t, r in connector.last_routing.items():
+                acc = routing.setdefault(t, [torch.zeros(r["weights"].numel(), dtype=torch.float64), 0.0, 0])
+                acc[0] += r["weights"].detach().cpu().double() * n
+                acc[1] += float(r["entropy"]) * n
+                acc[2] += n
+        raw = task_losses(out, batch, tasks, cfg.ignore_index, cfg.label_smoothing, cls_loss=state.get("cls_loss"))
         losses = torch.stack([raw[t] * cfg.loss_weights.get(t, 1.0) / cfg.grad_accum for t in tasks])
         state["global_step"] += 1
         if cfg.diagnostics_every and state["global_step"] % cfg.diagnostics_every == 0 and len(tasks) > 1:
             grads, slices = task_gradient_matrix(list(losses), state["raw_model"].named_trainable_shared_parameters())
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"],
                                          **conflict_record(grads, slices)})
+        if getattr(weighting, "needs_progress", False):
+            weighting.set_progress(progress_scores(out, batch, tasks, cfg.ignore_index))
         regulariser = state["raw_model"].regularization_loss()
         if regulariser.requires_grad:
             regulariser.backward(retain_graph=True)  # DSelect-k's entropy term reaches its selectors
@@ -280,7 +298,18 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
             sums[t] += raw[t].item()
         batches += 1
         bar.set_postfix({t: f"{sums[t] / batches:.3f}" for t in tasks})
-    return {f"train_loss_{t}": sums[t] / max(batches, 1) for t in tasks}
+    stats = {f"train_loss_{t}": sums[t] / max(batches, 1) for t in tasks}
+    if hasattr(weighting, "epoch_log"):
+        stats.update(weighting.epoch_log(tasks))
+    if routing:
+        means = {t: acc[0] / acc[2] for t, acc in routing.items()}
+        for t, acc in routing.items():
+            state["routing"].append({"epoch": epoch + 1, "task": t, "entropy": acc[1] / acc[2],
+                                     **{f"expert{e}": float(w) for e, w in enumerate(means[t])}})
+            stats[f"routing_entropy_{t}"] = acc[1] / acc[2]
+        if len(means) >= 2:
+            stats["routing_js"] = routing_divergence(means[tasks[0]], means[tasks[1]])
+    return stats
 
 
 def _all_reduce_grads(optimizer) -> None:
@@ -307,9 +336,13 @@ def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict
     model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer, scheduler = _optimizer(raw_model, cfg, len(datasets["train"]))
     weighting = get_weighting(cfg.weighting, **cfg.weighting_hparams)
+    # CGL: class counts of the TRAINING split only; its own generator, seeded from the run seed (saved in last.pt).
+    cls_loss = make_cls_loss(cfg.cls_loss, datasets["train"].class_counts() if cfg.cls_loss != "ce" else None,
+                             seed=cfg.seed * 1_000_003 + 7, **cfg.cls_loss_hparams)
     return {"raw_model": raw_model, "model": model, "optimizer": optimizer, "scheduler": scheduler,
-            "weighting": weighting, "device": device, "epoch": 0, "global_step": 0, "best_score": -float("inf"),
-            "best_epoch": -1, "history": [], "diagnostics": [], "wall_time_s": 0.0}
+            "weighting": weighting, "cls_loss": cls_loss, "device": device, "epoch": 0, "global_step": 0,
+            "best_score": -float("inf"), "best_epoch": -1, "history": [], "diagnostics": [], "routing": [],
+            "wall_time_s": 0.0}
 
 
 def _checkpoint(state: dict, cfg: TrainConfig) -> dict:
@@ -317,8 +350,9 @@ def _checkpoint(state: dict, cfg: TrainConfig) -> dict:
         state["raw_model"]), "optimizer": state["optimizer"].state_dict(),
         "scheduler": state["scheduler"].state_dict() if state["scheduler"] else None,
         "weighting": state["weighting"].state_dict(), "rng": _rng_state(),
+        "cls_loss": state["cls_loss"].state_dict() if state.get("cls_loss") is not None else None,
         **{k: state[k] for k in ("epoch", "global_step", "best_score", "best_epoch", "history", "diagnostics",
-                                 "wall_time_s")}}
+                                 "routing", "wall_time_s")}}
 
 
 def _resume(state: dict, path: Path, cfg: TrainConfig) -> None:
@@ -327,9 +361,12 @@ def _resume(state: dict, path: Path, cfg: TrainConfig) -> None:
     if state["scheduler"] is not None:
         state["scheduler"].load_state_dict(ckpt["scheduler"])
     state["weighting"].load_state_dict(ckpt["weighting"])
+    if state.get("cls_loss") is not None:
+        state["cls_loss"].load_state_dict(ckpt["cls_loss"])
     _set_rng_state(ckpt["rng"])
     for key in ("epoch", "global_step", "best_score", "best_epoch", "history", "diagnostics", "wall_time_s"):
         state[key] = ckpt[key]
+    state["routing"] = ckpt.get("routing", [])  # checkpoints written before routing logs existed have none
 
 
 def run_dir(cfg: TrainConfig) -> Path:
@@ -386,6 +423,7 @@ def fit(cfg: TrainConfig) -> dict:
             _save(folder / "last.pt", _checkpoint(state, cfg))
             _write_log(folder / "log.csv", state["history"])
             _write_log(folder / "diagnostics.csv", state["diagnostics"])
+            _write_log(folder / "routing.csv", state["routing"])
         if world > 1:
             dist.barrier()  # the other ranks read best.pt / last.pt only once rank 0 has written them
     load_checkpoint(folder / "best.pt", state["raw_model"], cfg.results_hash())
@@ -405,6 +443,7 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path) -> dict:
     return {"dataset": cfg.dataset, "data": "synthetic" if datasets["test"].synthetic else "real",
             "backbone": cfg.model.get("backbone"), "arch": cfg.model.get("arch", "hps"),
             "sma": bool(cfg.model.get("sma", False)), "weighting": cfg.weighting, "tasks": "+".join(cfg.tasks),
+            "connector": cfg.model.get("connector") or "none", "cls_loss": cfg.cls_loss,
             "pretrained": weights.get("sha256") or weights.get("source", "random init"),
             "random_init_backbone": bool(model.pretrained_random_init), "seed": cfg.seed, "preset": cfg.preset,
             "image_size": cfg.image_size, "epochs": cfg.epochs, "best_epoch": state["best_epoch"],
@@ -420,7 +459,12 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path) -> dict:
 
 
 def load_run_model(folder: str | Path, device: str = "cpu"):
-    """The selected (best) model of a run folder, rebuilt from its config.json, in eval mode."""
+    """The selected (best) model of a run folder, rebuilt from its config.json, in eval mode.
+
+    Checkpoints hold the trainable parameters only; frozen weights come from the pretrained file or, for a
+    randomly initialised backbone, from the run seed: the model is built under ``torch.manual_seed(cfg.seed)`` (as
+    ``fit`` builds it), inside a forked RNG so the caller's random state is left alone.
+    """
     import json
 
     from .config import TrainConfig
@@ -430,7 +474,10 @@ def load_run_model(folder: str | Path, device: str = "cpu"):
     data.pop("config_hash", None)
     cfg = TrainConfig(**data)
     spec = get_spec(cfg.dataset)
-    model = build_model(**_model_options(cfg, spec))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        torch.manual_seed(cfg.seed)
+        model = build_model(**_model_options(cfg, spec))
     load_checkpoint(folder / "best.pt", model, cfg.results_hash())
     return model.to(resolve_device(device)).eval()
 

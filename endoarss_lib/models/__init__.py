@@ -1,7 +1,8 @@
 """Models: timm backbones (DINOv2, ResNet), LoRA / TESLA adapters, SMA, DeepLab-style heads, MTL architectures.
 
 Entry point: :func:`build_model` (options documented in :class:`ModelConfig`); :func:`count_gflops` and
-``model.parameter_report()`` for cost.
+``model.parameter_report()`` for cost. Uni-Med's CMoE connector and the released code's token reshape live in
+:mod:`.connectors`.
 """
 from .architectures import ARCHITECTURES, DSelectKModel, HPSModel, MMoEModel, MultiTaskModel, TESLAModel
 from .backbones import (
@@ -15,7 +16,9 @@ from .backbones import (
     build_backbone,
     create_timm_backbone,
 )
-from .build import TASKS, ModelConfig, build_model, build_model_from_config
+from .build import CONNECTORS, TASKS, TOKEN_MAPS, ModelConfig, build_model, build_model_from_config
+from .connectors import (CMOE_ROUTERS, CMoEConnector, released_grid, released_token_map, routing_divergence,
+                         routing_entropy, spatial_token_map, token_position_probe, tokens_from_map)
 from .gates import DSelectKGate, SoftmaxGate, image_descriptor
 from .heads import ClassificationHead, SegmentationHead
 from .lora import LoRAConv1x1, LoRALinear, lora_modules, merge_lora, route_to_group, unmerge_lora
@@ -31,5 +34,7 @@ __all__ = [
     "LoRALinear", "LoRAConv1x1", "lora_modules", "merge_lora", "unmerge_lora", "route_to_group",
     "SoftmaxGate", "DSelectKGate", "image_descriptor",
     "SMA", "SegmentationHead", "ClassificationHead",
+    "CMoEConnector", "CMOE_ROUTERS", "CONNECTORS", "TOKEN_MAPS", "released_grid", "released_token_map",
+    "spatial_token_map", "tokens_from_map", "token_position_probe", "routing_entropy", "routing_divergence",
     "WeightsError", "RandomInitWarning", "load_state_dict_strict", "read_state_dict",
 ]

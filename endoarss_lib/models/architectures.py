@@ -8,7 +8,12 @@
 * ``dselect_k``: as ``mmoe`` with DSelect-k gates; :meth:`regularization_loss` returns the entropy regulariser.
 * ``single``: ``hps`` with exactly one task.
 
-Every model's ``forward(images)`` returns ``{task: logits}``; ``features(images)`` returns ``{task: (B, C, h, w)}``.
+Any of them can carry a **connector** between the backbone and the heads (``model.connector``; Uni-Med's CMoE,
+:mod:`.connectors`), and ``token_map="released"`` reproduces the released code's token reshape (tokens become
+channels; for the comparison notebook only).
+
+Every model's ``forward(images)`` returns ``{task: logits}``; ``features(images)`` returns ``{task: (B, C, h, w)}``
+(what the heads read: after the connector and the token map).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .connectors import released_token_map, tokens_from_map
 from .gates import DSelectKGate, SoftmaxGate, image_descriptor
 from .lora import merge_lora, unmerge_lora
 
@@ -38,12 +44,27 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.tasks = tuple(tasks)
         self.config = config
+        self.connector: nn.Module | None = None  # e.g. CMoEConnector, set by build_model
+        self.token_map = "spatial"  # "released": the released code's reshape (tokens become channels)
+        self.released_grid: tuple[int, int] | None = None
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def _encode(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         out = self.backbone(images)
         tok = None if out.tokens is None else out.tokens[0]
         return {t: (out.maps[0], tok) for t in self.tasks}
+
+    def _post(self, feats: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
+        """Connector, then the token map, on each task's (map, class token)."""
+        if self.connector is not None:
+            feats = self.connector(feats)
+        if self.token_map == "released":
+            feats = {t: (released_token_map(tokens_from_map(f), self.released_grid), tok)
+                     for t, (f, tok) in feats.items()}
+        return feats
+
+    def _task_features(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        return self._post(self._encode(images))
 
     def _head(self, task: str, fmap: torch.Tensor, tok: torch.Tensor | None, size) -> torch.Tensor:
         head = self.heads[task]
@@ -53,12 +74,12 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"cls": (B, K), "seg": (B, S, H, W)}`` for the tasks the model was built with."""
-        feats = self._encode(images)
+        feats = self._task_features(images)
         return {t: self._head(t, *feats[t], images.shape[-2:]) for t in self.tasks}
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-task spatial feature maps (B, C, h, w) the heads read (diagnostics)."""
-        return {t: f for t, (f, _) in self._encode(images).items()}
+        """Per-task feature maps (B, C, h, w) the heads read (diagnostics)."""
+        return {t: f for t, (f, _) in self._task_features(images).items()}
 
     def regularization_loss(self) -> torch.Tensor:
         """Extra loss the training engine adds (zero except DSelect-k's entropy regulariser)."""
@@ -70,6 +91,8 @@ class MultiTaskModel(nn.Module):
         """Task that owns a parameter, or None if it is shared."""
         if name.startswith(("heads.", "gates.")):
             return name.split(".")[1]
+        if name.startswith("connector.") and self.connector is not None and hasattr(self.connector, "owner"):
+            return self.connector.owner(name[len("connector."):])
         return None
 
     def named_task_specific_parameters(self, task: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -149,7 +172,8 @@ class TESLAModel(MultiTaskModel):
         outs = {}
         for i, t in enumerate(self.tasks):
             o = self.backbone(images, group=i)
-            outs[t] = self._head(t, o.maps[0], None if o.tokens is None else o.tokens[0], images.shape[-2:])
+            feats = self._post({t: (o.maps[0], None if o.tokens is None else o.tokens[0])})
+            outs[t] = self._head(t, *feats[t], images.shape[-2:])
         return outs
 
 

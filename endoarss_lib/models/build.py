@@ -9,14 +9,17 @@ from torch import nn
 
 from .architectures import ARCHITECTURES, MultiTaskModel
 from .backbones import BACKBONES, VIT_LORA_TARGETS, build_backbone
+from .connectors import CMOE_ROUTERS, CMoEConnector, released_grid
 from .heads import ClassificationHead, SegmentationHead
 from .lora import QKV_CHUNKS
 from .sma import SMA
 
-__all__ = ["TASKS", "ModelConfig", "build_model", "build_model_from_config"]
+__all__ = ["TASKS", "CONNECTORS", "TOKEN_MAPS", "ModelConfig", "build_model", "build_model_from_config"]
 
 TASKS = ("cls", "seg")
 _MOE = ("mmoe", "dselect_k")
+CONNECTORS = (None, "cmoe")
+TOKEN_MAPS = ("spatial", "released")
 
 
 @dataclass
@@ -68,6 +71,17 @@ class ModelConfig:
     resnet_output_stride: int = 16  # 8 or 16 (dilated last stages)
     weights_allow_missing: tuple = ()  # fnmatch patterns of checkpoint keys allowed to be missing
     weights_allow_unexpected: tuple = ()  # fnmatch patterns of checkpoint keys allowed to be unexpected
+    # Connector between the backbone and the heads (seed_components.md): None | "cmoe" (Uni-Med's CMoE)
+    connector: str | None = None
+    cmoe_experts: int = 5  # E (Uni-Med: 5)
+    cmoe_router: str = "soft"  # soft (sigmoid, normalised) | sparse (top-k softmax) | hard (task t -> expert t)
+    #                            | constant (1/E)
+    cmoe_hidden: int | None = None  # experts' hidden width; None -> the feature width D
+    cmoe_router_hidden: int | None = None  # router's hidden width; None -> D
+    cmoe_top_k: int = 2  # experts kept by the sparse router
+    # Feature map for the heads: "spatial" (B, C, H/14, W/14) | "released" (the released code's bug: tokens viewed as
+    # (B, N, gh, gw), i.e. tokens become channels; ViT only; for the paper-vs-code comparison)
+    token_map: str = "spatial"
 
     def __post_init__(self):
         for f in ("tasks", "lora_targets", "lora_qkv", "out_layers", "weights_allow_missing",
@@ -140,6 +154,26 @@ class ModelConfig:
             raise ValueError(f"dselect_k={self.dselect_k} must be in [1, num_experts={self.num_experts}]")
         if self.cls_use_token and cfg.family != "vit":
             raise ValueError(f"cls_use_token=True needs a class token; {self.backbone} has none")
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
+        if self.connector == "cmoe":
+            if self.cmoe_router not in CMOE_ROUTERS:
+                raise ValueError(f"cmoe_router must be one of {CMOE_ROUTERS}, got {self.cmoe_router!r}")
+            if isinstance(self.cmoe_experts, bool) or not isinstance(self.cmoe_experts, int) or self.cmoe_experts < 1:
+                raise ValueError(f"cmoe_experts must be an int >= 1, got {self.cmoe_experts!r}")
+            if self.cmoe_router == "hard" and self.cmoe_experts < len(self.tasks):
+                raise ValueError(f"cmoe_router='hard' needs cmoe_experts >= {len(self.tasks)} (one per task), got "
+                                 f"{self.cmoe_experts}")
+            if self.cmoe_router == "sparse" and not 1 <= self.cmoe_top_k <= self.cmoe_experts:
+                raise ValueError(f"cmoe_top_k={self.cmoe_top_k} must be in [1, cmoe_experts={self.cmoe_experts}]")
+            for name in ("cmoe_hidden", "cmoe_router_hidden"):
+                v = getattr(self, name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+        if self.token_map not in TOKEN_MAPS:
+            raise ValueError(f"token_map must be one of {TOKEN_MAPS}, got {self.token_map!r}")
+        if self.token_map == "released" and cfg.family != "vit":
+            raise ValueError(f"token_map='released' reshapes ViT tokens; {self.backbone} has none")
 
 
 def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
@@ -175,24 +209,36 @@ def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
             bb.add_adapters(num_groups=num_tasks, group_rank=tesla_rank, soft=soft,
                             num_adapters=c.tesla_num_adapters, last_k=c.tesla_last_k)
     feature_size = -(-c.image_size // bb.stride)
+    head_channels_in, grid = bb.out_channels, None
+    if c.token_map == "released":  # heads read N token-channels over a gh x gw grid of feature dimensions
+        grid = released_grid(bb.out_channels)
+        head_channels_in, feature_size = feature_size * feature_size, min(grid)
     use_token = (bb.token_dim is not None) if c.cls_use_token is None else c.cls_use_token
     heads: dict[str, nn.Module] = {}
     for t in c.tasks:
         if t == "seg":
-            heads[t] = SegmentationHead(bb.out_channels, c.num_seg_classes, channels=c.head_channels,
+            heads[t] = SegmentationHead(head_channels_in, c.num_seg_classes, channels=c.head_channels,
                                         rates=c.seg_rates, feature_size=feature_size, dropout=c.seg_dropout)
         else:
-            heads[t] = ClassificationHead(bb.out_channels, c.num_activities, channels=c.head_channels,
+            heads[t] = ClassificationHead(head_channels_in, c.num_activities, channels=c.head_channels,
                                           token_dim=bb.token_dim if use_token else None, dropout=c.cls_dropout)
     cls = ARCHITECTURES[c.arch]
     if c.arch == "tesla":
-        return cls(bb, heads, c.tasks, c, soft=soft)
-    if c.arch == "mmoe":
-        return cls(bb, heads, c.tasks, c, gate_pool=c.gate_pool)
-    if c.arch == "dselect_k":
-        return cls(bb, heads, c.tasks, c, gate_pool=c.gate_pool, k=c.dselect_k, gamma=c.dselect_gamma,
-                   entropy_weight=c.dselect_entropy_weight)
-    return cls(bb, heads, c.tasks, c)
+        model = cls(bb, heads, c.tasks, c, soft=soft)
+    elif c.arch == "mmoe":
+        model = cls(bb, heads, c.tasks, c, gate_pool=c.gate_pool)
+    elif c.arch == "dselect_k":
+        model = cls(bb, heads, c.tasks, c, gate_pool=c.gate_pool, k=c.dselect_k, gamma=c.dselect_gamma,
+                    entropy_weight=c.dselect_entropy_weight)
+    else:
+        model = cls(bb, heads, c.tasks, c)
+    if c.connector == "cmoe":
+        model.connector = CMoEConnector(bb.out_channels, c.tasks, num_experts=c.cmoe_experts, router=c.cmoe_router,
+                                        hidden=c.cmoe_hidden, router_hidden=c.cmoe_router_hidden,
+                                        top_k=c.cmoe_top_k)
+    if c.token_map == "released":
+        model.token_map, model.released_grid = "released", grid
+    return model
 
 
 def build_model(
@@ -209,7 +255,8 @@ def build_model(
 ) -> MultiTaskModel:
     """Build a multi-task (or single-task) model; ``options`` are :class:`ModelConfig` fields (TypeError otherwise).
 
-    ``forward(images)`` returns ``{"cls": (B, K), "seg": (B, S, H, W)}`` (the tasks asked for).
+    ``forward(images)`` returns ``{"cls": (B, K), "seg": (B, S, H, W)}`` (the tasks asked for). E.g. Uni-Med's
+    connector: ``build_model(..., connector="cmoe", cmoe_experts=5, cmoe_router="soft")``.
     """
     valid = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(options) - valid)

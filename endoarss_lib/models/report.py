@@ -14,11 +14,13 @@ from .lora import override_attribute
 
 __all__ = ["component_of", "parameter_report", "count_gflops", "COMPONENTS"]
 
-COMPONENTS = ("backbone", "sma", "lora", "tesla", "experts", "gates")
+COMPONENTS = ("backbone", "sma", "lora", "tesla", "experts", "gates", "connector")
 
 
 def component_of(name: str) -> str:
-    """Component of a parameter name: backbone, sma, lora, tesla, experts, gates or head.<task>."""
+    """Component of a parameter name: backbone, sma, lora, tesla, experts, gates, connector or head.<task>."""
+    if name.startswith("connector."):
+        return "connector"
     if name.startswith("heads."):
         return "head." + name.split(".")[1]
     if name.startswith("gates."):
@@ -49,7 +51,8 @@ def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def count_gflops(model: nn.Module, image_size: int | None = None, by_component: bool = False):
-    """GFLOPs (2 x MACs) of one forward of one image; ``by_component`` -> dict total/sma/backbone/gates/heads."""
+    """GFLOPs (2 x MACs) of one forward of one image; ``by_component`` -> dict total/sma/backbone/gates/heads
+    (and connector, when the model has one)."""
     if image_size is None:
         image_size = model.config.image_size
     p = next(model.parameters())
@@ -73,5 +76,7 @@ def count_gflops(model: nn.Module, image_size: int | None = None, by_component: 
     sma, gates = g("backbone.sma"), g("gates")
     heads = {f"head.{t}": g(f"heads.{t}") for t in getattr(model, "tasks", ())}
     out = {"total": total, "sma": sma, "backbone": g("backbone") - sma, "gates": gates}
+    if getattr(model, "connector", None) is not None:
+        out["connector"] = g("connector")
     out.update(heads)
     return out

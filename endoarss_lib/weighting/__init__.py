@@ -1,7 +1,8 @@
 """Multi-task weighting methods (LibMTL semantics, one short module per method).
 
-``get_weighting(name, **hparams)`` builds one of ``EW``, ``DB-MTL``, ``Aligned-MTL``, ``MoCo``, ``STCH`` (names are
-matched case-insensitively, ignoring ``-`` and ``_``). Every method has
+``get_weighting(name, **hparams)`` builds one of ``EW``, ``DB-MTL``, ``Aligned-MTL``, ``MoCo``, ``STCH``, ``GM-Coord``
+(UMD's gradient-guided coordination, :mod:`.gm_coord`) (names are matched case-insensitively, ignoring ``-`` and
+``_``). Every method has
 
 * ``combine(grads [T x P], losses [T]) -> (shared_grad [P], task_weights [T])`` -- one optimisation step on the raw-loss
   gradients of the trainable shared parameters (the gradient methods are also pure functions: ``db_mtl``,
@@ -21,24 +22,31 @@ from .aligned_mtl import AlignedMTL, aligned_mtl, alignment_matrix
 from .base import GradWeighting, LossWeighting, Weighting
 from .db_mtl import DBMTL, db_mtl
 from .ew import EW
+from .gm_coord import GMCoord, gm_coord_coefficients
 from .moco import MoCo, moco
 from .stch import STCH
 
-__all__ = ["Weighting", "GradWeighting", "LossWeighting", "EW", "DBMTL", "AlignedMTL", "MoCo", "STCH", "db_mtl",
-           "aligned_mtl", "alignment_matrix", "moco", "WEIGHTINGS", "get_weighting", "available_weightings"]
+__all__ = ["Weighting", "GradWeighting", "LossWeighting", "EW", "DBMTL", "AlignedMTL", "MoCo", "STCH", "GMCoord",
+           "db_mtl", "aligned_mtl", "alignment_matrix", "moco", "gm_coord_coefficients", "WEIGHTINGS",
+           "SEED_WEIGHTINGS", "get_weighting", "available_weightings"]
 
+# The paper's grid (LibMTL's methods) ...
 WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (EW, DBMTL, AlignedMTL, MoCo, STCH)}
+# ... and the related papers' methods (seed_components.md), selectable by the same names.
+SEED_WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (GMCoord,)}
+_ALL = {**WEIGHTINGS, **SEED_WEIGHTINGS}
 
 
 def _key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "").replace(" ", "")
 
 
-_BY_KEY = {_key(n): cls for n, cls in WEIGHTINGS.items()}
+_BY_KEY = {_key(n): cls for n, cls in _ALL.items()}
 
 
 def available_weightings() -> list[str]:
-    return list(WEIGHTINGS)
+    """Every selectable method: the paper's grid, then the related papers' (GM-Coord)."""
+    return list(_ALL)
 
 
 def hparam_names(name: str) -> list[str]:
@@ -49,7 +57,7 @@ def hparam_names(name: str) -> list[str]:
 
 def _lookup(name: str) -> type[Weighting]:
     if not isinstance(name, str) or _key(name) not in _BY_KEY:
-        raise ValueError(f"unknown weighting method {name!r}; valid names: {', '.join(WEIGHTINGS)}")
+        raise ValueError(f"unknown weighting method {name!r}; valid names: {', '.join(_ALL)}")
     return _BY_KEY[_key(name)]
 
 
