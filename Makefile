@@ -10,7 +10,19 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-notebooks lab bench clean
+.PHONY: install demo test test-unit test-notebooks test-browser lab bench clean
+
+# The JupyterLab browser test (tests/test_browser.py) needs headless Chromium: Debian's chromium + chromium-driver.
+BROWSER_TEST := tests/test_browser.py
+# $(call browser_status,after) says only the skip (after the run, where it is easy to see).
+define browser_status
+if { [ -n "$$CHROMIUM" ] || command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null \
+	&& { [ -n "$$CHROMEDRIVER" ] || command -v chromedriver; } >/dev/null; then \
+	[ "$(1)" = after ] || echo "browser test: headless Chromium found: $(BROWSER_TEST) runs 00_quickstart in JupyterLab"; \
+else \
+	echo "browser test: SKIPPED: chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)"; \
+fi
+endef
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,18 +39,28 @@ demo: $(STAMP)
 	@echo "demo finished (SYNTHETIC data, random-init tiny model): outputs in results/quickstart/"
 	@ls -1 results/quickstart
 
-## make test: unit tests and every notebook under nbval
+## make test: unit tests, every notebook under nbval, and the quickstart in JupyterLab in headless Chromium
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
+	@$(call browser_status,before)
+	$(BIN)/python -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider; \
+	status=$$?; $(call browser_status,after); exit $$status
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=$(BROWSER_TEST)
+
+## make test-browser: only the JupyterLab browser test, with its progress (-s)
+test-browser: $(STAMP)
+	@$(call browser_status,before)
+	$(BIN)/python -m pytest -q -s $(BROWSER_TEST) -p no:cacheprovider
 
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest -q notebooks --nbval-lax
 
+## make lab: JupyterLab on the notebooks folder, from .venv (its python3 kernel), on 127.0.0.1 only
+## (extra options: make lab LAB_ARGS="--port 8899 --no-browser"; in a root container it adds --allow-root)
+LAB_ARGS ?=
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
