@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import random
 import resource
-import subprocess
 import time
 import warnings
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import __version__
 from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from .provenance import git_commit
 from .config import TrainConfig, data_home
 from .data import MTLDataset, get_spec, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
@@ -235,15 +235,6 @@ def selection_score(metrics: dict, key: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ training
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                             capture_output=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
@@ -454,7 +445,7 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path) -> dict:
             "wall_time_s": round(state["wall_time_s"], 2), "device": str(device),
             "peak_memory_mib": round(_peak_memory_mib(device), 1),
             "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-            "library_version": __version__, "git_commit": _git_commit(), "config_hash": cfg.results_hash(),
+            "library_version": __version__, "git_commit": git_commit(), "config_hash": cfg.results_hash(),
             "run_dir": str(folder)}
 
 

@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -50,6 +49,7 @@ from typing import Sequence
 import pandas as pd
 
 from .atomic import write_json_atomic
+from .provenance import git_commit
 from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, write_table
 
 __all__ = ["GridError", "Grid", "Config", "SweepReport", "load_grid", "expand", "config_id", "config_state",
@@ -254,15 +254,6 @@ def config_state(config: Config) -> str:
     return "failed" if status.get("status") == "failed" else "todo"
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                             capture_output=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _error_text(error: BaseException) -> str:
     """'<Exception>: <message>' of a notebook error (papermill's own) or of the sweep's."""
     if hasattr(error, "ename"):
@@ -299,7 +290,7 @@ def _status(config: Config, grid_name: str, error: str | None, started: float) -
             "parameters": config.parameters, "notebook": str(config.notebook),
             "executed_notebook": str(config.failed_notebook if error else config.executed),
             "out_dir": str(config.folder), "wall_time_s": round(time.time() - started, 2),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "git_commit": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "git_commit": git_commit(),
             "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
@@ -384,7 +375,7 @@ def _result_or_failure(future, config: Config, grid_name: str) -> dict:
         return future.result()
     except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool: record it against this configuration
         status = {"status": "failed", "error": f"worker failed: {type(exc).__name__}: {exc}", "config_id": config.id,
-                  "grid": grid_name, "parameters": config.parameters, "git_commit": _git_commit()}
+                  "grid": grid_name, "parameters": config.parameters, "git_commit": git_commit()}
         write_json_atomic(config.folder / STATUS_FILE, status)
         return status
 

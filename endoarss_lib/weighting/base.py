@@ -263,6 +263,22 @@ class LossWeighting(Weighting):
         return weights
 
 
+def backward_task_specific(objective: Tensor, shared: list, heads: list | None) -> None:
+    """Backpropagate ``objective`` into the task-specific parameters only (``heads``; None: every parameter but
+    ``shared``, whose gradients are set aside and restored), so the shared ones are not touched twice."""
+    if not objective.requires_grad:
+        return
+    if heads is None:
+        saved = [p.grad for p in shared]
+        for p in shared:
+            p.grad = None
+        torch.autograd.backward(objective)
+        for p, g in zip(shared, saved):
+            p.grad = g
+    elif heads:
+        torch.autograd.backward(objective, inputs=heads)
+
+
 class GradWeighting(Weighting):
     """A gradient-manipulation method working on the task-gradient matrix of the trainable shared parameters.
 
@@ -330,17 +346,7 @@ class GradWeighting(Weighting):
             shared_grad, weights = self.combine(grads, losses.detach())
         del grads
 
-        head_obj = self.combine_losses(losses)
-        if head_obj.requires_grad:
-            if heads is None:
-                saved = [p.grad for p in shared]
-                for p in shared:
-                    p.grad = None
-                torch.autograd.backward(head_obj)
-                for p, g in zip(shared, saved):
-                    p.grad = g
-            elif heads:
-                torch.autograd.backward(head_obj, inputs=heads)
+        backward_task_specific(self.combine_losses(losses), shared, heads)
 
         with torch.no_grad():
             off = 0

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (Weighting, _flatten_task_params, _unique_trainable, as_loss_vector, check_task_inputs, int_param,
-                   real_param)
+from .base import (Weighting, _flatten_task_params, _unique_trainable, as_loss_vector, backward_task_specific,
+                   check_task_inputs, int_param, real_param)
 
 __all__ = ["GMCoord", "gm_coord_coefficients"]
 
@@ -198,16 +198,7 @@ class GMCoord(Weighting):
         heads = None if task_params is None else _unique_trainable(_flatten_task_params(task_params), "task_params")
         head_obj = shared_obj if self.apply_to == "losses" else losses.sum()
         grads = torch.autograd.grad(shared_obj, shared, retain_graph=True, allow_unused=True) if shared else ()
-        if head_obj.requires_grad:
-            if heads is None:
-                saved = [p.grad for p in shared]
-                for p in shared:
-                    p.grad = None
-                torch.autograd.backward(head_obj)
-                for p, g in zip(shared, saved):
-                    p.grad = g
-            elif heads:
-                torch.autograd.backward(head_obj, inputs=heads)
+        backward_task_specific(head_obj, shared, heads)
         with torch.no_grad():
             for p, g in zip(shared, grads):
                 if g is None:
