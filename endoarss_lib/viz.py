@@ -1,9 +1,9 @@
-"""Pictures for notebooks: class palettes, mask overlays, sample grids and class distributions."""
+"""Pictures for notebooks: class palettes, mask overlays, sample grids, class distributions and prediction galleries."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,7 +15,9 @@ from .atomic import atomic_path
 from .data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
-           "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves"]
+           "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves",
+           "per_image_iou", "worst_samples", "confusion_pixels", "confused_samples", "pair_counts", "plot_gallery",
+           "shrink_png"]
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -174,3 +176,124 @@ def plot_training_curves(log, title: str) -> Figure:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ galleries
+
+def per_image_iou(pred: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int = 255,
+                  include_background: bool = False) -> float:
+    """Mean IoU of one image over the classes in its truth or prediction (foreground only by default; NaN if none)."""
+    valid = truth != ignore_index
+    ious = []
+    for c in range(0 if include_background else 1, num_classes):
+        t, p = (truth == c) & valid, (pred == c) & valid
+        union = np.count_nonzero(t | p)
+        if union:
+            ious.append(np.count_nonzero(t & p) / union)
+    return float(np.mean(ious)) if ious else float("nan")
+
+
+def worst_samples(samples: Sequence[dict], num_classes: int, k: int = 3, ignore_index: int = 255) -> list[int]:
+    """Positions in ``samples`` of the ``k`` lowest per-image foreground IoUs, worst first (NaN images skipped)."""
+    scores = [per_image_iou(s["pred_mask"], s["mask"], num_classes, ignore_index) for s in samples]
+    ranked = sorted((score, pos) for pos, score in enumerate(scores) if not np.isnan(score))
+    return [pos for _, pos in ranked[:k]]
+
+
+def confusion_pixels(sample: dict, class_a: int, class_b: int) -> int:
+    """Pixels of ``sample`` whose truth is ``class_a`` predicted ``class_b``, plus the reverse."""
+    truth, pred = sample["mask"], sample["pred_mask"]
+    return int(np.count_nonzero((truth == class_a) & (pred == class_b))
+               + np.count_nonzero((truth == class_b) & (pred == class_a)))
+
+
+def confused_samples(samples: Sequence[dict], class_a: int, class_b: int, k: int = 3) -> list[int]:
+    """Positions of up to ``k`` samples with the most ``class_a`` <-> ``class_b`` confused pixels (none if zero)."""
+    counts = [confusion_pixels(s, class_a, class_b) for s in samples]
+    ranked = sorted(((-n, pos) for pos, n in enumerate(counts) if n > 0))
+    return [pos for _, pos in ranked[:k]]
+
+
+def pair_counts(samples: Sequence[dict], class_a: int, class_b: int) -> dict[str, int]:
+    """Over ``samples``: true pixels of the two classes, how many are predicted right, how many swapped a <-> b."""
+    truth = [np.isin(s["mask"], (class_a, class_b)) for s in samples]
+    return {"pair_pixels": int(sum(t.sum() for t in truth)),
+            "right": int(sum(((s["pred_mask"] == s["mask"]) & t).sum() for s, t in zip(samples, truth))),
+            "swapped": sum(confusion_pixels(s, class_a, class_b) for s in samples)}
+
+
+def _check_aligned(samples_by_model: Mapping[str, Sequence[dict]]) -> list[dict]:
+    if not samples_by_model:
+        raise ValueError("samples_by_model is empty: expected {model name: predict() samples}")
+    lists = list(samples_by_model.values())
+    indices = [[s["index"] for s in samples] for samples in lists]
+    if any(ix != indices[0] for ix in indices):
+        raise ValueError("samples_by_model: every model's samples must cover the same dataset indices in order")
+    return lists[0]
+
+
+def _prediction_title(name: str | None, sample: dict, spec, show_iou: bool) -> tuple[str, str]:
+    lines = [] if name is None else [name]
+    colour = "black"
+    if show_iou:
+        lines.append(f"fg IoU {per_image_iou(sample['pred_mask'], sample['mask'], spec.num_seg_classes):.2f}")
+    if "pred_label" in sample:
+        lines.append(f"activity: {spec.activities[sample['pred_label']]}")
+        colour = "black" if sample["pred_label"] == sample["label"] else "crimson"
+    return "\n".join(lines), colour
+
+
+def plot_gallery(samples_by_model: Mapping[str, Sequence[dict]], spec, positions: Sequence[int] | None = None, *,
+                 label: str, title: str = "predictions", row_notes: Sequence[str] | None = None,
+                 alpha: float = 0.6, show_iou: bool = True, cell: float = 2.0) -> Figure:
+    """Rows = images, columns = image, ground truth and each model's prediction (Fig. 5 style), class legend below.
+
+    ``samples_by_model`` maps a model name to its :func:`endoarss_lib.engine.predict` samples (same images, same
+    order); ``positions`` picks rows (default all); ``label`` (e.g. :func:`data_label`) goes into the title. Each
+    prediction is captioned with its per-image foreground IoU and, for multi-task models, the predicted activity
+    (red when wrong).
+    """
+    reference = _check_aligned(samples_by_model)
+    positions = list(range(len(reference))) if positions is None else list(positions)
+    if not positions:
+        raise ValueError("positions is empty: nothing to plot")
+    if row_notes is not None and len(row_notes) != len(positions):
+        raise ValueError(f"row_notes has {len(row_notes)} entries, expected one per position ({len(positions)})")
+    palette = class_palette(spec.num_seg_classes)
+    rows, cols = len(positions), 2 + len(samples_by_model)
+    height = cell * 1.2 * rows + 1.0
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(cell * cols, height))
+    for r, pos in enumerate(positions):
+        sample = reference[pos]
+        note = f"\n{row_notes[r]}" if row_notes is not None else ""
+        axes[r, 0].imshow(sample["image"])
+        axes[r, 0].set_title(f"#{sample['index']} {spec.activities[sample['label']]}{note}", fontsize=7)
+        axes[r, 1].imshow(overlay(sample["image"], sample["mask"], palette, alpha))
+        axes[r, 1].set_title("ground truth", fontsize=7)
+        for c, (name, samples) in enumerate(samples_by_model.items(), start=2):
+            text, colour = _prediction_title(name if r == 0 else None, samples[pos], spec, show_iou)
+            axes[r, c].imshow(overlay(sample["image"], samples[pos]["pred_mask"], palette, alpha))
+            axes[r, c].set_title(text, fontsize=7, color=colour)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.legend(handles=legend_handles(spec.seg_classes, palette), loc="lower center", frameon=False, fontsize=7,
+               ncol=min(4, spec.num_seg_classes))
+    fig.suptitle(f"{title}\n{label}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.35 / height))
+    return fig
+
+
+def shrink_png(src: str | os.PathLike, dst: str | os.PathLike, max_side: int = 1100, colors: int = 256) -> Path:
+    """A small copy of a PNG for the repository: at most ``max_side`` pixels a side, palette-quantised (octree,
+    which keeps small areas of saturated class colours that median cut merges into their surroundings)."""
+    from PIL import Image
+
+    if max_side < 16 or not 2 <= colors <= 256:
+        raise ValueError(f"max_side={max_side!r} must be >= 16 and colors={colors!r} in [2, 256]")
+    with Image.open(src) as image:
+        small = image.convert("RGB")
+    small.thumbnail((max_side, max_side), Image.LANCZOS)
+    small = small.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    with atomic_path(dst) as tmp:
+        small.save(tmp, format="PNG", optimize=True)
+    return Path(dst)
