@@ -57,8 +57,16 @@ BACKBONES: dict[str, BackboneConfig] = {
         description="DINOv2 ViT-S/14, 21 M frozen parameters"),
     "vit_tiny_patch14": BackboneConfig(
         "vit", "vit_small_patch14_dinov2", 64, 3, 2, warn_random_init=False, has_weights=False,
-        timm_kwargs=dict(embed_dim=64, depth=3, num_heads=2), ignore_unexpected=("head.weight", "head.bias"),
-        description="test-size DINOv2-style ViT (same timm class and kwargs as DINOv2), width 64, 3 blocks"),
+        timm_kwargs=dict(embed_dim=64, depth=3, num_heads=2, init_values=1.0),
+        ignore_unexpected=("head.weight", "head.bias"),
+        description="test-size DINOv2-style ViT (same timm class as DINOv2), width 64, 3 blocks; LayerScale starts "
+                    "at 1 (not DINOv2's 1e-5) so that adapters on this random frozen test model change its features"),
+    "vit_mini_patch14": BackboneConfig(
+        "vit", "vit_small_patch14_dinov2", 192, 6, 3, has_weights=False,
+        timm_kwargs=dict(embed_dim=192, depth=6, num_heads=3), ignore_unexpected=("head.weight", "head.bias"),
+        description="DINOv2-architecture ViT, width 192, 6 blocks, 3 heads, patch 14, LayerScale (2.7 M): the "
+                    "project's own foundation model (bundled weights 'synthdino_vit_mini14', pretrained by "
+                    "endoarss_lib.pretrain on synthetic images)"),
     "resnet101": BackboneConfig(
         "resnet", "resnet101", 2048, 33, patch_size=1, frozen=False, ignore_unexpected=("fc.weight", "fc.bias"),
         description="ResNet-101 (timm), trainable, dilated (output stride 16 or 8)"),
@@ -77,9 +85,14 @@ class BackboneOutput(NamedTuple):
     tokens: torch.Tensor | None
 
 
-def _timm_kwargs(cfg: BackboneConfig, image_size: int, output_stride: int) -> dict:
+def _timm_kwargs(cfg: BackboneConfig, image_size: int, output_stride: int, layerscale_init: float | None) -> dict:
     if cfg.family == "vit":
-        return dict(img_size=image_size, num_classes=0, dynamic_img_size=True, **cfg.timm_kwargs)
+        kw = dict(img_size=image_size, num_classes=0, dynamic_img_size=True, **cfg.timm_kwargs)
+        if layerscale_init is not None:
+            kw["init_values"] = float(layerscale_init)
+        return kw
+    if layerscale_init is not None:
+        raise ValueError(f"layerscale_init is a ViT option; {cfg.timm_name} has no LayerScale")
     return dict(num_classes=0, global_pool="", output_stride=output_stride, **cfg.timm_kwargs)
 
 
@@ -90,10 +103,15 @@ def create_timm_backbone(
     output_stride: int = 16,
     allow_missing: Sequence[str] = (),
     allow_unexpected: Sequence[str] = (),
+    layerscale_init: float | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Create the timm model of backbone ``name`` and load its weights; returns (model, weights provenance)."""
+    """Create the timm model of backbone ``name`` and load its weights; returns (model, weights provenance).
+
+    ``layerscale_init`` (ViT only): LayerScale start value of a randomly initialised ViT (None: the backbone's
+    default, 1e-5 for DINOv2 layouts); loaded weights carry their own learned values.
+    """
     cfg = BACKBONES[name]
-    kwargs = _timm_kwargs(cfg, image_size, output_stride)
+    kwargs = _timm_kwargs(cfg, image_size, output_stride, layerscale_init)
     if pretrained is True:
         if not cfg.has_weights:
             raise WeightsError(f"backbone {name!r} is a test-size model: no pretrained weights exist "
