@@ -2,7 +2,8 @@
 
 Entry point: :func:`build_model` (options documented in :class:`ModelConfig`); :func:`count_gflops` and
 ``model.parameter_report()`` for cost. Uni-Med's CMoE connector and the released code's token reshape live in
-:mod:`.connectors`.
+:mod:`.connectors`. The authors' released model (to load their checkpoints): :func:`load_released_checkpoint`,
+:mod:`.released`.
 """
 from .architectures import ARCHITECTURES, DSelectKModel, HPSModel, MMoEModel, MultiTaskModel, TESLAModel
 from .backbones import (
@@ -21,6 +22,8 @@ from .connectors import (CMOE_ROUTERS, CMoEConnector, released_grid, released_to
                          routing_entropy, spatial_token_map, token_position_probe, tokens_from_map)
 from .gates import DSelectKGate, SoftmaxGate, image_descriptor
 from .heads import ClassificationHead, SegmentationHead
+from .released import (RELEASED_CHECKPOINTS, ReleasedConfig, ReleasedModel, build_released_model,
+                       load_released_checkpoint, read_released_state_dict, to_released_input)
 from .lora import LoRAConv1x1, LoRALinear, lora_modules, merge_lora, route_to_group, unmerge_lora
 from .report import count_gflops, parameter_report
 from .sma import SMA
@@ -37,4 +40,6 @@ __all__ = [
     "CMoEConnector", "CMOE_ROUTERS", "CONNECTORS", "TOKEN_MAPS", "released_grid", "released_token_map",
     "spatial_token_map", "tokens_from_map", "token_position_probe", "routing_entropy", "routing_divergence",
     "WeightsError", "RandomInitWarning", "load_state_dict_strict", "read_state_dict",
+    "ReleasedConfig", "ReleasedModel", "build_released_model", "load_released_checkpoint", "read_released_state_dict",
+    "to_released_input", "RELEASED_CHECKPOINTS",
 ]
