@@ -89,7 +89,8 @@ def _released_layout(k: int, s: int) -> dict[str, tuple]:
         out.update({t + "0.ln.weight": (512,), t + "0.ln.bias": (512,), t + "0.fn.to_qkv.weight": (1536, 512),
                     t + "0.fn.to_out.0.weight": (512, 512), t + "0.fn.to_out.0.bias": (512,),
                     t + "1.ln.weight": (512,), t + "1.ln.bias": (512,), t + "1.fn.net.0.weight": (1024, 512),
-                    t + "1.fn.net.0.bias": (1024,), t + "1.fn.net.3.weight": (512, 1024), t + "1.fn.net.3.bias": (512,)})
+                    t + "1.fn.net.0.bias": (1024,), t + "1.fn.net.3.weight": (512, 1024),
+                    t + "1.fn.net.3.bias": (512,)})
     d = "decoders.segmentation."  # aspp.py DeepLabHead(256, S): Sequential(ASPP, conv, BN, ReLU, conv)
     out.update({d + "0.convs.0.0.weight": (256, T, 1, 1), **_bn(d + "0.convs.0.1"),
                 d + "0.convs.4.1.weight": (256, T, 1, 1), **_bn(d + "0.convs.4.2"),
@@ -456,7 +457,8 @@ def test_engine_evaluate_predict_and_robustness_accept_it(data_root, tmp_path):
     frame = evaluate_corruptions(model, data_root, tmp_path / "rob", dataset="mtlesd", image_size=48,
                                  names=("gaussian_noise",), severities=(1,), workers=1, progress=False,
                                  id_map="released")
-    assert list(frame["corruption"]) == ["clean", "gaussian_noise"] and frame["random_init_backbone"].all()  # built, not loaded
+    assert list(frame["corruption"]) == ["clean", "gaussian_noise"]
+    assert frame["random_init_backbone"].all()  # built, not loaded
 
 
 def _arch_args() -> list[str]:

@@ -28,7 +28,8 @@ This module rebuilds that model exactly, from a reading of the released source (
   64, MLP 1024: **built but never called**; 6.3 M dead parameters), ``ema`` (EMA over the 49 in-patch positions),
   ``conv3`` (1x1 -> 3), ``conv4`` (3x3 on the concatenation with the input).
 * ``LibMTL/model/dino_backbones/mylora/layers.py``: ``DVLinear``: ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_U``
-  (r, 1), ``lora_V`` (out, 1); ``y = W x + b + s ((A * U) x)^T-chain (B * V)``, see :class:`DVLoRALinear`.
+  (r, 1), ``lora_V`` (out, 1); ``y = W x + b + s (B * V)(A * U) x`` (``s = alpha / r = 1``), see
+  :class:`DVLoRALinear`.
 * ``aspp.py``: torchvision's DeepLab-V3 head layout (ASPP rates 12 / 24 / 36, 256 channels, dropout 0.5), and a class
   head ``Conv3x3(256) -> BN -> ReLU -> GAP -> Flatten -> Linear(K)``.
 * The Block (``layers/block.py``) is EndoDAC's (``BeileiCui/EndoDAC``): DINOv2's block (``norm1, attn.qkv, attn.proj,
@@ -305,7 +306,8 @@ class _UnusedTransformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, head_dim: int, mlp_dim: int):
         super().__init__()
         self.layers = nn.ModuleList([
-            nn.ModuleList([_PreNorm(dim, _MViTAttention(dim, heads, head_dim)), _PreNorm(dim, _FeedForward(dim, mlp_dim))])
+            nn.ModuleList([_PreNorm(dim, _MViTAttention(dim, heads, head_dim)),
+                           _PreNorm(dim, _FeedForward(dim, mlp_dim))])
             for _ in range(depth)])
 
     def forward(self, x):  # pragma: no cover - never part of the released forward
@@ -591,7 +593,8 @@ def read_released_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
         raise WeightsError(
             f"{path}: torch.load(weights_only=True) refused it: it pickles objects other than tensors and plain "
             f"containers ({str(exc).splitlines()[0]}). The authors' checkpoints are plain state dicts; do not load "
-            f"an untrusted file with weights_only=False. Re-download the file or check you have the right one.") from None
+            f"an untrusted file with weights_only=False. Re-download the file or check you have the right one."
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise WeightsError(
             f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); the "
@@ -677,7 +680,8 @@ def load_released_checkpoint(path: str | os.PathLike, dataset: str | None = None
     source = str(path)
     k_file, s_file = released_task_sizes(sd, source)
     expected = _task_sizes(dataset, num_activities, num_seg_classes)
-    for label, want, got in (("activities (K)", expected[0], k_file), ("segmentation classes (S)", expected[1], s_file)):
+    for label, want, got in (("activities (K)", expected[0], k_file),
+                             ("segmentation classes (S)", expected[1], s_file)):
         if want is not None and want != got:
             what = f"dataset {dataset!r}" if dataset is not None else "the caller"
             raise WeightsError(f"{source}: the file's heads have {got} {label}, {what} expects {want}. The MTLESD "
