@@ -25,13 +25,13 @@ import math
 import platform
 import resource
 import time
-from contextlib import nullcontext
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
 
-from .engine import resolve_device
-from .losses import task_losses
+from .engine import autocast, resolve_device, train_step
 from .weighting import get_weighting
 
 __all__ = ["measure_inference", "measure_training", "achieved_tflops", "paper_comparison", "MEMORY_DEFINITIONS",
@@ -66,7 +66,7 @@ def _resolve_amp(amp: str, device: torch.device) -> str:
 
 
 def _autocast(device: torch.device, amp: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+    return autocast(device, amp)
 
 
 def _sync(device: torch.device) -> None:
@@ -213,19 +213,8 @@ def _random_batch(model, image_size: int, batch_size: int, device: torch.device)
 
 
 def _train_step(model, batch, optimizer, weighting, device, amp) -> None:
-    with _autocast(device, amp):
-        out = model(batch["image"])
-    raw = task_losses(out, batch, model.tasks)
-    losses = torch.stack([raw[t] for t in model.tasks])
-    if getattr(weighting, "needs_progress", False):  # GM-Coord reads each batch's per-task progress
-        from .losses import progress_scores
-
-        weighting.set_progress(progress_scores(out, batch, model.tasks))
-    regulariser = model.regularization_loss()
-    if regulariser.requires_grad:
-        regulariser.backward(retain_graph=True)
-    weighting.backward(losses, model.trainable_shared_parameters(),
-                       [model.task_specific_parameters(t) for t in model.tasks])
+    """One engine training step (:func:`endoarss_lib.engine.train_step`) and the optimiser step."""
+    train_step(model, batch, weighting, model.tasks, device=device, amp=amp)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -286,3 +275,26 @@ def paper_comparison(training: dict, inference: dict):
             ("training images/s", None, training["images_per_s"], setting(training),
              "not reported by the paper")]
     return pd.DataFrame(rows, columns=["quantity", "paper (RTX 4090, 224 px)", "ours", "our setting", "ours means"])
+
+
+def benchmark_corruptions(image: np.ndarray, names: Sequence[str] | str | None = None,
+                          severities: Sequence[int] | int = (1, 2, 3, 4, 5), repeats: int = 3,
+                          seed: int = 0) -> pd.DataFrame:
+    """Seconds per image of each corruption on ``image`` (mean over severities and repeats, after one warm-up call
+    that absorbs one-off costs such as imports). A measurement for notebooks and benchmarks, not a test."""
+    from .corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
+
+    names, severities = check_names(CORRUPTIONS if names is None else names), check_severities(severities)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: expected an integer >= 1")
+    rows = []
+    for name in names:
+        corrupt(image, name, severities[0], seed)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for s in severities:
+                corrupt(image, name, s, seed)
+        seconds = (time.perf_counter() - start) / (repeats * len(severities))
+        rows.append({"group": GROUP_OF[name], "corruption": name, "image_px": f"{image.shape[0]}x{image.shape[1]}",
+                     "seconds_per_image": seconds})
+    return pd.DataFrame(rows)

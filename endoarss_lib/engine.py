@@ -1,25 +1,28 @@
-"""Training engine: ``fit(config)`` trains, selects on validation, tests once, and writes a result row.
+"""Training engine: ``fit(config)`` trains, selects an epoch, tests once, and writes a result row.
 
 A run lives in ``<out_dir>/<run_name>/``: ``config.json``, ``last.pt`` (everything needed to resume, written
 atomically after every epoch), ``best.pt`` (the selected model), ``log.csv`` (per epoch), ``diagnostics.csv``
-(task-gradient conflict, when enabled), ``routing.csv`` (per epoch and task, the mean routing weight per expert and
-the routing entropy of a CMoE connector, when the model has one) and ``result.json`` (the result row).
+(task-gradient conflict, when enabled), ``routing.csv`` (per epoch and task, a connector's routing statistics, when
+the model has one) and ``result.json`` (the result row).
 
-Seed components (``seed_components.md``): ``cls_loss="cgl"`` trains the activity with MEJO's CGL (class counts of
-the training split; its Bernoulli generator is seeded from the run seed and saved in ``last.pt``); a weighting with
-``needs_progress`` (GM-Coord) gets each batch's per-task progress scores before its backward and adds its per-epoch
-summary (``gm_*`` columns) to ``log.csv``; a CMoE connector adds ``routing_*`` columns to ``log.csv``.
+One training step (:func:`train_step`) and one evaluation pass (:func:`evaluate`, which keeps its meters) serve the
+engine, the benchmarks and the notebooks. Weighting methods and connectors reach the loop only through declared hooks
+(``Weighting.observe`` / ``epoch_log``, ``model.reset_epoch_stats`` / ``epoch_stats``); what a task is (loss, meter,
+metrics and their direction) comes from :mod:`endoarss_lib.tasks`.
 
-Calling ``fit`` again with the same config resumes an interrupted run, or returns the finished run's row.
+Nothing a user made is lost: a run folder's config is checked against its checkpoints *before* anything is written;
+every checkpoint records the pretrained weights' sha256 and the data's fingerprint, and resuming or reusing a
+finished run checks both. Calling ``fit`` again with the same config resumes an interrupted run, or returns the
+finished run's row.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +30,31 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 
-from . import __version__
 from .atomic import atomic_path, write_json_atomic, write_text_atomic
-from .provenance import git_commit
-from .config import TrainConfig, data_home
-from .data import MTLDataset, get_spec, make_synthetic
+from .config import ConfigError, TrainConfig
+from .data import MTLDataset, make_loader, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
-from .losses import make_cls_loss, progress_scores, task_losses
-from .metrics import ClassificationMeter, SegmentationMeter
-from .models import build_model, routing_divergence
+from .losses import make_cls_loss, task_losses
+from .models import build_model_from_config
+from .tasks import get_task, higher_is_better
+from .version import __version__, git_commit
 from .weighting import get_weighting
 
-__all__ = ["fit", "evaluate", "predict", "load_run_model", "seed_everything", "resolve_device", "load_checkpoint",
-           "CheckpointMismatch", "RESULT_METRICS"]
+__all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
+           "build_run_model", "checkpoint_info", "COMPAT_SIZE",
+           "resolve_device", "autocast", "load_checkpoint", "read_checkpoint", "CheckpointMismatch", "RunError",
+           "selection_score", "read_run_config", "weights_digest"]
 
-CHECKPOINT_VERSION = 1
-RESULT_METRICS = {"cls": ("accuracy", "macro_f1", "weighted_f1", "compat_ac", "compat_f1"),
-                  "seg": ("miou", "miou_fg", "dice", "dice_fg", "pixel_acc", "hd", "hd95", "hd_one_sided_rate",
-                          "ssim", "compat_miou", "compat_dice", "compat_hd", "compat_ssim")}
+CHECKPOINT_VERSION = 2
 
 
 class CheckpointMismatch(RuntimeError):
-    """A checkpoint does not belong to the config it is loaded for."""
+    """A checkpoint does not belong to the config, the weights or the data it is loaded for."""
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used as asked (another config's run, changed data, a damaged file)."""
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -62,21 +66,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Each DataLoader worker derives NumPy / Python seeds from the torch seed the loader gave it.
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda if available else cpu; anything else as given (a clear error if CUDA is missing)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
+        raise ValueError(f"device={name!r}: CUDA is not available on this machine (use device=cpu or auto)")
     return device
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 autocast when ``amp`` is 'bf16', or 'auto' on CUDA; a no-op context otherwise."""
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _distributed() -> tuple[int, int]:
@@ -87,53 +90,25 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _data_root(cfg: TrainConfig) -> Path:
-    if cfg.data_root is not None:
-        return Path(cfg.data_root)
-    if not cfg.synthetic:
-        raise ValueError("config data_root is required when synthetic=False")
-    return data_home() / (f"synthetic_{cfg.dataset}_s{cfg.synthetic_seed}_{cfg.synthetic_n_train}-"
-                          f"{cfg.synthetic_n_test}_{cfg.image_size}px")
-
-
-def make_datasets(cfg: TrainConfig) -> dict[str, MTLDataset]:
-    """train / val / test datasets of a config (generating the synthetic set first if asked)."""
-    root = _data_root(cfg)
+def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str, MTLDataset]:
+    """The run's datasets (generating the synthetic set first when asked)."""
+    root = cfg.data_root_path()
     if cfg.synthetic:
         make_synthetic(root, cfg.dataset, seed=cfg.synthetic_seed, n_train=cfg.synthetic_n_train,
                        n_test=cfg.synthetic_n_test, image_size=cfg.image_size)
     common = dict(dataset=cfg.dataset, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
-                  split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index)
-    return {"train": MTLDataset(root, "train", augment=cfg.augment, **common),
-            "val": MTLDataset(root, "val", **common),
-            "test": MTLDataset(root, "test", **common)}
+                  split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
+                  normalize=cfg.normalize)
+    return {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
 
 
 def _loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int = 0, world: int = 1, rank: int = 0):
-    # A fresh generator per epoch, seeded from (seed, epoch): the order and the workers' seeds of epoch e do not
-    # depend on what ran before, so a resumed run sees exactly the batches an uninterrupted one would.
-    generator = torch.Generator().manual_seed(cfg.seed * 10_007 + epoch)
-    sampler = None
-    if world > 1 and shuffle:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-        sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=cfg.num_workers, generator=generator, worker_init_fn=_seed_worker,
-                      drop_last=False, pin_memory=False)
+    return make_loader(dataset, cfg.batch_size, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
+                       num_workers=cfg.num_workers, world=world, rank=rank, pin_memory=cfg.pin_memory,
+                       persistent_workers=cfg.persistent_workers)
 
 
-def _model_options(cfg: TrainConfig, spec) -> dict:
-    options = dict(cfg.model)
-    options.setdefault("tasks", ("cls", "seg"))
-    options["image_size"] = cfg.image_size
-    if "cls" in options["tasks"]:
-        options["num_activities"] = spec.num_activities
-    if "seg" in options["tasks"]:
-        options["num_seg_classes"] = spec.num_seg_classes
-    return options
-
-
-def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
+def _optimizer(model, cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.scheduler == "step":
@@ -178,13 +153,47 @@ def _save(path: Path, obj: dict) -> None:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, config_hash: str | None = None) -> dict:
-    """Load a checkpoint (``weights_only=True``) into ``model``; raise CheckpointMismatch if it does not fit."""
+def weights_digest(model) -> str | None:
+    """sha256 of the model's pretrained weights file (None for a random-init backbone)."""
+    return (getattr(model, "weights", None) or {}).get("sha256")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`fit` (``weights_only=True``); RunError naming the file if it cannot be read."""
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise RunError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise RunError(f"{path}: the checkpoint file is empty (a write was interrupted?). If it is last.pt, move it "
+                       f"away and rerun to start the run again; if it is best.pt, rerun the run to rewrite it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of something else, ...
+        raise RunError(f"{path}: not a readable endoarss checkpoint ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200]}). It is damaged or of another program; move it away and "
+                       f"rerun (an interrupted last.pt only costs the epochs since the last good one)") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise RunError(f"{path}: not an endoarss checkpoint (expected a dict with 'model', 'config_hash')")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, config_hash: str | None = None,
+                    weights_sha256: str | None | bool = False) -> dict:
+    """Load a checkpoint into ``model``; CheckpointMismatch if it belongs to another config or other weights.
+
+    ``weights_sha256``: the sha256 the model's pretrained weights must have (None = random init); ``False`` skips
+    the check (checkpoints written before it existed carry no hash).
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
     if config_hash is not None and ckpt.get("config_hash") != config_hash:
-        raise CheckpointMismatch(f"{path}: written for config {ckpt.get('config_hash')}, not {config_hash}; use "
-                                 f"another run_name or out_dir, or delete the run folder to start again")
+        raise CheckpointMismatch(f"{path}: written for config {ckpt.get('config_hash')}, not {config_hash}; give "
+                                 f"this config another run_name or out_dir (the run folder is kept as it is)")
+    if weights_sha256 is not False and "weights_sha256" in ckpt and ckpt["weights_sha256"] != weights_sha256:
+        raise CheckpointMismatch(
+            f"{path}: trained on pretrained weights with sha256 {ckpt['weights_sha256']}, but the weights file now "
+            f"has {weights_sha256}: the file at that path was replaced. Restore the original weights (the run's "
+            f"config.json names the path) or train a new run (another run_name / out_dir)")
     expected = set(_trainable_state(model))
     missing, unexpected = sorted(expected - set(ckpt["model"])), sorted(set(ckpt["model"]) - expected)
     if missing or unexpected:
@@ -196,42 +205,83 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config_hash: str |
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-def _autocast(device: torch.device, amp: str):
-    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+class Evaluation(dict):
+    """The metrics of one evaluation pass (a dict ``{<task>_<metric>: float}``) with the pass's meters.
+
+    ``meters[task]`` is the task's meter and ``values[task]`` its full ``compute()`` output (confusion matrices,
+    per-class IoU / Dice / HD, ...); with ``per_image=True`` ``images`` holds one record per image (path, activity,
+    correct or not, foreground IoU, per-class IoU), so per-class, per-activity and per-image results reuse one pass.
+    """
+
+    def __init__(self, metrics: dict, meters: dict, values: dict, images: list[dict] | None = None):
+        super().__init__(metrics)
+        self.meters, self.values, self.images = meters, values, images or []
+
+
+def _image_records(out: dict, batch: dict, num_seg_classes: int | None, ignore_index: int) -> list[dict]:
+    records = []
+    n = batch["image"].shape[0]
+    for i in range(n):
+        rec = {"path": batch.get("path", [None] * n)[i], "label": int(batch["label"][i])}
+        if "cls" in out:
+            rec["pred_label"] = int(out["cls"][i].float().argmax())
+            rec["correct"] = rec["pred_label"] == rec["label"]
+        if "seg" in out:
+            pred = out["seg"][i].float().argmax(0).cpu()
+            truth = batch["mask"][i].cpu()
+            valid = truth != ignore_index
+            p_fg, t_fg = (pred > 0) & valid, (truth > 0) & valid  # ignored pixels are neither
+            union, inter = int((p_fg | t_fg).sum()), int((p_fg & t_fg).sum())
+            rec["fg_inter"], rec["fg_union"] = inter, union
+            rec["fg_iou"] = inter / union if union else float("nan")
+            ious = []
+            for c in range(num_seg_classes or 0):
+                pc, tc = (pred == c) & valid, (truth == c) & valid
+                u = int((pc | tc).sum())
+                ious.append(int((pc & tc).sum()) / u if u else float("nan"))
+            rec["iou_per_class"] = ious
+        records.append(rec)
+    return records
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, tasks, num_activities: int | None = None, num_seg_classes: int | None = None,
-             distances: bool = True, amp: str = "auto", ignore_index: int = 255, progress: bool = False) -> dict:
-    """Metrics of ``model`` over a whole loader, with every task's keys prefixed ``cls_`` / ``seg_``."""
+             distances: bool = True, amp: str = "auto", ignore_index: int = 255, progress: bool = False,
+             per_image: bool = False, compat_size: int | None = None) -> Evaluation:
+    """Metrics of ``model`` over a whole loader: every metric the task registry declares, keys ``<task>_<metric>``.
+
+    ``compat_size``: side of the label maps the ``compat_`` segmentation metrics are computed on (the released
+    evaluation uses 244 x 244, nearest resizing of predictions and masks); None computes them at the input size.
+    """
     from tqdm.auto import tqdm
 
     model.eval()
-    cls_meter = ClassificationMeter(num_activities) if "cls" in tasks else None
-    seg_meter = SegmentationMeter(num_seg_classes, ignore_index=ignore_index, compute_distances=distances,
-                                  compute_ssim=distances) if "seg" in tasks else None
+    classes = {"cls": num_activities, "seg": num_seg_classes}
+    meters = {t: get_task(t).make_meter(classes[t], ignore_index=ignore_index, distances=distances,
+                                        compat_size=compat_size) for t in tasks}
+    images: list[dict] = []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = model(batch["image"].to(device))
-        if cls_meter:
-            cls_meter.update(out["cls"].float().argmax(1).cpu(), batch["label"])
-        if seg_meter:
-            seg_meter.update(out["seg"].float().argmax(1).cpu(), batch["mask"])
+        for t, meter in meters.items():
+            get_task(t).update_meter(meter, out[t], batch)
+        if per_image:
+            images += _image_records(out, batch, num_seg_classes, ignore_index)
+    values = {t: meter.compute() for t, meter in meters.items()}
     metrics = {}
-    for task, meter in (("cls", cls_meter), ("seg", seg_meter)):
-        if meter is not None:
-            values = meter.compute()
-            metrics.update({f"{task}_{k}": float(values[k]) for k in RESULT_METRICS[task] if k in values})
-    return metrics
+    for t in tasks:
+        metrics.update(get_task(t).result_values(values[t]))
+    return Evaluation(metrics, meters, values, images)
 
 
 def selection_score(metrics: dict, key: str) -> float:
-    """The validation number model selection maximises: 'score' = mean of accuracy and mIoU present."""
-    if key != "score":
-        return float(metrics[key])
-    parts = [metrics[k] for k in ("cls_accuracy", "seg_miou") if k in metrics]
-    return float(np.mean(parts))
+    """The number model selection maximises: 'score' = mean of accuracy and mIoU present; any other result key is
+    signed by its direction (HD: lower is better, so its negative is maximised)."""
+    if key == "score":
+        parts = [metrics[k] for k in ("cls_accuracy", "seg_miou") if k in metrics]
+        return float(np.mean(parts))
+    value = float(metrics[key])
+    return value if higher_is_better(key) else -value
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -242,64 +292,74 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-wide peak RSS
 
 
+def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = "off",
+               loss_weights: dict | None = None, grad_accum: int = 1, cls_loss=None, label_smoothing: float = 0.0,
+               ignore_index: int = 255, shared=None, task_params=None, diagnostics: bool = False) -> dict:
+    """One forward and the weighted backward of one batch (the optimiser step is the caller's).
+
+    The weighting method sees the batch's outputs first (:meth:`Weighting.observe`), the model's regulariser
+    (DSelect-k) is backpropagated, then ``weighting.backward`` combines the task losses (scaled by ``loss_weights``
+    and ``1 / grad_accum``) into the gradients of the trainable shared parameters and the tasks' own parameters.
+    Returns ``{"losses": {task: float raw loss}, "outputs": ..., "diagnostics": conflict record or None}``.
+    """
+    raw_model = getattr(model, "_orig_mod", model)
+    device = device or next(raw_model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    loss_weights = loss_weights or {}
+    with autocast(device, amp):
+        out = model(batch["image"])
+    raw = task_losses(out, batch, tasks, ignore_index, label_smoothing, cls_loss=cls_loss)
+    losses = torch.stack([raw[t] * loss_weights.get(t, 1.0) / grad_accum for t in tasks])
+    record = None
+    if diagnostics and len(tasks) > 1:
+        grads, slices = task_gradient_matrix(list(losses), raw_model.named_trainable_shared_parameters())
+        record = conflict_record(grads, slices)
+    weighting.observe(out, batch, tasks, ignore_index)
+    regulariser = raw_model.regularization_loss()
+    if regulariser.requires_grad:
+        regulariser.backward(retain_graph=True)  # DSelect-k's entropy term reaches its selectors
+    shared = raw_model.trainable_shared_parameters() if shared is None else shared
+    task_params = [raw_model.task_specific_parameters(t) for t in tasks] if task_params is None else task_params
+    weighting.backward(losses, shared, task_params)
+    return {"losses": {t: float(raw[t].detach()) for t in tasks}, "outputs": out, "diagnostics": record}
+
+
 def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, world: int) -> dict:
     from tqdm.auto import tqdm
 
-    model, optimizer, weighting = state["model"], state["optimizer"], state["weighting"]
-    device, tasks = state["device"], cfg.tasks
-    connector = getattr(state["raw_model"], "connector", None)
-    routing: dict[str, list] = {}  # task -> [sum of batch-mean weights x images, sum of entropies x images, images]
-    shared = [p for p in state["raw_model"].trainable_shared_parameters()]
-    heads = [state["raw_model"].task_specific_parameters(t) for t in tasks]
+    model, raw_model, optimizer, weighting = state["model"], state["raw_model"], state["optimizer"], state["weighting"]
+    tasks = cfg.tasks
+    shared = raw_model.trainable_shared_parameters()
+    heads = [raw_model.task_specific_parameters(t) for t in tasks]
     model.train()
+    raw_model.reset_epoch_stats()
     weighting.set_epoch(epoch, cfg.epochs)
     sums, batches = {t: 0.0 for t in tasks}, 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress or rank > 0)
     for step, batch in enumerate(bar):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with _autocast(device, cfg.amp):
-            out = model(batch["image"])
-        if connector is not None and getattr(connector, "last_routing", None):
-            n = batch["image"].shape[0]
-            for t, r in connector.last_routing.items():
-                acc = routing.setdefault(t, [torch.zeros(r["weights"].numel(), dtype=torch.float64), 0.0, 0])
-                acc[0] += r["weights"].detach().cpu().double() * n
-                acc[1] += float(r["entropy"]) * n
-                acc[2] += n
-        raw = task_losses(out, batch, tasks, cfg.ignore_index, cfg.label_smoothing, cls_loss=state.get("cls_loss"))
-        losses = torch.stack([raw[t] * cfg.loss_weights.get(t, 1.0) / cfg.grad_accum for t in tasks])
         state["global_step"] += 1
-        if cfg.diagnostics_every and state["global_step"] % cfg.diagnostics_every == 0 and len(tasks) > 1:
-            grads, slices = task_gradient_matrix(list(losses), state["raw_model"].named_trainable_shared_parameters())
-            state["diagnostics"].append({"epoch": epoch, "step": state["global_step"],
-                                         **conflict_record(grads, slices)})
-        if getattr(weighting, "needs_progress", False):
-            weighting.set_progress(progress_scores(out, batch, tasks, cfg.ignore_index))
-        regulariser = state["raw_model"].regularization_loss()
-        if regulariser.requires_grad:
-            regulariser.backward(retain_graph=True)  # DSelect-k's entropy term reaches its selectors
-        weighting.backward(losses, shared, heads)
+        diag = bool(cfg.diagnostics_every) and state["global_step"] % cfg.diagnostics_every == 0
+        result = train_step(model, batch, weighting, tasks, device=state["device"], amp=cfg.amp,
+                            loss_weights=cfg.loss_weights, grad_accum=cfg.grad_accum, cls_loss=state.get("cls_loss"),
+                            label_smoothing=cfg.label_smoothing, ignore_index=cfg.ignore_index, shared=shared,
+                            task_params=heads, diagnostics=diag)
+        if result["diagnostics"] is not None:
+            state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
         if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
             if world > 1:
                 _all_reduce_grads(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for t in tasks:
-            sums[t] += raw[t].item()
+            sums[t] += result["losses"][t]
         batches += 1
         bar.set_postfix({t: f"{sums[t] / batches:.3f}" for t in tasks})
     stats = {f"train_loss_{t}": sums[t] / max(batches, 1) for t in tasks}
-    if hasattr(weighting, "epoch_log"):
-        stats.update(weighting.epoch_log(tasks))
-    if routing:
-        means = {t: acc[0] / acc[2] for t, acc in routing.items()}
-        for t, acc in routing.items():
-            state["routing"].append({"epoch": epoch + 1, "task": t, "entropy": acc[1] / acc[2],
-                                     **{f"expert{e}": float(w) for e, w in enumerate(means[t])}})
-            stats[f"routing_entropy_{t}"] = acc[1] / acc[2]
-        if len(means) >= 2:
-            stats["routing_js"] = routing_divergence(means[tasks[0]], means[tasks[1]])
+    stats.update(weighting.epoch_log(tasks))
+    columns, rows = raw_model.epoch_stats()
+    stats.update(columns)
+    state["routing"] += [{"epoch": epoch + 1, **r} for r in rows]
     return stats
 
 
@@ -318,14 +378,18 @@ def _write_log(path: Path, rows: list[dict]) -> None:
         write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
-def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict:
-    spec = datasets["train"].spec
-    seed_everything(cfg.seed)
+def build_run_model(cfg: TrainConfig):
+    """The run's model, built under the run seed (a random-init frozen backbone is then the same every time)."""
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        raw_model = build_model(**_model_options(cfg, spec)).to(device)
+        return build_model_from_config(cfg.model)
+
+
+def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict:
+    seed_everything(cfg.seed)
+    raw_model = build_run_model(cfg).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    optimizer, scheduler = _optimizer(raw_model, cfg, len(datasets["train"]))
+    optimizer, scheduler = _optimizer(raw_model, cfg)
     weighting = get_weighting(cfg.weighting, **cfg.weighting_hparams)
     # CGL: class counts of the TRAINING split only; its own generator, seeded from the run seed (saved in last.pt).
     cls_loss = make_cls_loss(cfg.cls_loss, datasets["train"].class_counts() if cfg.cls_loss != "ce" else None,
@@ -336,18 +400,34 @@ def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict
             "wall_time_s": 0.0}
 
 
-def _checkpoint(state: dict, cfg: TrainConfig) -> dict:
-    return {"version": CHECKPOINT_VERSION, "config_hash": cfg.results_hash(), "model": _trainable_state(
-        state["raw_model"]), "optimizer": state["optimizer"].state_dict(),
-        "scheduler": state["scheduler"].state_dict() if state["scheduler"] else None,
-        "weighting": state["weighting"].state_dict(), "rng": _rng_state(),
-        "cls_loss": state["cls_loss"].state_dict() if state.get("cls_loss") is not None else None,
-        **{k: state[k] for k in ("epoch", "global_step", "best_score", "best_epoch", "history", "diagnostics",
-                                 "routing", "wall_time_s")}}
+def _provenance(state: dict, fingerprints: dict) -> dict:
+    return {"config_hash": state["config_hash"], "weights_sha256": weights_digest(state["raw_model"]),
+            "data_fingerprint": fingerprints}
 
 
-def _resume(state: dict, path: Path, cfg: TrainConfig) -> None:
-    ckpt = load_checkpoint(path, state["raw_model"], cfg.results_hash())
+def _checkpoint(state: dict, fingerprints: dict) -> dict:
+    return {"version": CHECKPOINT_VERSION, **_provenance(state, fingerprints),
+            "model": _trainable_state(state["raw_model"]), "optimizer": state["optimizer"].state_dict(),
+            "scheduler": state["scheduler"].state_dict() if state["scheduler"] else None,
+            "weighting": state["weighting"].state_dict(), "rng": _rng_state(),
+            "cls_loss": state["cls_loss"].state_dict() if state.get("cls_loss") is not None else None,
+            **{k: state[k] for k in ("epoch", "global_step", "best_score", "best_epoch", "history", "diagnostics",
+                                     "routing", "wall_time_s")}}
+
+
+def _check_data(path: Path, recorded: dict | None, fingerprints: dict) -> None:
+    if recorded is None:
+        return
+    changed = sorted(s for s in fingerprints if s in recorded and recorded[s] != fingerprints[s])
+    if changed:
+        raise RunError(f"{path}: the {', '.join(changed)} data changed since this run used it (files added, removed "
+                       f"or modified under the data root). Its results belong to the old data: restore the data, or "
+                       f"run this config under another run_name / out_dir (the existing run folder is kept)")
+
+
+def _resume(state: dict, path: Path, cfg: TrainConfig, fingerprints: dict) -> None:
+    ckpt = load_checkpoint(path, state["raw_model"], state["config_hash"], weights_digest(state["raw_model"]))
+    _check_data(path, ckpt.get("data_fingerprint"), {k: v for k, v in fingerprints.items() if k != "test"})
     state["optimizer"].load_state_dict(ckpt["optimizer"])
     if state["scheduler"] is not None:
         state["scheduler"].load_state_dict(ckpt["scheduler"])
@@ -357,39 +437,84 @@ def _resume(state: dict, path: Path, cfg: TrainConfig) -> None:
     _set_rng_state(ckpt["rng"])
     for key in ("epoch", "global_step", "best_score", "best_epoch", "history", "diagnostics", "wall_time_s"):
         state[key] = ckpt[key]
-    state["routing"] = ckpt.get("routing", [])  # checkpoints written before routing logs existed have none
+    state["routing"] = ckpt.get("routing", [])
 
 
 def run_dir(cfg: TrainConfig) -> Path:
-    """The folder of a run: ``<out_dir>/<run_name or dataset-arch-weighting-seed-hash>``."""
-    name = cfg.run_name or (f"{cfg.dataset}-{cfg.model.get('backbone', 'model')}-{cfg.model.get('arch', 'hps')}-"
-                            f"{cfg.weighting}-s{cfg.seed}-{cfg.results_hash()}")
+    """The folder of a run: ``<out_dir>/<run_name or dataset-backbone-arch-weighting-seed-hash>``."""
+    name = cfg.run_name or (f"{cfg.dataset}-{cfg.model.backbone}-{cfg.model.arch}-{cfg.weighting}-s{cfg.seed}-"
+                            f"{cfg.results_hash()}")
     return Path(cfg.out_dir) / name
 
 
+def read_run_config(folder: str | Path) -> TrainConfig:
+    """The TrainConfig of a run folder (from its ``config.json``); RunError naming the file otherwise."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{path}: no config.json: {folder} is not a run folder written by fit()")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: not valid JSON ({exc})") from None
+    data.pop("config_hash", None)
+    try:
+        return TrainConfig(**data)
+    except (ConfigError, TypeError) as exc:
+        raise RunError(f"{path}: not a config this version can read ({exc})") from None
+
+
+def _check_folder(folder: Path, cfg: TrainConfig) -> None:
+    """Before anything is written: a folder that holds another config's run is refused, and left untouched."""
+    digest = cfg.results_hash()
+    for name in ("result.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                found = json.loads(path.read_text()).get("config_hash")
+            except (json.JSONDecodeError, AttributeError):
+                raise RunError(f"{path}: damaged (not JSON); this run folder is left as it is: move it away or choose "
+                               f"another run_name / out_dir") from None
+            if found != digest:
+                raise CheckpointMismatch(
+                    f"{folder}: holds the run of another config (hash {found}, this config {digest}); nothing was "
+                    f"changed there. Give this config another run_name or out_dir; the existing run is kept")
+
+
 def fit(cfg: TrainConfig) -> dict:
-    """Train (or resume), select on validation, evaluate the selected model on test once; return the result row."""
+    """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row."""
     rank, world = _distributed()
     folder = run_dir(cfg)
     result_path = folder / "result.json"
+    _check_folder(folder, cfg)
+    datasets = make_datasets(cfg)
+    fingerprints = {s: d.fingerprint() for s, d in datasets.items()}
     if result_path.is_file():
-        import json
         row = json.loads(result_path.read_text())
-        if row.get("config_hash") == cfg.results_hash():
-            return row
-        raise CheckpointMismatch(f"{result_path}: a finished run of another config lives here")
+        _check_data(result_path, row.get("data_fingerprint"), fingerprints)
+        weights = cfg.model.pretrained
+        if row.get("weights_sha256") is not None and isinstance(weights, str) and Path(weights).is_file():
+            from .models.weights import file_sha256
+
+            if file_sha256(weights) != row["weights_sha256"]:
+                raise CheckpointMismatch(f"{result_path}: this run used weights with sha256 {row['weights_sha256']},"
+                                         f" but {weights} has changed; restore it or run under another run_name")
+        return row
     device = resolve_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    datasets = make_datasets(cfg)
     state = _build_state(cfg, datasets, device)
-    if rank == 0:
-        write_json_atomic(folder / "config.json", {**cfg.to_dict(), "config_hash": cfg.results_hash()})
+    state["config_hash"] = cfg.results_hash()
     if (folder / "last.pt").is_file():
-        _resume(state, folder / "last.pt", cfg)
+        _resume(state, folder / "last.pt", cfg, fingerprints)
+    if rank == 0:
+        write_json_atomic(folder / "config.json", {**cfg.to_dict(), "config_hash": state["config_hash"]})
     spec = datasets["train"].spec
     eval_kw = dict(device=device, tasks=cfg.tasks, num_activities=spec.num_activities,
                    num_seg_classes=spec.num_seg_classes, amp=cfg.amp, ignore_index=cfg.ignore_index)
-    val_loader = _loader(datasets["val"], cfg, shuffle=False)
+    select_split = "test" if cfg.select_on == "test" else "val"
+    if cfg.select_on == "test":
+        warnings.warn("select_on='test': the epoch is chosen on the TEST split (the released protocol). The reported "
+                      "test numbers are then optimistic; use it only to measure that effect", stacklevel=2)
+    select_loader = _loader(datasets[select_split], cfg, shuffle=False)
     while state["epoch"] < cfg.epochs:
         if cfg.stop_after_epochs is not None and state["epoch"] >= cfg.stop_after_epochs:
             return {"status": "stopped", "epoch": state["epoch"], "run_dir": str(folder)}
@@ -399,45 +524,54 @@ def fit(cfg: TrainConfig) -> dict:
                                    rank, world)
         if state["scheduler"] is not None:
             state["scheduler"].step()
-        val = evaluate(state["model"], val_loader, distances=cfg.eval_distances_on_val, **eval_kw)
+        val = evaluate(state["model"], select_loader, distances=cfg.eval_distances_on_val, **eval_kw)
         score = selection_score(val, cfg.select_metric)
         state["wall_time_s"] += time.perf_counter() - start
-        state["history"].append({"epoch": epoch + 1, **train_stats, **{f"val_{k}": v for k, v in val.items()},
-                                 "val_select": score, "lr": state["optimizer"].param_groups[0]["lr"],
-                                 "wall_time_s": state["wall_time_s"]})
+        state["history"].append({"epoch": epoch + 1, **train_stats,
+                                 **{f"{select_split}_{k}": v for k, v in val.items()}, "select_score": score,
+                                 "lr": state["optimizer"].param_groups[0]["lr"], "wall_time_s": state["wall_time_s"]})
         state["epoch"] = epoch + 1
         if rank == 0:
             if score > state["best_score"]:
                 state["best_score"], state["best_epoch"] = score, epoch + 1
-                _save(folder / "best.pt", {"config_hash": cfg.results_hash(), "epoch": epoch + 1,
-                                           "model": _trainable_state(state["raw_model"])})
-            _save(folder / "last.pt", _checkpoint(state, cfg))
+                _save(folder / "best.pt", {"version": CHECKPOINT_VERSION, **_provenance(state, fingerprints),
+                                           "epoch": epoch + 1, "model": _trainable_state(state["raw_model"])})
+            _save(folder / "last.pt", _checkpoint(state, fingerprints))
             _write_log(folder / "log.csv", state["history"])
             _write_log(folder / "diagnostics.csv", state["diagnostics"])
             _write_log(folder / "routing.csv", state["routing"])
         if world > 1:
             dist.barrier()  # the other ranks read best.pt / last.pt only once rank 0 has written them
-    load_checkpoint(folder / "best.pt", state["raw_model"], cfg.results_hash())
-    test_loader = _loader(datasets["test"], cfg, shuffle=False)
-    test = evaluate(state["model"], test_loader, distances=True, **eval_kw)
-    row = _result_row(cfg, state, datasets, test, device, folder)
+    load_checkpoint(folder / "best.pt", state["raw_model"], state["config_hash"], weights_digest(state["raw_model"]))
+    test = evaluate(state["model"], _loader(datasets["test"], cfg, shuffle=False), distances=True,
+                    compat_size=COMPAT_SIZE, **eval_kw)
+    row = _result_row(cfg, state, datasets, test, device, folder, fingerprints)
     if rank == 0:
         write_json_atomic(result_path, row)
     return row
 
 
-def _result_row(cfg, state, datasets, test: dict, device, folder: Path) -> dict:
+COMPAT_SIZE = 244  # the released evaluation's label-map side (compat_ metrics are computed at it)
+
+
+def _result_row(cfg, state, datasets, test: dict, device, folder: Path, fingerprints: dict) -> dict:
     model = state["raw_model"]
     report = model.parameter_report()
     weights = model.weights
     best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
+    m = cfg.model
     return {"dataset": cfg.dataset, "data": "synthetic" if datasets["test"].synthetic else "real",
-            "backbone": cfg.model.get("backbone"), "arch": cfg.model.get("arch", "hps"),
-            "sma": bool(cfg.model.get("sma", False)), "weighting": cfg.weighting, "tasks": "+".join(cfg.tasks),
-            "connector": cfg.model.get("connector") or "none", "cls_loss": cfg.cls_loss,
+            "backbone": m.backbone, "arch": m.arch, "sma": bool(m.sma), "weighting": cfg.weighting,
+            "tasks": "+".join(cfg.tasks), "connector": m.connector or "none", "cls_loss": cfg.cls_loss,
+            "model_label": m.label, "paper_backbone": m.paper_backbone,
             "pretrained": weights.get("sha256") or weights.get("source", "random init"),
-            "random_init_backbone": bool(model.pretrained_random_init), "seed": cfg.seed, "preset": cfg.preset,
-            "image_size": cfg.image_size, "epochs": cfg.epochs, "best_epoch": state["best_epoch"],
+            "pretrained_name": weights.get("name") or (None if weights.get("sha256") is None else
+                                                       Path(str(weights.get("source"))).name),
+            "weights_sha256": weights.get("sha256"),
+            "random_init_backbone": bool(model.pretrained_random_init),
+            "synthetic_pretrained_backbone": str(weights.get("name") or "").startswith("synth"),
+            "seed": cfg.seed, "preset": cfg.preset, "image_size": cfg.image_size, "epochs": cfg.epochs,
+            "best_epoch": state["best_epoch"], "select_on": cfg.select_on, "compat_eval_size": COMPAT_SIZE,
             **{f"test_{k}": v for k, v in test.items()},
             **{k: v for k, v in best.items() if k.startswith("val_")},
             "params_total": report.get("total", {}).get("total"),
@@ -446,50 +580,10 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path) -> dict:
             "peak_memory_mib": round(_peak_memory_mib(device), 1),
             "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
             "library_version": __version__, "git_commit": git_commit(), "config_hash": cfg.results_hash(),
-            "run_dir": str(folder)}
+            "data_fingerprint": fingerprints, "run_dir": str(folder)}
 
 
-def load_run_model(folder: str | Path, device: str = "cpu"):
-    """The selected (best) model of a run folder, rebuilt from its config.json, in eval mode.
-
-    Checkpoints hold the trainable parameters only; frozen weights come from the pretrained file or, for a
-    randomly initialised backbone, from the run seed: the model is built under ``torch.manual_seed(cfg.seed)`` (as
-    ``fit`` builds it), inside a forked RNG so the caller's random state is left alone.
-    """
-    import json
-
-    from .config import TrainConfig
-
-    folder = Path(folder)
-    data = json.loads((folder / "config.json").read_text())
-    data.pop("config_hash", None)
-    cfg = TrainConfig(**data)
-    spec = get_spec(cfg.dataset)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("default")
-        torch.manual_seed(cfg.seed)
-        model = build_model(**_model_options(cfg, spec))
-    load_checkpoint(folder / "best.pt", model, cfg.results_hash())
-    return model.to(resolve_device(device)).eval()
-
-
-@torch.no_grad()
-def predict(model, dataset, indices=None, device: str = "cpu") -> list[dict]:
-    """Per-sample predictions for display: image (uint8), true / predicted mask and activity, class probabilities."""
-    from .viz import denormalize
-
-    model.eval()
-    device = resolve_device(device)
-    out = []
-    for index in (range(len(dataset)) if indices is None else indices):
-        item = dataset[int(index)]
-        result = model(item["image"][None].to(device))
-        row = {"index": int(index), "path": item["path"], "image": denormalize(item["image"]),
-               "mask": item["mask"].numpy(), "label": int(item["label"])}
-        if "seg" in result:
-            row["pred_mask"] = result["seg"][0].float().argmax(0).cpu().numpy()
-        if "cls" in result:
-            probs = result["cls"][0].float().softmax(0).cpu().numpy()
-            row["pred_label"], row["cls_probs"] = int(probs.argmax()), probs
-        out.append(row)
-    return out
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint records about its provenance (config hash, weights sha256, data fingerprint, epoch)."""
+    ckpt = read_checkpoint(path)
+    return {k: ckpt.get(k) for k in ("version", "config_hash", "weights_sha256", "data_fingerprint", "epoch")}

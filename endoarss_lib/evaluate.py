@@ -14,8 +14,8 @@ Masks: the released model's class ``c`` was trained against ``max(raw - 1, 0)`` 
 so ``--id-map released`` is the default; pass ``identity`` or a JSON file only if you know your masks match the
 checkpoint's ids another way.
 
-This module also stays usable as the function ``endoarss_lib.evaluate(...)`` (``engine.evaluate``): importing it
-as a submodule rebinds that package attribute, so the module itself is callable and forwards to the function.
+The evaluation pass itself is :func:`endoarss_lib.engine.evaluate` (this module is its command line for checkpoints;
+installed as ``endoarss-evaluate``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import json
 import re
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -70,10 +69,10 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
                       amp: str = "off", arch: dict | None = None, progress: bool = False) -> dict:
     """Evaluate the released model (``checkpoint``, or random weights with ``random_init=True``) on the test split
     of ``data_root``; returns the result row (see the module docstring)."""
-    from . import __version__
+    from .version import __version__
     from .data import MTLDataset
-    from .engine import _peak_memory_mib, evaluate, resolve_device
-    from .provenance import git_commit
+    from .engine import COMPAT_SIZE, _peak_memory_mib, evaluate, resolve_device
+    from .version import git_commit
 
     if (checkpoint is None) == (not random_init):
         raise ValueError("pass exactly one of a checkpoint (--released PATH) or random_init=True (--random-init)")
@@ -88,7 +87,8 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
                          f"dataset {spec.name!r} at {data_root} has {spec.num_activities} and {spec.num_seg_classes}")
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     test = evaluate(model, loader, torch_device, model.tasks, num_activities=spec.num_activities,
-                    num_seg_classes=spec.num_seg_classes, distances=distances, amp=amp, progress=progress)
+                    num_seg_classes=spec.num_seg_classes, distances=distances, amp=amp, progress=progress,
+                    compat_size=COMPAT_SIZE)
     report = model.parameter_report()
     full = cfg.embed_dim == 768 and cfg.depth == 12
     return {"model_source": MODEL_SOURCES["random" if random_init else "checkpoint"],
@@ -170,17 +170,5 @@ def main(argv=None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """Keeps ``endoarss_lib.evaluate(...)`` (the package's public ``engine.evaluate``) working after this submodule
-    is imported, since importing ``endoarss_lib.evaluate`` rebinds that package attribute to the module."""
-
-    def __call__(self, *args, **kwargs):
-        from .engine import evaluate
-
-        return evaluate(*args, **kwargs)
-
-
 if __name__ == "__main__":
     sys.exit(main())
-else:
-    sys.modules[__name__].__class__ = _CallableModule

@@ -46,51 +46,27 @@ CLS_LOSSES = ("ce", "cgl")
 def task_losses(outputs: dict[str, torch.Tensor], batch: dict, tasks, ignore_index: int = 255,
                 label_smoothing: float = 0.0, class_weights: dict | None = None,
                 cls_loss=None) -> dict[str, torch.Tensor]:
-    """Raw (unweighted) loss of every task, as float32 scalars; segmentation logits are compared at label size.
+    """Raw (unweighted) loss of every task (:meth:`endoarss_lib.tasks.Task.loss`), as float32 scalars.
 
     ``cls_loss``: an optional callable ``(logits, target) -> scalar`` used for the activity instead of
     cross-entropy (e.g. :class:`CGLLoss`); ``label_smoothing`` and ``class_weights["cls"]`` then do not apply.
     """
-    losses = {}
+    from .tasks import get_task
+
     class_weights = class_weights or {}
-    if "cls" in tasks:
-        if cls_loss is not None:
-            losses["cls"] = cls_loss(outputs["cls"].float(), batch["label"])
-        else:
-            losses["cls"] = F.cross_entropy(outputs["cls"].float(), batch["label"], weight=class_weights.get("cls"),
-                                            label_smoothing=label_smoothing)
-    if "seg" in tasks:
-        logits, mask = outputs["seg"].float(), batch["mask"]
-        if logits.shape[-2:] != mask.shape[-2:]:
-            raise ValueError(f"seg logits {tuple(logits.shape[-2:])} and masks {tuple(mask.shape[-2:])} differ in size")
-        losses["seg"] = F.cross_entropy(logits, mask, weight=class_weights.get("seg"), ignore_index=ignore_index,
-                                        label_smoothing=label_smoothing)
-    return losses
+    return {t: get_task(t).loss(outputs[t], batch, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                weight=class_weights.get(t), loss_fn=cls_loss if t == "cls" else None)
+            for t in tasks}
 
 
 @torch.no_grad()
 def progress_scores(outputs: dict[str, torch.Tensor], batch: dict, tasks, ignore_index: int = 255) -> torch.Tensor:
-    """Per-task progress of a batch (detached float32, one per task in ``tasks`` order).
+    """Per-task progress of a batch (detached float32, one per task in ``tasks`` order): the mean softmax probability
+    of the true class (:meth:`endoarss_lib.tasks.Task.progress`), GM-Coord's per-modality scores with tasks in place
+    of modalities."""
+    from .tasks import get_task
 
-    ``cls``: mean softmax probability of the true activity; ``seg``: mean softmax probability of the true class over
-    the valid (not ``ignore_index``) pixels (NaN when no pixel is valid). These are GM-Coord's (UMD / OGM-GE's)
-    per-modality scores with tasks in place of modalities.
-    """
-    scores = []
-    for t in tasks:
-        if t == "cls":
-            prob = outputs["cls"].float().softmax(1)
-            scores.append(prob.gather(1, batch["label"].view(-1, 1)).mean())
-        elif t == "seg":
-            logits, mask = outputs["seg"].float(), batch["mask"]
-            valid = mask != ignore_index
-            target = torch.where(valid, mask, torch.zeros_like(mask))
-            prob = logits.log_softmax(1).gather(1, target.unsqueeze(1)).squeeze(1).exp()
-            n = valid.sum()
-            scores.append(prob[valid].sum() / n if n > 0 else torch.tensor(float("nan"), device=prob.device))
-        else:
-            raise ValueError(f"unknown task {t!r}: progress scores exist for 'cls' and 'seg'")
-    return torch.stack(scores).float()
+    return torch.stack([get_task(t).progress(outputs[t], batch, ignore_index) for t in tasks]).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ Policies (``/work/shared/spec/metrics.md`` is authoritative):
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 from scipy.spatial.distance import directed_hausdorff
 
 __all__ = ["ClassificationMeter", "SegmentationMeter", "classification_metrics", "segmentation_metrics",
-           "delta_m"]
+           "delta_m", "delta_m_flat", "metric_task", "subset_metrics", "per_activity_spread", "pil_nearest_resize"]
 
 COMPAT_EPS = 1e-3  # the released code's epsilon in every ratio
 SSIM_WINDOW = 7  # scikit-image's default uniform window
@@ -293,6 +293,23 @@ def _onehot_ssim(pred: np.ndarray, target: np.ndarray, classes: np.ndarray) -> n
     return scores.mean(axis=(1, 2), dtype=np.float64)
 
 
+def _pil_nearest_index(n: int, out: int) -> np.ndarray:
+    # Pillow resizes with NEAREST through an affine transform that ACCUMULATES the step (xx += n / out, starting at
+    # half a step) in double precision and truncates; a closed form floor((x + 0.5) * n / out) differs where the
+    # accumulated value falls just below an integer. Summing in the same order reproduces Pillow exactly.
+    steps = np.full(out, n / out)
+    steps[0] = n / out * 0.5
+    return np.minimum(np.cumsum(steps).astype(np.int64), n - 1)
+
+
+def pil_nearest_resize(labels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """A label map (H, W) resized as ``PIL.Image.resize((w, h), Image.NEAREST)`` does (the released evaluation's
+    resizing of masks to 244 x 244), bit for bit; ``size`` is an int or (height, width)."""
+    oh, ow = (size, size) if isinstance(size, (int, np.integer)) else size
+    h, w = labels.shape[-2:]
+    return labels[..., _pil_nearest_index(h, oh)[:, None], _pil_nearest_index(w, ow)[None, :]]
+
+
 def _compat_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
     """The released "HD": each ROW of a label map is one W-dimensional point; symmetric Hausdorff of the row sets."""
     p, t = pred.astype(np.float64), target.astype(np.float64)
@@ -342,11 +359,17 @@ class SegmentationMeter:
 
     ``hd_classes``: classes whose Hausdorff distance is measured (default: all but background 0).
     ``compute_distances=False`` skips HD and compat HD (reported as NaN, counts 0); ``compute_ssim=False`` likewise
-    skips SSIM and compat SSIM.
+    skips SSIM and compat SSIM. ``compat_size``: the ``compat_`` values (mIoU, Dice, HD, SSIM) are computed on the
+    predicted and true label maps resized to ``compat_size`` x ``compat_size`` with PIL's nearest resizing, as the
+    released evaluation does at 244 x 244 whatever the model's input size (None: at the maps' own size).
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = None, hd_classes: Iterable[int] | None = None,
-                 compute_distances: bool = True, compute_ssim: bool = True):
+                 compute_distances: bool = True, compute_ssim: bool = True, compat_size: int | None = None):
+        if compat_size is not None and (isinstance(compat_size, bool) or not isinstance(compat_size, (int, np.integer))
+                                        or compat_size < 1):
+            raise ValueError(f"compat_size must be None or a positive int, got {compat_size!r}")
+        self.compat_size = None if compat_size is None else int(compat_size)
         self.num_classes = _check_num_classes(num_classes)
         if ignore_index is not None and (isinstance(ignore_index, bool)
                                          or not isinstance(ignore_index, (int, np.integer))):
@@ -369,6 +392,7 @@ class SegmentationMeter:
         """Forget everything accumulated."""
         k = self.num_classes
         self.confusion = np.zeros((k, k), dtype=np.int64)
+        self.compat_confusion = np.zeros((k, k), dtype=np.int64)  # at compat_size (== confusion without it)
         self._hd_sum, self._hd95_sum = np.zeros(k), np.zeros(k)
         self._hd_pairs = np.zeros(k, dtype=np.int64)
         self._pred_only = np.zeros(k, dtype=np.int64)
@@ -405,14 +429,21 @@ class SegmentationMeter:
         # Ignored pixels belong to no class in either map (HD, SSIM) ...
         pred_m, target_m = np.where(valid, pred, _IGNORED), np.where(valid, target, _IGNORED)
         # ... and take the prediction's value in the compat maps (the released code knows no ignore label).
-        target_c = np.where(valid, target, pred)
+        if self.compat_size is None:
+            pred_c, target_c = pred, np.where(valid, target, pred)
+            self.compat_confusion += _confusion(target[valid], pred[valid], self.num_classes)
+        else:
+            pred_c, target_r = (pil_nearest_resize(x, self.compat_size) for x in (pred, target))
+            valid_c = np.ones(target_r.shape, bool) if self.ignore_index is None else target_r != self.ignore_index
+            target_c = np.where(valid_c, target_r, pred_c)
+            self.compat_confusion += _confusion(target_r[valid_c], pred_c[valid_c], self.num_classes)
         if self.compute_distances:
             self._update_hausdorff(pred_m, target_m)
-            self._compat_hd_sum += _compat_hausdorff(pred, target_c)
+            self._compat_hd_sum += _compat_hausdorff(pred_c, target_c)
             self._compat_hd_images += 1
         if self.compute_ssim:
             self._update_ssim(pred_m, target_m)
-            value = _compat_ssim(pred, target_c)
+            value = _compat_ssim(pred_c, target_c)
             if np.isnan(value):
                 self._compat_ssim_skipped += 1
             else:
@@ -445,6 +476,9 @@ class SegmentationMeter:
     def compute(self) -> dict:
         """mIoU / Dice (with and without background), pixel accuracy, HD / HD95, SSIM, compat values, counts."""
         out = _segmentation_from_confusion(self.confusion)
+        compat = _segmentation_from_confusion(self.compat_confusion)
+        out["compat_miou"], out["compat_dice"] = compat["compat_miou"], compat["compat_dice"]
+        out["compat_size"] = self.compat_size
         pairs, one_sided = int(self._hd_pairs.sum()), int(self._pred_only.sum() + self._target_only.sum())
         out.update({
             "hd": _scalar_ratio(self._hd_sum.sum(), pairs),
@@ -472,10 +506,11 @@ class SegmentationMeter:
 
 def segmentation_metrics(pred: Any, target: Any, num_classes: int, ignore_index: int | None = None,
                          hd_classes: Iterable[int] | None = None, compute_distances: bool = True,
-                         compute_ssim: bool = True) -> dict:
+                         compute_ssim: bool = True, compat_size: int | None = None) -> dict:
     """Segmentation metrics of one whole set of label maps (H, W) / (N, H, W) (see ``SegmentationMeter``)."""
     meter = SegmentationMeter(num_classes, ignore_index=ignore_index, hd_classes=hd_classes,
-                              compute_distances=compute_distances, compute_ssim=compute_ssim)
+                              compute_distances=compute_distances, compute_ssim=compute_ssim,
+                              compat_size=compat_size)
     meter.update(pred, target)
     return meter.compute()
 
@@ -484,11 +519,11 @@ def segmentation_metrics(pred: Any, target: Any, num_classes: int, ignore_index:
 # Multi-task gain
 # ---------------------------------------------------------------------------------------------------------------
 
-def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
-    """Relative multi-task gain (LibMTL ``count_improvement``): mean of +-(mtl - single) / single, as a fraction."""
+def _relative_gains(mtl: Mapping[str, float], single: Mapping[str, float],
+                    higher_is_better: Mapping[str, bool]) -> dict[str, float]:
     if not higher_is_better:
         raise ValueError("higher_is_better must name at least one metric")
-    gains = []
+    gains = {}
     for name, higher in higher_is_better.items():
         for arg, results in (("mtl", mtl), ("single", single)):
             if name not in results:
@@ -497,6 +532,86 @@ def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_bet
                 raise ValueError(f"{arg}[{name!r}] is {results[name]}; delta_m needs finite values")
         if single[name] == 0:
             raise ValueError(f"single[{name!r}] is 0: the relative gain is undefined")
-        sign = 1.0 if higher else -1.0  # LibMTL's (-1)**weight, weight 1 = lower is better
-        gains.append(sign * (float(mtl[name]) - float(single[name])) / float(single[name]))
-    return float(np.mean(gains))
+        sign = 1.0 if higher else -1.0  # LibMTL's (-1)**w with w = 1 for higher-is-better: (N - B) / B
+        gains[name] = sign * (float(mtl[name]) - float(single[name])) / float(single[name])
+    return gains
+
+
+def metric_task(key: str) -> str:
+    """The task a result key belongs to: ``test_seg_hd95`` / ``seg_hd95`` -> ``seg`` (its ``<task>_`` prefix)."""
+    for prefix in ("test_", "val_", "train_"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    task, sep, _ = key.partition("_")
+    if not sep:
+        raise ValueError(f"metric {key!r} has no <task>_ prefix (e.g. cls_accuracy, seg_miou); pass tasks=")
+    return task
+
+
+def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool],
+            tasks: Mapping[str, str] | None = None) -> float:
+    """Relative multi-task gain, LibMTL's ``count_improvement``: the relative gains ``+-(mtl - single) / single``
+    (sign flipped for lower-is-better metrics) are averaged **within each task, then over tasks**, as a fraction.
+
+    Each metric's task is its ``<task>_`` prefix (``cls_accuracy``, ``test_seg_miou``) unless ``tasks`` maps metric
+    names to tasks. With two activity metrics at +2 % and three segmentation metrics at -1 %, this gives +0.5 %
+    (each task counts once); the flat mean over metrics (:func:`delta_m_flat`) would give +0.2 %.
+    """
+    gains = _relative_gains(mtl, single, higher_is_better)
+    by_task: dict[str, list[float]] = {}
+    for name, gain in gains.items():
+        by_task.setdefault(tasks[name] if tasks is not None else metric_task(name), []).append(gain)
+    return float(np.mean([np.mean(v) for v in by_task.values()]))
+
+
+def delta_m_flat(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool]
+                 ) -> float:
+    """The flat mean of the relative gains over all metrics (every metric counts once, so the task with more metrics
+    weighs more). Not LibMTL's definition: :func:`delta_m` is."""
+    return float(np.mean(list(_relative_gains(mtl, single, higher_is_better).values())))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subsets and spreads
+# ---------------------------------------------------------------------------------------------------------------
+
+def subset_metrics(confusion: np.ndarray, ids: Iterable[int]) -> dict[str, float]:
+    """Mean IoU and Dice over a subset of classes from a (truth x prediction) confusion matrix; classes absent from
+    both truth and prediction are left out (NaN-safe)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    ids = list(ids)
+    iou, dice = _ratio(tp, tp + fp + fn)[ids], _ratio(2 * tp, 2 * tp + fp + fn)[ids]
+    return {"miou": _mean(iou[np.isfinite(iou)]), "dice": _mean(dice[np.isfinite(dice)])}
+
+
+def per_activity_spread(images: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Spreads over activity classes from per-image records (``label``, ``correct``, ``fg_inter``, ``fg_union``,
+    ``fg_iou``; :func:`endoarss_lib.engine.evaluate` with ``per_image=True``):
+
+    * ``cls_per_class_accuracy_std``: standard deviation over activities of per-activity accuracy (recall);
+    * ``seg_fg_iou_std``: standard deviation over activities of the foreground-vs-background IoU pooled over each
+      activity's images (ignored pixels are neither foreground nor background);
+    * ``seg_fg_iou_std_images``: standard deviation over images of the per-image foreground IoU, as the released
+      code computes the paper's Table V "+-" (images without foreground on either side left out).
+
+    Population standard deviations (ddof 0), as ``numpy.std``.
+    """
+    out: dict[str, float] = {}
+    labels = sorted({int(r["label"]) for r in images})
+    if images and "correct" in images[0]:
+        acc = [np.mean([bool(r["correct"]) for r in images if r["label"] == k]) for k in labels]
+        out["cls_per_class_accuracy_std"] = float(np.std(acc))
+    if images and "fg_union" in images[0]:
+        pooled = []
+        for k in labels:
+            inter = sum(r["fg_inter"] for r in images if r["label"] == k)
+            union = sum(r["fg_union"] for r in images if r["label"] == k)
+            if union:
+                pooled.append(inter / union)
+        out["seg_fg_iou_std"] = float(np.std(pooled)) if pooled else float("nan")
+        per_image = [r["fg_iou"] for r in images if r["fg_union"]]
+        out["seg_fg_iou_std_images"] = float(np.std(per_image)) if per_image else float("nan")
+    return out

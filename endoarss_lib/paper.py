@@ -50,18 +50,16 @@ class PaperMetric(NamedTuple):
     correct_meaning: str
 
 
-PAPER_TO_OURS: dict[str, PaperMetric] = {
-    "AC": PaperMetric("test_cls_compat_ac", "test_cls_accuracy", 100.0,
-                      "top-1 accuracy (the compat 'AC' is macro precision with +1e-3 in the denominator)"),
-    "F_score": PaperMetric("test_cls_compat_f1", "test_cls_macro_f1", 100.0, "exact macro F1"),
-    "mIoU": PaperMetric("test_seg_compat_miou", "test_seg_miou", 100.0,
-                        "mIoU with background, absent classes left out (compat: background included, absent = 0)"),
-    "DS": PaperMetric("test_seg_compat_dice", "test_seg_dice", 100.0, "mean Dice with background, absent left out"),
-    "HD": PaperMetric("test_seg_compat_hd", "test_seg_hd", 1.0,
-                      "boundary Hausdorff distance in pixels (compat: row-wise HD of the label maps, other units)"),
-    "SSIM": PaperMetric("test_seg_compat_ssim", "test_seg_ssim", 100.0,
-                        "SSIM of one-hot masks per class (compat: SSIM of the class-index maps)"),
-}
+def _paper_to_ours() -> dict[str, PaperMetric]:
+    """The paper's columns from the task registry (each ``compat_`` metric names its column and the correct metric
+    shown beside it)."""
+    from .tasks import paper_columns
+
+    return {column: PaperMetric(f"test_{task}_{m.name}", f"test_{task}_{m.beside}", m.paper_scale, m.note)
+            for column, (task, m) in paper_columns().items()}
+
+
+PAPER_TO_OURS: dict[str, PaperMetric] = _paper_to_ours()
 
 
 def paper_dir() -> Path:
@@ -134,7 +132,10 @@ def to_paper_vocabulary(rows: pd.DataFrame) -> pd.DataFrame:
     out["backbone_ours"] = out["backbone"].astype(str) if "backbone" in out else ""
     if "dataset" in out:
         out["dataset"] = out["dataset"].astype(str).str.replace(r"^synthetic_", "", regex=True)
-    if "backbone" in out:
+    if "paper_backbone" in out:  # rows written by fit() carry ModelConfig.paper_backbone
+        out["backbone"] = [pb if isinstance(pb, str) else _paper_backbone(b, s) for pb, b, s in
+                           zip(out["paper_backbone"], out["backbone"], out.get("sma", pd.Series(False, index=out.index)))]
+    elif "backbone" in out:
         sma = out["sma"] if "sma" in out else pd.Series(False, index=out.index)
         out["backbone"] = [_paper_backbone(b, s) for b, s in zip(out["backbone"], sma)]
     if "task" not in out:

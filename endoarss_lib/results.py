@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
 from .atomic import write_json_atomic, write_text_atomic
 
-__all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note"]
+__all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note",
+           "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single"]
 
 ROWS_FILE = "rows.json"
 
@@ -61,7 +62,8 @@ def summarise_seeds(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str])
 
 
 def provenance_note(df: pd.DataFrame) -> str:
-    """'SYNTHETIC data' / 'real data' and 'random-init backbone' labels for a table of rows; mixing is flagged."""
+    """'SYNTHETIC data' / 'real data', and the backbones' provenance ('synthetic-pretrained backbone', 'random-init
+    backbone') for a table of rows; mixing synthetic and real rows is flagged."""
     kinds = sorted(set(df.get("data", pd.Series(dtype=str)).dropna()))
     parts = []
     if kinds == ["synthetic"]:
@@ -70,6 +72,113 @@ def provenance_note(df: pd.DataFrame) -> str:
         parts.append("real data")
     elif kinds:
         parts.append("MIXED synthetic and real rows: compare with care")
-    if "random_init_backbone" in df and df["random_init_backbone"].fillna(False).astype(bool).any():
+    if "synthetic_pretrained_backbone" in df and _flag(df["synthetic_pretrained_backbone"]).any():
+        parts.append("synthetic-pretrained backbone (the project's stand-in for DINOv2, not DINOv2)")
+    if "random_init_backbone" in df and _flag(df["random_init_backbone"]).any():
         parts.append("random-init backbone(s)")
     return "; ".join(parts)
+
+
+def _flag(series: pd.Series) -> pd.Series:
+    return series.astype("boolean").fillna(False).astype(bool)
+
+
+# ------------------------------------------------------------------------------------------------ degenerate models
+
+def degenerate(df: pd.DataFrame, metric_prefix: str = "test_") -> list[str]:
+    """Messages for rows whose model is degenerate, as a reader must be told beside the table:
+
+    * a constant activity prediction (one class predicted for every test image);
+    * activity accuracy at or below the majority class's share (what always answering that class scores);
+    * an all-background segmentation (no foreground pixel predicted);
+    * identical results across rows that are different configurations (every test metric equal).
+    """
+    p = metric_prefix
+    msgs = []
+    names = df["name"] if "name" in df else df.get("model_label", pd.Series(range(len(df)), index=df.index))
+    for i, row in df.iterrows():
+        label = str(names[i])
+        if row.get(f"{p}cls_predicted_classes") == 1:
+            msgs.append(f"{label}: predicts one activity for every image")
+        elif pd.notna(row.get(f"{p}cls_accuracy")) and pd.notna(row.get(f"{p}cls_majority_accuracy")) \
+                and row[f"{p}cls_accuracy"] <= row[f"{p}cls_majority_accuracy"]:
+            msgs.append(f"{label}: activity accuracy {row[f'{p}cls_accuracy']:.3f} is not above the majority class's "
+                        f"{row[f'{p}cls_majority_accuracy']:.3f}")
+        if pd.notna(row.get(f"{p}seg_pred_fg_fraction")) and row[f"{p}seg_pred_fg_fraction"] == 0:
+            msgs.append(f"{label}: segments everything as background")
+    metrics = [c for c in df if c.startswith(p) and pd.api.types.is_numeric_dtype(df[c])]
+    if metrics and "config_hash" in df and len(df) > 1:
+        filled = df[metrics].round(12).fillna(-1.0)
+        dup = filled.duplicated(keep=False) & ~df["config_hash"].duplicated(keep=False)
+        for _, group in df[dup].groupby(filled[dup].apply(tuple, axis=1).values, sort=False):
+            msgs.append(f"identical test results for different configurations: {', '.join(map(str, names[group.index]))}")
+    return msgs
+
+
+def caption(df: pd.DataFrame, extra: str = "") -> str:
+    """A table's caption: :func:`provenance_note`, ``extra``, and a DEGENERATE line listing :func:`degenerate`."""
+    parts = [x for x in (provenance_note(df), extra) if x]
+    bad = degenerate(df)
+    if bad:
+        parts.append("DEGENERATE: " + "; ".join(bad))
+    return "; ".join(parts)
+
+
+def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
+    """Whether a row's model beats the prior predictor on each task: activity accuracy above the majority class's
+    share (what always answering the most frequent class scores), and foreground mIoU above 0 (what predicting
+    background everywhere scores)."""
+    out = {}
+    if f"{prefix}cls_accuracy" in row:
+        out["cls"] = bool(row[f"{prefix}cls_accuracy"] > row[f"{prefix}cls_majority_accuracy"])
+    if f"{prefix}seg_miou_fg" in row:
+        out["seg"] = bool(row[f"{prefix}seg_miou_fg"] > 0)
+    return out
+
+
+def assert_learns(row: Mapping, what: str = "the featured model") -> None:
+    """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`).
+    Notebooks call it on their default parameters, so their tests fail when a default run is degenerate."""
+    failed = [t for t, ok in beats_prior(row).items() if not ok]
+    if failed:
+        detail = {t: {k: row.get(k) for k in (f"test_{t}_accuracy", f"test_{t}_majority_accuracy",
+                                              f"test_{t}_miou_fg") if k in row} for t in failed}
+        raise AssertionError(f"{what} does not beat the prior predictor on {failed}: {detail}. With these "
+                             "parameters the model learns too little: train longer or on more data, or set "
+                             "assert_learning=False to render the tables anyway")
+
+
+# ------------------------------------------------------------------------------------------------ multi-task gain
+
+def delta_m_against_single(rows: pd.DataFrame, metrics: Mapping[str, bool] | None = None) -> pd.DataFrame:
+    """Delta_m (LibMTL's per-task mean, :func:`endoarss_lib.metrics.delta_m`) of every multi-task row against the
+    single-task rows of the same backbone, SMA flag, pretrained weights and seed.
+
+    Uses the cls-only run for ``test_cls_*`` metrics and the seg-only run for ``test_seg_*``; the metrics are those
+    the task registry marks for Delta_m (:func:`endoarss_lib.tasks.delta_m_keys`) unless ``metrics`` names them.
+    Metrics that are not finite in all three runs are left out (``delta_m_metrics`` names those used). NaN where a
+    baseline is missing.
+    """
+    import numpy as np
+
+    from .metrics import delta_m
+    from .tasks import delta_m_keys
+
+    metrics = dict(metrics) if metrics is not None else delta_m_keys()
+    values, used = [], []
+    key = [k for k in ("backbone", "sma", "pretrained", "seed") if k in rows]
+    singles = rows[rows["arch"] == "single"]
+    for _, row in rows.iterrows():
+        match = singles[(singles[key] == row[key]).all(axis=1)] if key else singles
+        cls_base, seg_base = match[match["tasks"] == "cls"], match[match["tasks"] == "seg"]
+        if row["arch"] == "single" or cls_base.empty or seg_base.empty:
+            values.append(np.nan)
+            used.append("")
+            continue
+        single = {k: (cls_base if "_cls_" in k else seg_base).iloc[0].get(k, np.nan) for k in metrics}
+        finite = [k for k in metrics if np.isfinite(row.get(k, np.nan)) and np.isfinite(single[k])
+                  and single[k] != 0]
+        values.append(delta_m({k: row[k] for k in finite}, {k: single[k] for k in finite},
+                              {k: metrics[k] for k in finite}) if finite else np.nan)
+        used.append(",".join(k.replace("test_", "") for k in finite))
+    return pd.DataFrame({"delta_m": values, "delta_m_metrics": used}, index=rows.index)

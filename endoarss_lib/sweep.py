@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import socket
@@ -49,7 +48,8 @@ from typing import Sequence
 import pandas as pd
 
 from .atomic import write_json_atomic
-from .provenance import git_commit
+from .runner import gpu_slots, process_pool, visible_gpus  # noqa: F401 (re-exported)
+from .version import git_commit
 from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, write_table
 
 __all__ = ["GridError", "Grid", "Config", "SweepReport", "load_grid", "expand", "config_id", "config_state",
@@ -309,45 +309,8 @@ def run_config(config: Config, grid_name: str, kernel: str | None = None, cell_t
     return status
 
 
-def visible_gpus() -> list[str]:
-    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else torch's device count (none on CPU)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # noqa: BLE001 - no usable torch / CUDA means no GPUs
-        return []
-
-
-def gpu_slots(jobs: int, gpus: Sequence[str]) -> list[str | None]:
-    """The GPU each of ``jobs`` workers pins itself to (round robin); None everywhere without GPUs."""
-    return [gpus[i % len(gpus)] if gpus else None for i in range(jobs)]
-
-
-def _init_worker(slots) -> None:
-    """Pool initializer: take one GPU slot and expose only that GPU to this worker's kernels."""
-    gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-
-
-def _context():
-    """Clean workers (no kernel-client, thread or CUDA state of ours): a preloaded fork server, else spawn."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["endoarss_lib"])  # the costly imports (torch), once
-    return context
-
-
 def _pool(jobs: int, gpus: Sequence[str]) -> ProcessPoolExecutor:
-    context = _context()
-    slots = context.Queue()
-    for gpu in gpu_slots(jobs, gpus):
-        slots.put(gpu)
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(slots,))
+    return process_pool(jobs, gpus)
 
 
 def _run_all(todo: list[Config], grid: Grid, jobs: int, gpus: Sequence[str], progress: bool) -> dict[str, dict]:

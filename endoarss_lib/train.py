@@ -1,7 +1,9 @@
 """Command line: ``python -m endoarss_lib.train --config run.yaml [key=value ...]`` (or ``--preset smoke``).
 
-Overrides are YAML values: ``epochs=5 weighting=db_mtl model.arch=hps model.pretrained=/weights/dinov2.pth``.
-Under ``torchrun --nproc_per_node N`` the run is data-parallel. Rerunning the same command resumes.
+Overrides are typed by their field: ``epochs=5 weighting=db_mtl augment=off model.arch=hps
+model.pretrained=/weights/dinov2.pth``. ``--print-config`` prints the resolved config as YAML and exits. Under
+``torchrun --nproc_per_node N`` the run is data-parallel. Rerunning the same command resumes. Also installed as
+``endoarss-train``.
 """
 from __future__ import annotations
 
@@ -10,25 +12,41 @@ import json
 import os
 import sys
 
-from .config import apply_overrides, load_config, preset
-from .engine import fit
+import yaml
+
+from .config import PRESETS, ConfigError, config_help, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m endoarss_lib.train", description=__doc__,
+                                     epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", help="YAML file of config fields (first key: preset: smoke|paper|released)")
+    source.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="start from a preset (default: "
+                                                                                  "smoke)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value (model.<option>=value for model options)")
+    return parser
+
+
+def resolve(argv=None):
+    """The TrainConfig the command line describes (ConfigError with a clear message otherwise)."""
+    args = _parser().parse_args(argv)
+    return load_config(args.config, args.overrides, preset_name=args.preset), args
 
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m endoarss_lib.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", help="YAML file of TrainConfig fields (preset: smoke|paper|released first)")
-    source.add_argument("--preset", default="smoke", help="start from a preset instead of a file")
-    parser.add_argument("overrides", nargs="*", help="key=value (model.<option>=value for model options)")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides) if args.config else apply_overrides(preset(args.preset),
-                                                                                            args.overrides)
-    except (ValueError, TypeError) as exc:
+        cfg, args = resolve(argv)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from .engine import fit
+
     row = fit(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(row, indent=2, default=str))

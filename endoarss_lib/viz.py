@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import pandas as pd
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -12,12 +14,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .atomic import atomic_path
-from .data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from .data.dataset import to_uint8_image
 
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
            "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves",
            "per_image_iou", "worst_samples", "confusion_pixels", "confused_samples", "pair_counts", "plot_gallery",
-           "shrink_png"]
+           "shrink_png", "corruption_grid", "plot_severity_curves"]
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -37,12 +39,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """An ImageNet-normalised (3, H, W) tensor back to uint8 (H, W, 3)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (image.detach().cpu().float() * std + mean).clamp(0, 1)
-    return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+def denormalize(image: torch.Tensor, normalize: str = "imagenet") -> np.ndarray:
+    """A normalised (3, H, W) model input back to uint8 (H, W, 3) (:func:`endoarss_lib.data.dataset.to_uint8_image`)."""
+    return to_uint8_image(image, normalize)
 
 
 def legend_handles(class_names: Sequence[str], palette: np.ndarray) -> list[Patch]:
@@ -107,11 +106,21 @@ def plot_distributions(dataset, pixel_fractions: np.ndarray) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save a figure atomically."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
-    return Path(path)
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100, colors: int | None = None,
+                max_side: int | None = None) -> Path:
+    """Save a figure atomically; with ``colors`` (and optionally ``max_side``) as a small palette PNG for the
+    repository (:func:`shrink_png`)."""
+    path = Path(path)
+    if colors is None and max_side is None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        return path
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, bbox_inches="tight", format="png")
+    buffer.seek(0)
+    return shrink_png(buffer, path, max_side=max_side or 10_000, colors=colors or 256)
 
 
 def plot_prediction(sample: dict, spec, ax_row=None, alpha: float = 0.6) -> Figure | None:
@@ -283,7 +292,7 @@ def plot_gallery(samples_by_model: Mapping[str, Sequence[dict]], spec, positions
     return fig
 
 
-def shrink_png(src: str | os.PathLike, dst: str | os.PathLike, max_side: int = 1100, colors: int = 256) -> Path:
+def shrink_png(src, dst: str | os.PathLike, max_side: int = 1100, colors: int = 256) -> Path:
     """A small copy of a PNG for the repository: at most ``max_side`` pixels a side, palette-quantised (octree,
     which keeps small areas of saturated class colours that median cut merges into their surroundings)."""
     from PIL import Image
@@ -297,3 +306,66 @@ def shrink_png(src: str | os.PathLike, dst: str | os.PathLike, max_side: int = 1
     with atomic_path(dst) as tmp:
         small.save(tmp, format="PNG", optimize=True)
     return Path(dst)
+
+
+# ------------------------------------------------------------------------------------------------- robustness
+
+def corruption_grid(image: np.ndarray, names: Sequence[str] | str | None = None,
+                    severities: Sequence[int] | int = (1, 2, 3, 4, 5), seed: int = 0, note: str = "",
+                    panel_inches: float = 0.9):
+    """A figure: one row per corruption (clean image, then each severity), the group beside the name."""
+    from .corrupted_sets import CLEAN
+    from .corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
+
+    names, severities = check_names(CORRUPTIONS if names is None else names), check_severities(severities)
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError("image: expected a uint8 (H, W, 3) RGB array (e.g. np.asarray(PIL.Image.open(...)))")
+    cols = 1 + len(severities)
+    fig, axes = plt.subplots(len(names), cols, squeeze=False,
+                             figsize=(panel_inches * cols + 1.3, panel_inches * len(names) + 0.7))
+    for row, name in enumerate(names):
+        panels = [image] + [corrupt(image, name, s, seed) for s in severities]
+        for col, picture in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(picture)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(CLEAN if col == 0 else f"severity {severities[col - 1]}", fontsize=7)
+        axes[row, 0].set_ylabel(f"{name}\n({GROUP_OF[name]})", fontsize=6.5, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{len(names)} corruptions x {len(severities)} severities{chr(10) + note if note else ''}",
+                 fontsize=7.5, y=1 - 0.08 / fig.get_figheight())
+    fig.subplots_adjust(wspace=0.04, hspace=0.04, left=0.2, right=0.99, top=1 - 0.62 / fig.get_figheight(),
+                        bottom=0.01)
+    return fig
+
+
+def plot_severity_curves(frame: pd.DataFrame, metrics: Sequence[str] = ("cls_accuracy", "seg_miou"),
+                         models: Sequence[str] | None = None, note: str = "", percent: bool = True):
+    """Fig. 6: each metric against severity (0 = clean), averaged over the corruptions, one line per model."""
+    from .corrupted_sets import CLEAN
+    from .robustness_report import _check_frame, column_name, metric_label, severity_table
+
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    table = severity_table(frame, metrics, models, percent=percent)
+    _, models = _check_frame(frame, metrics, models)
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(4.2 * len(metrics), 3.3))
+    for ax, metric in zip(axes[0], metrics):
+        for model in models:
+            ax.plot(table["severity"], table[column_name(metric, model)], marker="o", label=model)
+        ax.set_xticks(table["severity"])
+        ax.set_xticklabels([CLEAN if s == 0 else str(s) for s in table["severity"]])
+        ax.set_xlabel("severity")
+        ax.set_ylabel(f"{metric_label(metric)}{' (%)' if percent else ''}")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        values = table[[column_name(metric, m) for m in models]].to_numpy(dtype=float)
+        low, high = np.nanmin(values), np.nanmax(values)
+        span = 5.0 if percent else 0.05  # a flat curve should look flat, not like noise blown up to full height
+        if high - low < span:
+            ax.set_ylim((low + high) / 2 - span / 2 - span / 10, (low + high) / 2 + span / 2 + span / 10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    n = int(table["n_corruptions"].max())
+    fig.suptitle(f"Mean over {n} corruptions per severity{(' - ' + note) if note else ''}", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -17,18 +17,19 @@ def test_presets_carry_the_paper_and_released_values():
     released = preset("released")
     assert (released.batch_size, released.epochs, released.lr, released.step_size, released.gamma,
             released.weight_decay) == (32, 150, 1.1e-3, 100, 0.5, 1e-4)
-    assert paper.model["backbone"] == "dinov2_vitb14" and paper.model["sma"] and paper.model["arch"] == "tesla"
+    assert paper.model.backbone == "dinov2_vitb14" and paper.model.sma and paper.model.arch == "tesla"
     assert set(PRESETS) == {"smoke", "paper", "released"}
 
 
 def test_overrides_and_yaml(tmp_path):
-    cfg = apply_overrides(preset("smoke"), ["epochs=5", "model.arch=hps", "weighting_hparams={beta: 0.8}"])
-    assert cfg.epochs == 5 and cfg.model["arch"] == "hps" and cfg.weighting_hparams == {"beta": 0.8}
+    cfg = apply_overrides(preset("smoke"), ["epochs=5", "model.arch=hps", "weighting=db_mtl",
+                                            "weighting_hparams={beta: 0.8}"])
+    assert cfg.epochs == 5 and cfg.model.arch == "hps" and cfg.weighting_hparams == {"beta": 0.8}
     path = tmp_path / "run.yaml"
     path.write_text("preset: smoke\nweighting: moco\nmodel: {arch: mmoe}\n")
     loaded = load_config(path, ["seed=3"])
-    assert (loaded.weighting, loaded.model["arch"], loaded.model["backbone"], loaded.seed) == (
-        "moco", "mmoe", "vit_tiny_patch14", 3)
+    assert (loaded.weighting, loaded.model.arch, loaded.model.backbone, loaded.seed) == (
+        "moco", "mmoe", "vit_mini_patch14", 3)
 
 
 def test_bad_configs_name_the_field(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from endoarss_lib.config import TrainConfig, apply_overrides, preset
-from endoarss_lib.engine import _build_state, _loader, evaluate, fit, load_run_model, make_datasets
+from endoarss_lib.engine import _build_state, _loader, evaluate, fit, make_datasets
+from endoarss_lib.inference import load_run_model
 from endoarss_lib.losses import CGLLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -85,10 +86,11 @@ def test_cgl_counts_come_from_the_training_split_only(tmp_path):
     assert _build_state(small(tmp_path), datasets, torch.device("cpu"))["cls_loss"] is None  # CE
 
 
-def test_config_fields_validation_and_unchanged_hashes():
-    # configs that do not use the new fields keep the hash they had before the fields existed
-    assert preset("smoke").results_hash() == "34e64cf2236f"
-    assert preset("paper").results_hash() == "4031a237c2ae"
+def test_config_fields_validation_and_hashes():
+    # the hash follows every field that can change results, and nothing else
+    assert preset("smoke").results_hash() == preset("smoke", out_dir="elsewhere", progress=False,
+                                                    num_workers=2).results_hash()
+    assert preset("smoke").results_hash() != preset("paper", data_root="/x").results_hash()
     assert preset("smoke", cls_loss="cgl").results_hash() != preset("smoke").results_hash()
     assert preset("smoke", cls_loss="cgl", cls_loss_hparams={"p": 0.2}).results_hash() != preset(
         "smoke", cls_loss="cgl").results_hash()
@@ -102,4 +104,4 @@ def test_config_fields_validation_and_unchanged_hashes():
         TrainConfig(cls_loss="cgl", label_smoothing=0.1)
     cfg = apply_overrides(preset("smoke"), ["cls_loss=cgl", "cls_loss_hparams={p: 0.2, grouping: percentile}",
                                             "weighting=gm_coord", "model.connector=cmoe", "model.cmoe_router=sparse"])
-    assert cfg.cls_loss_hparams == {"p": 0.2, "grouping": "percentile"} and cfg.model["cmoe_router"] == "sparse"
+    assert cfg.cls_loss_hparams == {"p": 0.2, "grouping": "percentile"} and cfg.model.cmoe_router == "sparse"

@@ -14,7 +14,7 @@ from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, jaccard
                              precision_recall_fscore_support)
 
 from endoarss_lib.metrics import (ClassificationMeter, SegmentationMeter, classification_metrics, delta_m,
-                                  segmentation_metrics)
+                                  delta_m_flat, segmentation_metrics)
 
 CROSS = generate_binary_structure(2, 1)
 
@@ -488,20 +488,34 @@ def test_ignore_index_allows_out_of_range_target_only_for_it():
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_delta_m_libmtl_convention():
-    mtl = {"acc": 0.9, "miou": 0.55, "hd": 8.0}
-    single = {"acc": 0.8, "miou": 0.5, "hd": 10.0}
-    higher = {"acc": True, "miou": True, "hd": False}
-    # (+0.125 + 0.1 + 0.2) / 3: lower HD is an improvement
-    assert delta_m(mtl, single, higher) == pytest.approx((0.125 + 0.1 + 0.2) / 3)
-    assert delta_m(single, single, higher) == 0.0
+    # LibMTL's count_improvement averages within each task, then over tasks. Its docstring's example, by hand:
+    # task A: (93 - 96) / 96 (higher better) and -(99 - 98) / 98 (lower better); task B: (0.5 - 0.2) / 0.2.
+    base = {"A_m1": 96.0, "A_m2": 98.0, "B_m1": 0.2}
+    new = {"A_m1": 93.0, "A_m2": 99.0, "B_m1": 0.5}
+    higher = {"A_m1": True, "A_m2": False, "B_m1": True}
+    expected = (((93 - 96) / 96 + (98 - 99) / 98) / 2 + (0.5 - 0.2) / 0.2) / 2
+    assert delta_m(new, base, higher) == pytest.approx(expected)
+    assert delta_m(base, base, higher) == 0.0
+    # the example: activity +2 % (two metrics), segmentation -1 % (three): +0.5 % per task, +0.2 % flat
+    single = {"cls_accuracy": 0.5, "cls_macro_f1": 0.5, "seg_miou": 0.5, "seg_dice": 0.5, "seg_ssim": 0.5}
+    mtl = {"cls_accuracy": 0.51, "cls_macro_f1": 0.51, "seg_miou": 0.495, "seg_dice": 0.495, "seg_ssim": 0.495}
+    higher = dict.fromkeys(single, True)
+    assert delta_m(mtl, single, higher) == pytest.approx(0.005)
+    assert delta_m_flat(mtl, single, higher) == pytest.approx(0.002)
+    # the task comes from the result key's prefix (test_ included) or an explicit map; lower-is-better flips the sign
+    assert delta_m({"test_seg_hd95": 8.0}, {"test_seg_hd95": 10.0}, {"test_seg_hd95": False}) == pytest.approx(0.2)
+    assert delta_m({"acc": 0.9, "hd": 8.0}, {"acc": 0.8, "hd": 10.0}, {"acc": True, "hd": False},
+                   tasks={"acc": "cls", "hd": "seg"}) == pytest.approx((0.125 + 0.2) / 2)
+    with pytest.raises(ValueError, match="no <task>_ prefix"):
+        delta_m({"acc": 0.9}, {"acc": 0.8}, {"acc": True})
 
 
 @pytest.mark.parametrize("mtl, single, higher, match", [
-    ({"acc": 0.9}, {"acc": 0.8}, {}, "higher_is_better"),
-    ({}, {"acc": 0.8}, {"acc": True}, "mtl"),
-    ({"acc": 0.9}, {}, {"acc": True}, "single"),
-    ({"acc": 0.9}, {"acc": 0.0}, {"acc": True}, "single"),
-    ({"acc": float("nan")}, {"acc": 0.5}, {"acc": True}, "mtl"),
+    ({"cls_acc": 0.9}, {"cls_acc": 0.8}, {}, "higher_is_better"),
+    ({}, {"cls_acc": 0.8}, {"cls_acc": True}, "mtl"),
+    ({"cls_acc": 0.9}, {}, {"cls_acc": True}, "single"),
+    ({"cls_acc": 0.9}, {"cls_acc": 0.0}, {"cls_acc": True}, "single"),
+    ({"cls_acc": float("nan")}, {"cls_acc": 0.5}, {"cls_acc": True}, "mtl"),
 ])
 def test_delta_m_bad_input(mtl, single, higher, match):
     with pytest.raises(ValueError, match=match):

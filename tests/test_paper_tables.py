@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from endoarss_lib.corruptions import CORRUPTION_GROUPS, CORRUPTIONS
-from endoarss_lib.engine import RESULT_METRICS
+from endoarss_lib.tasks import result_keys
 from endoarss_lib.paper import (PAPER_METRICS, PAPER_TABLES, PAPER_TO_OURS, load_paper_table, paper_table_for,
                                 side_by_side)
 
@@ -160,7 +160,7 @@ def test_table6_rank4_rows_equal_table5_full_model_rows():
 
 
 def test_paper_columns_map_to_keys_our_result_rows_have():
-    ours = {f"test_{task}_{name}" for task, names in RESULT_METRICS.items() for name in names}
+    ours = set(result_keys(split="test"))
     for metric, spec in PAPER_TO_OURS.items():
         assert spec.compat in ours and spec.correct in ours, metric
         assert spec.scale == (1.0 if metric == "HD" else 100.0)

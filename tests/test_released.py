@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from endoarss_lib.data import MTLDataset, make_synthetic
 from endoarss_lib.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from endoarss_lib.engine import evaluate, predict
+from endoarss_lib.engine import evaluate
+from endoarss_lib.inference import predict
 from endoarss_lib.models import RandomInitWarning, WeightsError
 from endoarss_lib.models.released import (DVLoRALinear, ReleasedConfig, ReleasedModel, ReleasedSMA,
                                            build_released_model, load_released_checkpoint, read_released_state_dict)
@@ -507,14 +508,3 @@ def test_cli_random_init_as_a_module(data_root, tmp_path):
     row = json.loads(out.read_text())
     assert "RANDOM" in row["model_source"] and row["random_init_backbone"] is True
     assert row["checkpoint"] is None and row["pretrained"] == "random init" and row["seed"] == 0
-
-
-def test_package_evaluate_function_survives_the_submodule():
-    import endoarss_lib
-    import endoarss_lib.evaluate  # noqa: F401  (rebinds the package attribute to the module)
-    from endoarss_lib import engine
-
-    model = _small()
-    batch = {"image": _images(2), "label": torch.tensor([0, 1]), "mask": torch.zeros(2, 48, 48, dtype=torch.long)}
-    got = endoarss_lib.evaluate(model, [batch], torch.device("cpu"), ("cls",), num_activities=3, amp="off")
-    assert got == engine.evaluate(model, [batch], torch.device("cpu"), ("cls",), num_activities=3, amp="off")

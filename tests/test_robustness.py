@@ -15,9 +15,12 @@ from endoarss_lib.config import preset
 from endoarss_lib.corruptions import CORRUPTIONS, corrupt
 from endoarss_lib.data import make_synthetic
 from endoarss_lib.engine import fit
-from endoarss_lib.robustness import (column_name, corruption_errors, corruption_grid, evaluate_corruptions,
-                                     mean_corruption_error, model_key, plot_severity_curves, save_small_png,
-                                     severity_table, table_vii)
+from endoarss_lib.bench import benchmark_corruptions
+from endoarss_lib.corruptions import GROUP_OF
+from endoarss_lib.robustness import evaluate_corruptions, model_key
+from endoarss_lib.robustness_report import (column_name, corruption_errors, mean_corruption_error,
+                                            severity_table, table_vii)
+from endoarss_lib.viz import corruption_grid, plot_severity_curves, save_figure
 
 # ------------------------------------------------------------------------------ a hand-made two-model frame
 
@@ -35,7 +38,7 @@ VALUES = {
 
 
 def _frame(values=VALUES) -> pd.DataFrame:
-    rows = [{"model": m, "corruption": c, "group": "clean" if c == "clean" else R.GROUP_OF[c], "severity": s,
+    rows = [{"model": m, "corruption": c, "group": "clean" if c == "clean" else GROUP_OF[c], "severity": s,
              "cls_accuracy": ac, "seg_miou": miou}
             for m, cells in values.items() for (c, s), (ac, miou) in cells.items()]
     return pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # row order must not matter
@@ -62,7 +65,7 @@ def test_table_vii_options():
     no_clean = _frame().query("severity > 0")
     assert "clean" not in table_vii(no_clean)["corruption"].tolist()
     assert column_name("cls_accuracy", "tiny ViT") == "AC (tiny ViT)"
-    assert column_name("seg_dice_fg", "m") == "Dice_fg (m)"
+    assert column_name("seg_dice_fg", "m") == "Dice fg (m)"  # the task registry's label
 
 
 def test_severity_table_by_hand_and_consistent_with_table_vii():
@@ -173,7 +176,7 @@ def test_corruption_grid_and_small_png(tmp_path):
     axes = np.array(fig.axes).reshape(2, 3)
     np.testing.assert_array_equal(axes[0, 0].images[0].get_array(), image)  # first column: the clean image
     np.testing.assert_array_equal(axes[1, 2].images[0].get_array(), corrupt(image, "gamma", 5, 3))
-    path = save_small_png(fig, tmp_path / "grid.png", colors=32)
+    path = save_figure(fig, tmp_path / "grid.png", dpi=80, colors=32)
     plt.close(fig)
     with Image.open(path) as png:
         assert png.mode == "P" and len(png.getcolors()) <= 32
@@ -193,7 +196,7 @@ def test_severity_curves_plot_the_table():
 
 def test_benchmark_shape():
     image = np.full((32, 32, 3), 128, np.uint8)
-    bench = R.benchmark_corruptions(image, names=("gamma", "contrast"), severities=(1,), repeats=1)
+    bench = benchmark_corruptions(image, names=("gamma", "contrast"), severities=(1,), repeats=1)
     assert bench["corruption"].tolist() == ["gamma", "contrast"] and (bench["seconds_per_image"] > 0).all()
 
 
@@ -344,4 +347,4 @@ def test_evaluate_model_and_root_errors(tiny_root, tmp_path):
 
 
 def test_corruptions_constant_matches_library():
-    assert set(R.GROUP_OF) == set(CORRUPTIONS)
+    assert set(GROUP_OF) == set(CORRUPTIONS)

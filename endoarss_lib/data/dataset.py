@@ -18,14 +18,15 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
 from .io import IMAGE_SUFFIXES, MASK_SUFFIX, DataError, map_mask_ids, read_image, read_index_mask
-from .registry import SYNTHETIC_PRESETS, DatasetSpec, get_spec, resolve_id_map
+from .registry import DatasetSpec, get_spec, resolve_id_map
 
 __all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN", "IMAGENET_STD",
-           "SPLITS"]
+           "SPLITS", "NORMALIZATIONS", "to_uint8_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
+NORMALIZATIONS = ("imagenet", "unit")  # ImageNet mean/std (DINOv2's), or pixels / 255 only (the released code)
 CARD_NAME = "dataset_card.json"
 ID_MAP_NAME = "id_map.json"
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -155,6 +156,14 @@ def _file_id_map(root: Path) -> Mapping[int, int] | None:
         raise DataError(f"{path}: expected {{\"raw_to_train\": {{\"<raw id>\": <train id>, ...}}}} ({exc})") from None
 
 
+def to_uint8_image(image: torch.Tensor, normalize: str = "imagenet") -> np.ndarray:
+    """A model input (3, H, W) back to a displayable uint8 (H, W, 3) image (undoing ``normalize``)."""
+    rgb = image.detach().cpu().float()
+    if normalize == "imagenet":
+        rgb = rgb * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    return (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 class JointTransform:
     """Resize (or augment) an image and its mask together, then normalise the image.
 
@@ -163,8 +172,10 @@ class JointTransform:
     """
 
     def __init__(self, image_size: int, augment: bool = False, resize_mode: str = "stretch",
-                 ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0)):
-        self.size, self.augment, self.resize_mode = image_size, augment, resize_mode
+                 ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0), normalize: str = "imagenet"):
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
+        self.size, self.augment, self.resize_mode, self.normalize = image_size, augment, resize_mode, normalize
         self.ignore_index, self.scale = ignore_index, scale
         self.color = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
 
@@ -177,7 +188,9 @@ class JointTransform:
             image, mask = self._letterbox(image, mask)
         else:
             image, mask = self._resize(image, mask, (self.size, self.size))
-        image = TF.normalize(image.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+        image = image.float() / 255.0
+        if self.normalize == "imagenet":
+            image = TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
         return image, mask[0]
 
     @staticmethod
@@ -211,13 +224,14 @@ class MTLDataset(Dataset):
 
     ``split`` is ``'train'``, ``'val'`` (a seeded, stratified ``val_fraction`` of the on-disk train split, never
     used for training when ``split='train'``) or ``'test'``. Images are resized once to ``image_size`` (bilinear;
-    masks nearest) and normalised with the ImageNet mean/std.
+    masks nearest) and normalised with the ImageNet mean/std (``normalize="unit"``: divided by 255 only, as the
+    released code does).
     """
 
     def __init__(self, root: str | Path, split: str, dataset: str = "mtlesd", image_size: int = 224,
                  val_fraction: float = 0.1, split_seed: int = 0, augment: bool = False,
                  resize_mode: str = "stretch", id_map: str | Mapping[int, int] | None = None,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, normalize: str = "imagenet"):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: expected one of {SPLITS}")
         if not isinstance(image_size, int) or image_size < 16:
@@ -236,7 +250,14 @@ class MTLDataset(Dataset):
             self.samples = [on_disk[i] for i in (train_idx if split == "train" else val_idx)]
         if not self.samples:
             raise DataError(f"{self.root}: split {split!r} is empty (val_fraction={val_fraction})")
-        self.transform = JointTransform(image_size, augment, resize_mode, ignore_index)
+        self.normalize = normalize
+        self.transform = JointTransform(image_size, augment, resize_mode, ignore_index, normalize=normalize)
+
+    def fingerprint(self) -> str:
+        """Content hash of this split's files (images, masks) and of the root's side files (card, id map)."""
+        from .loader import fingerprint
+
+        return fingerprint(self.root, [p for s in self.samples for p in (s.image, s.mask)])
 
     def __len__(self) -> int:
         return len(self.samples)

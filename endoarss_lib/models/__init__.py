@@ -27,6 +27,7 @@ from .released import (RELEASED_CHECKPOINTS, ReleasedConfig, ReleasedModel, buil
 from .lora import LoRAConv1x1, LoRALinear, lora_modules, merge_lora, route_to_group, unmerge_lora
 from .report import count_gflops, parameter_report
 from .sma import SMA
+from .pretrained import DEFAULT_PRETRAINED, PretrainedWeights, get_pretrained, list_pretrained
 from .weights import RandomInitWarning, WeightsError, load_state_dict_strict, read_state_dict
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "SMA", "SegmentationHead", "ClassificationHead",
     "CMoEConnector", "CMOE_ROUTERS", "CONNECTORS", "TOKEN_MAPS", "released_grid", "released_token_map",
     "spatial_token_map", "tokens_from_map", "token_position_probe", "routing_entropy", "routing_divergence",
+    "list_pretrained", "get_pretrained", "PretrainedWeights", "DEFAULT_PRETRAINED",
     "WeightsError", "RandomInitWarning", "load_state_dict_strict", "read_state_dict",
     "ReleasedConfig", "ReleasedModel", "build_released_model", "load_released_checkpoint", "read_released_state_dict",
     "to_released_input", "RELEASED_CHECKPOINTS",

@@ -81,6 +81,19 @@ class MultiTaskModel(nn.Module):
         """Per-task feature maps (B, C, h, w) the heads read (diagnostics)."""
         return {t: f for t, (f, _) in self._task_features(images).items()}
 
+    # -- hooks the training engine calls -------------------------------------------------------------------------
+    def reset_epoch_stats(self) -> None:
+        """Start an epoch's statistics (a connector's routing); called by the engine before each training epoch."""
+        if self.connector is not None and hasattr(self.connector, "reset_epoch_stats"):
+            self.connector.reset_epoch_stats()
+
+    def epoch_stats(self) -> tuple[dict[str, float], list[dict]]:
+        """(log columns, per-task rows for ``routing.csv``) of the epoch's training forwards; empty without a
+        connector that keeps statistics."""
+        if self.connector is not None and hasattr(self.connector, "epoch_stats"):
+            return self.connector.epoch_stats(self.tasks)
+        return {}, []
+
     def regularization_loss(self) -> torch.Tensor:
         """Extra loss the training engine adds (zero except DSelect-k's entropy regulariser)."""
         p = next(self.parameters())

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import QKV_CHUNKS, LoRAConv1x1, LoRALinear, route_to_group
+from .pretrained import is_pretrained_name, verified_file
 from .weights import (RandomInitWarning, WeightsError, file_sha256, hub_mode, hub_offline, load_state_dict_strict,
                       read_state_dict)
 
@@ -120,8 +121,8 @@ def create_timm_backbone(
             with hub_mode():
                 model = timm.create_model(cfg.timm_name, pretrained=True, **kwargs)
         except Exception as e:  # offline hub, missing cache, network
-            hint = (" The hub is disabled (HF_HUB_OFFLINE=1, set by `import endoarss_lib`; opt in with "
-                    "ENDOARSS_ALLOW_HUB=1 before the import)." if hub_offline() else "")
+            hint = (" The project's hub downloads are off (HF_HUB_OFFLINE is set, or ENDOARSS_ALLOW_HUB=1 is not)."
+                    if hub_offline() else "")
             raise WeightsError(
                 f"pretrained=True could not fetch {cfg.timm_name} weights from the hub: {type(e).__name__}: {e}.{hint}"
                 f" Pass a local file instead: pretrained='/path/to/checkpoint.pth' (official DINOv2 .pth or a "
@@ -135,7 +136,12 @@ def create_timm_backbone(
                 f"{'DINOv2' if cfg.family == 'vit' else 'an ImageNet-pretrained ' + name}. Pass pretrained="
                 f"'/path/to/weights' for real runs.", RandomInitWarning, stacklevel=3)
         return model, {"source": "random init", "sha256": None}
-    path = os.fspath(pretrained)
+    record = None
+    if is_pretrained_name(pretrained):  # a bundled weight record: sha256-checked file, same strict loading below
+        record = verified_file(pretrained, backbone=name)
+        path = os.fspath(record.file)
+    else:
+        path = os.fspath(pretrained)
     convert = None
     if cfg.family == "vit":
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -143,6 +149,8 @@ def create_timm_backbone(
         convert = checkpoint_filter_fn  # official DINOv2 names (mask_token, w12/w3), pos_embed resampling
     load_state_dict_strict(model, read_state_dict(path), source=path, allow_missing=allow_missing,
                            allow_unexpected=tuple(allow_unexpected) + cfg.ignore_unexpected, convert=convert)
+    if record is not None:
+        return model, {"source": f"bundled: {record.name}", "sha256": record.sha256, "name": record.name}
     return model, {"source": os.path.abspath(path), "sha256": file_sha256(path)}
 
 
@@ -189,13 +197,13 @@ class ViTBackbone(_Backbone):
 
     def __init__(self, name: str, image_size: int = 224, pretrained=False, sma: nn.Module | None = None,
                  out_layers: Sequence[int] = (-1,), allow_missing: Sequence[str] = (),
-                 allow_unexpected: Sequence[str] = ()):
+                 allow_unexpected: Sequence[str] = (), layerscale_init: float | None = None):
         cfg = BACKBONES[name]
         super().__init__(name, cfg, sma)
         if image_size % cfg.patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of the patch size {cfg.patch_size}")
         vit, info = create_timm_backbone(name, image_size, pretrained, allow_missing=allow_missing,
-                                         allow_unexpected=allow_unexpected)
+                                         allow_unexpected=allow_unexpected, layerscale_init=layerscale_init)
         self.vit = vit
         self._set_weights(info)
         if cfg.frozen:
@@ -251,7 +259,7 @@ class ViTBackbone(_Backbone):
                 chunks, adapt = (3, [QKV_CHUNKS[c] for c in qkv]) if attr == "qkv" else (1, None)
                 setattr(parent, attr, LoRALinear(
                     base, rank=rank if path in targets else 0, alpha=alpha, chunks=chunks, adapt=adapt,
-                    num_groups=num_groups if path in gts else 0, group_rank=group_rank or rank or 4,
+                    num_groups=num_groups if path in gts else 0, group_rank=group_rank or rank,
                     group_alpha=group_alpha, kind=group_kind, soft=soft, num_adapters=num_adapters))
         if num_groups:
             self.num_groups, self.expand_at = num_groups, first
@@ -356,7 +364,7 @@ class ResNetBackbone(_Backbone):
         self.stride = output_stride
         self.depth = len(_resnet_blocks(net))
 
-    def add_adapters(self, num_groups: int, group_rank: int = 4, group_alpha: float | None = None,
+    def add_adapters(self, num_groups: int, group_rank: int, group_alpha: float | None = None,
                      soft: bool = False, num_adapters: int | None = None, last_k: int | None = None) -> None:
         """TESLA on ResNet: per-task low-rank adapters on the 1x1 convs of the last ``last_k`` bottlenecks."""
         if not hasattr(self, "resnet"):

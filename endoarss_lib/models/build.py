@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
@@ -14,9 +14,17 @@ from .heads import ClassificationHead, SegmentationHead
 from .lora import QKV_CHUNKS
 from .sma import SMA
 
+def _f(default, help: str):
+    """A ModelConfig field with its help text (the training command's ``--help`` lists it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 __all__ = ["TASKS", "CONNECTORS", "TOKEN_MAPS", "ModelConfig", "build_model", "build_model_from_config"]
 
 TASKS = ("cls", "seg")
+DEFAULT_RANK = 4  # LoRA / TESLA rank (paper Table VI: r = 4 is best); the one place this default is written
 _MOE = ("mmoe", "dselect_k")
 CONNECTORS = (None, "cmoe")
 TOKEN_MAPS = ("spatial", "released")
@@ -26,64 +34,79 @@ TOKEN_MAPS = ("spatial", "released")
 class ModelConfig:
     """All model options with their defaults (paper values unless noted)."""
 
-    backbone: str = "dinov2_vitb14"  # key of BACKBONES
-    arch: str = "hps"  # hps | tesla | mmoe | dselect_k | single (hps with one task)
-    sma: bool = False  # SMA before patch embedding (EndoARSS backbone = DINOv2 + SMA)
-    num_activities: int | None = None  # K, required when "cls" in tasks
-    num_seg_classes: int | None = None  # S incl. background, required when "seg" in tasks
-    tasks: tuple = ("cls", "seg")
-    pretrained: Any = False  # False (random init, loud for DINOv2) | local file path | True (timm hub, needs internet)
-    lora_rank: int = 4  # shared LoRA rank r (Table VI); also the expert LoRA rank for mmoe / dselect_k on a ViT
-    image_size: int = 224  # multiple of the ViT patch (14) and of sma_patch_size when sma=True
+    backbone: str = _f("dinov2_vitb14", "key of models.BACKBONES (dinov2_vitb14, dinov2_vits14, vit_mini_patch14, "
+                                        "resnet101, test sizes vit_tiny_patch14, resnet_tiny)")
+    arch: str = _f("hps", "hps | tesla | mmoe | dselect_k | single (hps with one task)")
+    sma: bool = _f(False, "SMA before patch embedding (EndoARSS backbone = DINOv2 + SMA)")
+    num_activities: int | None = _f(None, "K, required when \"cls\" in tasks")
+    num_seg_classes: int | None = _f(None, "S incl. background, required when \"seg\" in tasks")
+    tasks: tuple = _f(("cls", "seg"), "tasks the model predicts (endoarss_lib.tasks.TASKS): cls, seg or both")
+    pretrained: Any = _f(False, "False (random init, loud for DINOv2) | a bundled weight name "
+                                "(models.list_pretrained()) | local file path | True (timm hub, needs internet)")
+    lora_rank: int = _f(DEFAULT_RANK, "shared LoRA rank r (Table VI); also the expert LoRA rank for mmoe / dselect_k "
+                                      "on a ViT")
+    image_size: int = _f(224, "multiple of the ViT patch (14) and of sma_patch_size when sma=True")
     # LoRA (paper Eq. 2-3)
-    lora_alpha: float | None = None  # scale alpha / r; None -> alpha = r (scale 1)
-    lora_targets: tuple = ("attn.qkv",)  # released code: ("mlp.fc1", "mlp.fc2"); valid: VIT_LORA_TARGETS
-    lora_qkv: tuple = ("q", "v")  # chunks of the fused qkv that LoRA adapts (paper: q and v; k untouched)
+    lora_alpha: float | None = _f(None, "scale alpha / r; None -> alpha = r (scale 1)")
+    lora_targets: tuple = _f(("attn.qkv",), "released code: (\"mlp.fc1\", \"mlp.fc2\"); valid: VIT_LORA_TARGETS")
+    lora_qkv: tuple = _f(("q", "v"), "chunks of the fused qkv that LoRA adapts (paper: q and v; k untouched)")
     # TESLA (paper Eq. 5-6)
-    tesla_rank: int | None = None  # task-adapter rank; None -> lora_rank (4 if lora_rank is 0)
-    tesla_alpha: str = "onehot"  # "onehot": adapter t serves task t only (explicit gradient separation);
-    #                              "soft": per task a learnable softmax mix over all adapters (logits start at 0)
-    tesla_num_adapters: int | None = None  # soft alpha only: number of adapters E (None -> number of tasks)
-    tesla_last_k: int | None = None  # task adapters in the last k blocks only (None -> every block)
-    tesla_targets: tuple | None = None  # layers with task adapters (None -> lora_targets); ViT only
+    tesla_rank: int | None = _f(None, "task-adapter rank; None -> lora_rank (DEFAULT_RANK if lora_rank is 0)")
+    tesla_alpha: str = _f("onehot", "\"onehot\": adapter t serves task t only (explicit gradient separation); "
+                                    "\"soft\": per task a learnable softmax mix over all adapters (logits start at "
+                                    "0)")
+    tesla_num_adapters: int | None = _f(None, "soft alpha only: number of adapters E (None -> number of tasks)")
+    tesla_last_k: int | None = _f(None, "task adapters in the last k blocks only (None -> every block)")
+    tesla_targets: tuple | None = _f(None, "layers with task adapters (None -> lora_targets); ViT only")
     # Mixtures of experts (mmoe, dselect_k)
-    num_experts: int = 2  # E
-    gate_pool: int = 8  # gate input: the image average-pooled to gate_pool x gate_pool (3 * gate_pool^2 numbers)
-    dselect_k: int = 2  # DSelect-k: number of selectors (non-zeros)
-    dselect_gamma: float = 1.0  # smooth-step width
-    dselect_entropy_weight: float = 1e-4  # weight of the entropy regulariser in model.regularization_loss()
+    num_experts: int = _f(2, "experts E of mmoe / dselect_k")
+    gate_pool: int = _f(8, "gate input: the image average-pooled to gate_pool x gate_pool (3 * gate_pool^2 numbers)")
+    dselect_k: int = _f(2, "DSelect-k: number of selectors (non-zeros)")
+    dselect_gamma: float = _f(1.0, "smooth-step width")
+    dselect_entropy_weight: float = _f(1e-4, "weight of the entropy regulariser in model.regularization_loss()")
     # SMA (paper Sec. III-B)
-    sma_dim: int = 512  # d (released: 512)
-    sma_patch_size: int = 7  # unfold patch side (released: 7)
-    sma_groups: int = 1  # EMA channel groups (released: 1)
-    sma_kernel_size: int = 3  # n of the local and fusion convs
-    sma_residual: bool = False  # add the input back through a zero-initialised fusion (identity at start)
-    sma_trainable: bool = True  # False reproduces the released code (SMA frozen at random init)
-    sma_checkpoint: bool = False  # activation checkpointing of SMA's dim-wide part
+    sma_dim: int = _f(512, "d (released: 512)")
+    sma_patch_size: int = _f(7, "unfold patch side (released: 7)")
+    sma_groups: int = _f(1, "EMA channel groups (released: 1)")
+    sma_kernel_size: int = _f(3, "n of the local and fusion convs")
+    sma_residual: bool = _f(False, "add the input back through a zero-initialised fusion (identity at start)")
+    sma_trainable: bool = _f(True, "False reproduces the released code (SMA frozen at random init)")
+    sma_checkpoint: bool = _f(False, "activation checkpointing of SMA's dim-wide part")
     # Heads (DeepLab-V3 style)
-    head_channels: int = 256
-    seg_rates: tuple | None = None  # ASPP rates; None -> chosen from the feature-map size
-    seg_dropout: float = 0.1
-    cls_dropout: float = 0.0
-    cls_use_token: bool | None = None  # concat the class token in the cls head; None -> when the backbone has one
+    head_channels: int = _f(256, "channels of the DeepLab-V3 heads")
+    seg_rates: tuple | None = _f(None, "ASPP rates; None -> chosen from the feature-map size")
+    seg_dropout: float = _f(0.1, "dropout before the segmentation classifier")
+    cls_dropout: float = _f(0.0, "dropout before the activity classifier")
+    cls_use_token: bool | None = _f(None, "concat the class token in the cls head; None -> when the backbone has one")
     # Features / backbone
-    out_layers: tuple = (-1,)  # ViT blocks whose (final-normed) patch tokens are concatenated along channels
-    resnet_output_stride: int = 16  # 8 or 16 (dilated last stages)
-    weights_allow_missing: tuple = ()  # fnmatch patterns of checkpoint keys allowed to be missing
-    weights_allow_unexpected: tuple = ()  # fnmatch patterns of checkpoint keys allowed to be unexpected
+    layerscale_init: float | None = _f(None, "ViT LayerScale start of a random-init backbone (None: timm's DINOv2 "
+                                             "1e-5; 1.0 makes a frozen random ViT a fair baseline); loaded weights "
+                                             "keep theirs")
+    out_layers: tuple = _f((-1,), "ViT blocks whose (final-normed) patch tokens are concatenated along channels")
+    resnet_output_stride: int = _f(16, "8 or 16 (dilated last stages)")
+    weights_allow_missing: tuple = _f((), "fnmatch patterns of checkpoint keys allowed to be missing")
+    weights_allow_unexpected: tuple = _f((), "fnmatch patterns of checkpoint keys allowed to be unexpected")
     # Connector between the backbone and the heads (seed_components.md): None | "cmoe" (Uni-Med's CMoE)
-    connector: str | None = None
-    cmoe_experts: int = 5  # E (Uni-Med: 5)
-    cmoe_router: str = "soft"  # soft (sigmoid, normalised) | sparse (top-k softmax) | hard (task t -> expert t)
-    #                            | constant (1/E)
-    cmoe_hidden: int | None = None  # experts' hidden width; None -> the feature width D
-    cmoe_router_hidden: int | None = None  # router's hidden width; None -> D
-    cmoe_top_k: int = 2  # experts kept by the sparse router
+    connector: str | None = _f(None, "between backbone and heads: null or 'cmoe' (Uni-Med's connector MoE)")
+    cmoe_experts: int = _f(5, "CMoE experts E (Uni-Med: 5)")
+    cmoe_router: str = _f("soft", "soft (sigmoid, normalised) | sparse (top-k softmax) | hard (task t -> expert t) | "
+                                  "constant (1/E)")
+    cmoe_hidden: int | None = _f(None, "experts' hidden width; None -> the feature width D")
+    cmoe_router_hidden: int | None = _f(None, "router's hidden width; None -> D")
+    cmoe_top_k: int = _f(2, "experts kept by the sparse router")
     # Feature map for the heads: "spatial" (B, C, H/14, W/14) | "released" (the released code's bug: tokens viewed as
     # (B, N, gh, gw), i.e. tokens become channels; ViT only; for the paper-vs-code comparison)
-    token_map: str = "spatial"
+    token_map: str = _f("spatial", "feature map for the heads: 'spatial' (B, C, H/14, W/14) or 'released' (the "
+                                   "released code's reshape: tokens become channels; ViT only)")
 
     def __post_init__(self):
+        from ..coerce import check_fields
+
+        if isinstance(self.pretrained, os.PathLike):
+            self.pretrained = os.fspath(self.pretrained)
+        if isinstance(self.pretrained, str) and self.pretrained.strip().lower() in ("false", "no", "off", "none", ""):
+            self.pretrained = False  # "model.pretrained=false" from a command line
+        check_fields(self, prefix="model.")
         for f in ("tasks", "lora_targets", "lora_qkv", "out_layers", "weights_allow_missing",
                   "weights_allow_unexpected"):
             v = getattr(self, f)
@@ -93,9 +116,35 @@ class ModelConfig:
                                   else tuple(self.tesla_targets))
         if self.seg_rates is not None:
             self.seg_rates = tuple(self.seg_rates)
-        if isinstance(self.pretrained, os.PathLike):
-            self.pretrained = os.fspath(self.pretrained)
         self.validate()
+
+    @property
+    def adapter_rank(self) -> int:
+        """Rank of the TESLA task adapters: ``tesla_rank``, else ``lora_rank``, else :data:`DEFAULT_RANK`."""
+        return self.tesla_rank or self.lora_rank or DEFAULT_RANK
+
+    @property
+    def label(self) -> str:
+        """The model's name in tables: ``<backbone>[+sma] | <arch>`` (plus the connector when there is one)."""
+        name = f"{self.backbone}{'+sma' if self.sma else ''} | {self.arch}"
+        if self.arch == "single":
+            name += f" {'+'.join(self.tasks)}"
+        return name + (f" + {self.connector}" if self.connector else "")
+
+    @property
+    def paper_backbone(self) -> str:
+        """The paper's backbone vocabulary: resnet101 (any ResNet), dinov2 (any ViT), endoarss (a ViT with SMA)."""
+        if self.family == "resnet":
+            return "resnet101"
+        return "endoarss" if self.sma else "dinov2"
+
+    @classmethod
+    def from_label(cls, name: str, arch: str = "hps", **options) -> "ModelConfig":
+        """``ModelConfig.from_label("dinov2_vitb14+sma", "tesla", ...)``: a backbone name with an optional ``+sma``."""
+        base, _, suffix = name.partition("+")
+        if suffix not in ("", "sma"):
+            raise ValueError(f"backbone={name!r}: expected a registry name, optionally with '+sma'")
+        return cls(backbone=base, arch=arch, sma=suffix == "sma" or options.pop("sma", False), **options)
 
     @property
     def family(self) -> str:
@@ -170,6 +219,12 @@ class ModelConfig:
                 v = getattr(self, name)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                     raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+        if self.layerscale_init is not None:
+            if cfg.family != "vit":
+                raise ValueError(f"layerscale_init is a ViT option; {self.backbone} has no LayerScale")
+            if isinstance(self.layerscale_init, bool) or not isinstance(self.layerscale_init, (int, float)) \
+                    or not self.layerscale_init > 0:
+                raise ValueError(f"layerscale_init must be a positive number or None, got {self.layerscale_init!r}")
         if self.token_map not in TOKEN_MAPS:
             raise ValueError(f"token_map must be one of {TOKEN_MAPS}, got {self.token_map!r}")
         if self.token_map == "released" and cfg.family != "vit":
@@ -186,8 +241,10 @@ def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
                   kernel_size=c.sma_kernel_size, residual=c.sma_residual, checkpoint=c.sma_checkpoint)
         sma.requires_grad_(c.sma_trainable)
     kw = dict(allow_missing=c.weights_allow_missing, allow_unexpected=c.weights_allow_unexpected)
+    if c.layerscale_init is not None:
+        kw["layerscale_init"] = c.layerscale_init
     num_tasks = len(c.tasks)
-    tesla_rank = c.tesla_rank or c.lora_rank or 4
+    tesla_rank = c.adapter_rank
     soft = c.tesla_alpha == "soft"
     if c.family == "vit":
         bb = build_backbone(c.backbone, c.image_size, c.pretrained, sma, out_layers=c.out_layers, **kw)

@@ -198,6 +198,35 @@ class CMoEConnector(nn.Module):
             self.task_tokens = nn.ParameterDict({t: nn.Parameter(torch.randn(dim) * 0.02) for t in tasks})
             self.router = nn.Sequential(nn.Linear(2 * dim, rh), nn.GELU(), nn.Linear(rh, num_experts))
         self.last_routing: dict[str, dict[str, torch.Tensor]] = {}
+        self.reset_epoch_stats()
+
+    # -- per-epoch routing statistics (the engine's hook: reset_epoch_stats / epoch_stats) --------------------------
+    def reset_epoch_stats(self) -> None:
+        """Forget the routing statistics accumulated over training forwards."""
+        self._epoch: dict[str, list] = {}  # task -> [sum of batch-mean weights x images, sum of entropies x images, n]
+
+    def _accumulate(self, images: int) -> None:
+        for t, r in self.last_routing.items():
+            acc = self._epoch.setdefault(t, [torch.zeros(r["weights"].numel(), dtype=torch.float64), 0.0, 0])
+            acc[0] += r["weights"].detach().cpu().double() * images
+            acc[1] += float(r["entropy"]) * images
+            acc[2] += images
+
+    def epoch_stats(self, tasks) -> tuple[dict[str, float], list[dict]]:
+        """Log columns (``routing_entropy_<task>``, ``routing_js``) and ``routing.csv`` rows (``task``, ``entropy``,
+        ``expert<e>``) of the training forwards since :meth:`reset_epoch_stats`, weighted by images."""
+        if not self._epoch:
+            return {}, []
+        means = {t: acc[0] / acc[2] for t, acc in self._epoch.items()}
+        columns, rows = {}, []
+        for t, acc in self._epoch.items():
+            rows.append({"task": t, "entropy": acc[1] / acc[2],
+                         **{f"expert{e}": float(w) for e, w in enumerate(means[t])}})
+            columns[f"routing_entropy_{t}"] = acc[1] / acc[2]
+        present = [t for t in tasks if t in means]
+        if len(present) >= 2:
+            columns["routing_js"] = routing_divergence(means[present[0]], means[present[1]])
+        return columns, rows
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, tasks={self.tasks}, experts={self.num_experts}, router={self.router_type!r}"
@@ -281,6 +310,8 @@ class CMoEConnector(nn.Module):
             new_tok = y[:, 0] if route_tok else tok
             patches = y[:, 1:] if route_tok else y
             out[task] = (spatial_token_map(patches, h, w), new_tok)
+        if self.training:
+            self._accumulate(next(iter(feats.values()))[0].shape[0])
         return out
 
     def routing_summary(self) -> dict[str, dict[str, float | list[float]]]:

@@ -84,7 +84,9 @@ class LoRALinear(nn.Module):
         if num_groups and not self.soft and self.num_adapters != num_groups:
             raise ValueError(f"one-hot routing needs num_adapters == num_groups, got {self.num_adapters} != "
                              f"{num_groups}")
-        self.group_rank = (group_rank or rank or 4) if num_groups else 0
+        if num_groups and not (group_rank or rank):
+            raise ValueError("group adapters need a rank: give group_rank (or a shared rank > 0)")
+        self.group_rank = (group_rank or rank) if num_groups else 0
         self.group_scale = ((group_alpha or self.group_rank) / self.group_rank) if num_groups else 0.0
         if num_groups:
             r = self.group_rank

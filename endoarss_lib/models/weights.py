@@ -29,13 +29,17 @@ class RandomInitWarning(UserWarning):
 
 
 def hub_offline() -> bool:
-    """True when the Hugging Face hub is disabled (``HF_HUB_OFFLINE=1``, the default set by ``import endoarss_lib``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """Whether the project's own hub downloads (``pretrained=True``) run offline: yes when ``HF_HUB_OFFLINE`` is set,
+    or unless ``ENDOARSS_ALLOW_HUB=1`` (machines without internet then fail fast instead of retrying for a minute).
+    Nothing else in the process is affected: importing the package sets no environment variable."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    return os.environ.get("ENDOARSS_ALLOW_HUB") != "1"
 
 
 @contextmanager
 def hub_mode():
-    """Make huggingface_hub honour ``HF_HUB_OFFLINE`` even if it was imported before the variable was set."""
+    """Within the project's own hub call only: huggingface_hub offline per :func:`hub_offline` (restored after)."""
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover

@@ -185,6 +185,15 @@ class Weighting:
                  task_params: Iterable[Any] | None = None) -> Tensor:
         raise NotImplementedError
 
+    # -- hooks the training engine calls (no method-specific probing in the engine) -----------------------------
+    def observe(self, outputs: dict[str, Tensor], batch: dict, tasks: Sequence[str], ignore_index: int = 255) -> None:
+        """Called before every :meth:`backward` with the batch's model outputs: a method that needs more than the
+        losses reads it here (GM-Coord: the tasks' progress scores). Default: nothing."""
+
+    def epoch_log(self, tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Per-epoch summary columns for the run log (default: none)."""
+        return {}
+
     # -- state -------------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
         return {}

@@ -74,7 +74,6 @@ class GMCoord(Weighting):
 
     name = "GM-Coord"
     needs_task_grads = False
-    needs_progress = True  # the engine calls set_progress(progress_scores(...)) before backward
 
     def __init__(self, alpha: float = 0.1, relative: bool = False, momentum: float = 0.0, noise: float = 0.0,
                  start_epoch: int = 0, end_epoch: int | None = None, apply_to: str = "losses", seed: int = 0):
@@ -111,6 +110,12 @@ class GMCoord(Weighting):
                 "seed": self.seed}
 
     # -- inputs ------------------------------------------------------------------------------------------------
+    def observe(self, outputs: dict[str, Tensor], batch: dict, tasks: Sequence[str], ignore_index: int = 255) -> None:
+        """The engine's hook before each backward: the batch's progress scores (:meth:`Task.progress`)."""
+        from ..tasks import get_task
+
+        self.set_progress(torch.stack([get_task(t).progress(outputs[t], batch, ignore_index) for t in tasks]))
+
     def set_progress(self, scores: Tensor | Sequence[float]) -> None:
         """The progress scores (T,) of the coming step (consumed by the next step)."""
         s = torch.as_tensor(scores).detach().reshape(-1)

@@ -1,10 +1,13 @@
-"""Where a result comes from: the git commit of the code that produced it."""
+"""Version information, in one module that the rest of the package imports (and that imports nothing of it):
+the package version and the git commit of the checkout that produced a result."""
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
-__all__ = ["git_commit"]
+__all__ = ["__version__", "git_commit"]
+
+__version__ = "0.2.0"
 
 
 def git_commit() -> str:

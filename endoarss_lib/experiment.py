@@ -1,0 +1,159 @@
+"""The one public helper every notebook (and script) starts from: checked parameters -> run configs -> result rows.
+
+``exp = Experiment("02_main_results", dataset=dataset, image_size=image_size, epochs=epochs, ...)`` checks the
+parameters at once (a bad dataset, image size or epoch count fails here with a message naming the parameter), makes
+the output folder, and then
+
+* ``exp.config(model=..., weighting=..., seed=...)`` gives one :class:`~endoarss_lib.config.TrainConfig`;
+* ``exp.grid(backbones=[...], archs=[...], weightings=[...])`` the named configs of a grid, with single-task
+  baselines for every (backbone, seed);
+* ``exp.run(configs)`` fits them (:func:`endoarss_lib.runner.run_grid`) and returns the result rows;
+* ``exp.note(rows)`` is the caption every table carries (data, backbone provenance, degenerate models);
+* ``exp.write_table(df, name)`` writes ``<out_dir>/<name>.csv|md`` with that caption; ``exp.save_rows(rows)``.
+
+Model names in grids use the one model vocabulary of :class:`~endoarss_lib.models.ModelConfig`: a backbone key,
+optionally ``+sma`` (``"vit_mini_patch14+sma"``), or a dict of model options.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from .config import ConfigError, DEFAULT_MODEL, TrainConfig, preset
+from .models.build import ModelConfig
+from .results import caption, save_rows, write_table
+
+__all__ = ["Experiment", "model_options"]
+
+# notebook parameter -> TrainConfig field
+_PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed"}
+
+
+def model_options(model: str | Mapping | ModelConfig | None = None, **options) -> dict:
+    """Model options from a label (``"dinov2_vitb14+sma"``), a dict or a ModelConfig, updated with ``options``.
+
+    A label names the backbone (with ``+sma`` for the SMA); the bundled synthetic-pretrained weights are used for
+    ``vit_mini_patch14`` unless ``pretrained`` says otherwise.
+    """
+    if model is None:
+        out = dict(DEFAULT_MODEL)
+    elif isinstance(model, ModelConfig):
+        out = {k: v for k, v in model.to_dict().items() if k not in ("num_activities", "num_seg_classes",
+                                                                       "image_size")}
+    elif isinstance(model, Mapping):
+        out = dict(model)
+    elif isinstance(model, str):
+        base, _, suffix = model.partition("+")
+        if suffix not in ("", "sma"):
+            raise ConfigError(f"model={model!r}: expected a backbone name, optionally with '+sma'")
+        out = {"backbone": base, "sma": suffix == "sma"}
+        if base == DEFAULT_MODEL["backbone"]:
+            out["pretrained"] = DEFAULT_MODEL["pretrained"]
+    else:
+        raise ConfigError(f"model={model!r}: expected a backbone label, a dict of model options or a ModelConfig")
+    out.update(options)
+    return out
+
+
+class Experiment:
+    """A notebook's experiment: its checked parameters, output folder, run configs and result tables."""
+
+    def __init__(self, name: str, *, dataset: str = "mtlesd", data_root: str | None = None, preset_name: str = "smoke",
+                 image_size: int | None = None, epochs: int | None = None, n_train: int | None = None,
+                 n_test: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                 seed: int = 0, device: str = "cpu", out_dir: str | os.PathLike | None = None,
+                 model: str | Mapping | None = None, weights: Mapping[str, str] | None = None, **fields: Any):
+        self.name = name
+        self.out = Path(out_dir if out_dir is not None else Path("results") / name)
+        self.weights = dict(weights or {})
+        self.default_model = model_options(model)
+        values = {"dataset": dataset, "data_root": None if data_root in (None, "") else str(data_root),
+                  "synthetic": data_root in (None, ""), "image_size": image_size, "epochs": epochs,
+                  "synthetic_n_train": n_train, "synthetic_n_test": n_test, "batch_size": batch_size, "lr": lr,
+                  "seed": seed, "device": device, "out_dir": str(self.out / "runs"), "progress": False, **fields}
+        self.fields = {k: v for k, v in values.items() if v is not None or k == "data_root"}
+        self.preset_name = preset_name
+        try:
+            self.base = preset(preset_name, **self.fields, model=self.default_model)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: bad parameter: {self._parameter_words(str(exc))}") from None
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _parameter_words(message: str) -> str:
+        for parameter, field in _PARAMETER_FIELDS.items():
+            message = message.replace(f"{field}=", f"{parameter}=")
+        return message
+
+    # -- configs ---------------------------------------------------------------------------------------------------
+    def config(self, model: str | Mapping | ModelConfig | None = None, **fields) -> TrainConfig:
+        """One run config: this experiment's fields, ``model`` (label, dict or ModelConfig; default the experiment's
+        model) and any other TrainConfig fields (``weighting``, ``seed``, ``cls_loss``, ...)."""
+        options = model_options(model) if model is not None else dict(self.default_model)
+        base = options.get("backbone", "").partition("+")[0]
+        if base in self.weights and "pretrained" not in (model if isinstance(model, Mapping) else {}):
+            options["pretrained"] = self.weights[base]
+        try:
+            return preset(self.preset_name, **{**self.fields, **fields, "model": options})
+        except ConfigError as exc:
+            raise ConfigError(f"{self.name}: {self._parameter_words(str(exc))}") from None
+
+    def grid(self, backbones: Iterable, archs: Iterable[str], weightings: Iterable[str] = ("ew",),
+             seeds: Iterable[int] | None = None, single_task: bool = True, model: Mapping | None = None,
+             **fields) -> dict[str, TrainConfig]:
+        """Named configs of a backbone x arch x weighting x seed grid (``model``: extra model options for all), plus
+        a cls-only and a seg-only baseline per (backbone, seed) when ``single_task``."""
+        seeds = [self.base.seed] if seeds is None else list(seeds)
+        configs: dict[str, TrainConfig] = {}
+        for backbone in backbones:
+            label = backbone if isinstance(backbone, str) else model_options(backbone).get("backbone")
+            for seed in seeds:
+                for arch in archs:
+                    for weighting in weightings:
+                        opts = model_options(backbone, arch=arch, **(model or {}))
+                        configs[f"{label} | {arch} | {weighting} | seed {seed}"] = self.config(
+                            opts, weighting=weighting, seed=seed, **fields)
+                if single_task:
+                    for task in ("cls", "seg"):
+                        opts = model_options(backbone, arch="single", tasks=[task], **(model or {}))
+                        configs[f"{label} | single {task} | seed {seed}"] = self.config(
+                            opts, weighting="ew", seed=seed, **fields)
+        return configs
+
+    # -- running and reporting -------------------------------------------------------------------------------------
+    def run(self, configs: Mapping[str, TrainConfig], jobs: int = 1) -> pd.DataFrame:
+        """Fit every config (finished runs are reused) and return the result rows (column ``name`` first)."""
+        from .runner import run_grid
+
+        return run_grid(configs, jobs=jobs, progress=False)
+
+    def note(self, rows: pd.DataFrame | None = None, extra: str = "") -> str:
+        """The caption of a table of these rows: data and backbone provenance, degenerate models, ``extra``."""
+        return caption(rows if rows is not None else pd.DataFrame([{"data": "synthetic" if self.base.synthetic
+                                                                    else "real"}]), extra)
+
+    def write_table(self, df: pd.DataFrame, name: str, note: str | None = None) -> tuple[Path, Path]:
+        """``<out>/<name>.csv`` and ``.md`` (the full table, with its caption)."""
+        return write_table(df, self.out / name, note if note is not None else self.note(df))
+
+    def save_rows(self, rows: pd.DataFrame | Sequence[dict]) -> Path:
+        """``<out>/rows.json`` (tagged with the experiment name) for the sweep's aggregation."""
+        records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
+        return save_rows(records, self.out, self.name)
+
+    @property
+    def data_root(self) -> Path:
+        """The dataset folder the runs use (generated for synthetic data)."""
+        return self.base.data_root_path()
+
+    def datasets(self, splits=("train", "val", "test")):
+        """The runs' datasets (generating the synthetic set first)."""
+        from .engine import make_datasets
+
+        return make_datasets(self.base, splits)
+
+    def __repr__(self) -> str:
+        return f"Experiment({self.name!r}, dataset={self.base.dataset!r}, out={str(self.out)!r})"

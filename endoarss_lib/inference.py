@@ -1,0 +1,118 @@
+"""Inference on finished runs: load a run's selected model, predict, evaluate on its own or another dataset.
+
+One module, no plotting: :func:`load_run_model` rebuilds a run's model exactly (the frozen weights from the
+pretrained file, checked by sha256, or, for a randomly initialised backbone, from the run seed) and loads its
+selected checkpoint; :func:`predict` gives per-image predictions for display; :func:`evaluate_run` evaluates a run on
+a split of its own data and :func:`evaluate_run_on` on another dataset (e.g. MTLEndovis-Gen), both through the one
+evaluation pass of :func:`endoarss_lib.engine.evaluate` (per-class, per-subset and per-image results included).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import MTLDataset, make_loader
+from .data.dataset import to_uint8_image
+from .engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
+                     read_run_config, resolve_device, seed_everything, weights_digest)
+from .metrics import per_activity_spread, subset_metrics
+
+__all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread"]
+
+
+def load_run_model(folder: str | Path, device: str = "cpu"):
+    """The selected (best) model of a run folder, rebuilt from its ``config.json``, in eval mode.
+
+    Checkpoints hold the trainable parameters only; frozen weights come from the pretrained file (its sha256 must be
+    the one the run recorded: a replaced file is an error) or, for a randomly initialised backbone, from the run
+    seed: the model is built after ``seed_everything(cfg.seed)`` as ``fit`` builds it, inside forked RNGs, so the
+    caller's random state is left alone.
+    """
+    folder = Path(folder)
+    cfg = read_run_config(folder)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            seed_everything(cfg.seed)
+            model = build_run_model(cfg)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    load_checkpoint(folder / "best.pt", model, cfg.results_hash(), weights_digest(model))
+    model.run_config = cfg
+    return model.to(resolve_device(device)).eval()
+
+
+@torch.no_grad()
+def predict(model, dataset, indices=None, device: str = "cpu") -> list[dict]:
+    """Per-sample predictions for display: image (uint8), true / predicted mask and activity, class probabilities."""
+    model.eval()
+    dev = resolve_device(device)
+    out = []
+    for index in (range(len(dataset)) if indices is None else indices):
+        item = dataset[int(index)]
+        result = model(item["image"][None].to(dev))
+        row = {"index": int(index), "path": item["path"],
+               "image": to_uint8_image(item["image"], getattr(dataset, "normalize", "imagenet")),
+               "mask": item["mask"].numpy(), "label": int(item["label"])}
+        if "seg" in result:
+            row["pred_mask"] = result["seg"][0].float().argmax(0).cpu().numpy()
+        if "cls" in result:
+            probs = result["cls"][0].float().softmax(0).cpu().numpy()
+            row["pred_label"], row["cls_probs"] = int(probs.argmax()), probs
+        out.append(row)
+    return out
+
+
+def _evaluate(model, dataset: MTLDataset, tasks, device: str, batch_size: int, distances: bool, per_image: bool,
+              amp: str = "off") -> Evaluation:
+    spec = dataset.spec
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    ev = evaluate(model, loader, resolve_device(device), tasks, spec.num_activities, spec.num_seg_classes,
+                  distances=distances, amp=amp, ignore_index=dataset.ignore_index, per_image=per_image,
+                  compat_size=COMPAT_SIZE)
+    if "seg" in ev.values:
+        ev["seg_iou_per_class"] = [float(v) for v in ev.values["seg"]["iou_per_class"]]
+    return ev
+
+
+def evaluate_run(folder: str | Path, split: str = "test", device: str = "cpu", distances: bool = True,
+                 per_image: bool = False, batch_size: int = 8) -> Evaluation:
+    """A finished run's selected model on a split (``train``, ``val`` or ``test``) of its own data."""
+    cfg = read_run_config(folder)
+    model = load_run_model(folder, device=device)
+    dataset = make_datasets(cfg, splits=(split,))[split]
+    return _evaluate(model, dataset, cfg.tasks, device, batch_size, distances, per_image, cfg.amp)
+
+
+def evaluate_run_on(folder: str | Path, data_root: str | Path, dataset: str, image_size: int | None = None,
+                    split: str = "test", device: str = "cpu", batch_size: int = 8, distances: bool = True,
+                    per_image: bool = False) -> Evaluation:
+    """A finished run's selected model on another dataset (e.g. MTLEndovis-Gen), with subset means.
+
+    Besides the usual keys (over every class present), ``seg_miou_eval`` / ``seg_dice_eval`` average over the
+    dataset's evaluated classes only (its registry ``eval_seg_classes``); ``dataset``, ``data`` say what it was.
+    """
+    cfg = read_run_config(folder)
+    model = load_run_model(folder, device=device)
+    data = MTLDataset(data_root, split, dataset=dataset, image_size=image_size or cfg.image_size,
+                      normalize=cfg.normalize, ignore_index=cfg.ignore_index)
+    ev = _evaluate(model, data, cfg.tasks, device, batch_size, distances, per_image, cfg.amp)
+    spec = data.spec
+    if "seg" in ev.values:
+        ids = spec.eval_seg_classes or range(spec.num_seg_classes)
+        sub = subset_metrics(ev.values["seg"]["confusion"], ids)
+        ev.update({"seg_miou_eval": sub["miou"], "seg_dice_eval": sub["dice"]})
+    ev.update({"dataset": spec.name, "data": "synthetic" if data.synthetic else "real"})
+    return ev
+
+
+def per_class_spread(folder: str | Path, split: str = "test", device: str = "cpu") -> dict[str, float]:
+    """The spread the paper's Table V "+-" reports, for one run (see :func:`endoarss_lib.metrics.per_activity_spread`):
+    the standard deviation over activities of per-activity accuracy and of per-activity foreground IoU (pooled over
+    each activity's images), and the standard deviation of the per-image foreground IoUs (the released code's)."""
+    ev = evaluate_run(folder, split=split, device=device, distances=False, per_image=True)
+    return per_activity_spread(ev.images)

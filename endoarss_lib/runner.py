@@ -1,0 +1,130 @@
+"""The one experiment runner: run a set of named run configs, in this process or a local pool (one job per GPU).
+
+:func:`run_grid` fits every configuration (finished runs are returned from their ``result.json``, interrupted ones
+resume) and returns one result row per configuration; a configuration that fails is reported in its row (``status``
+``failed``, ``error``) and the others go on. :func:`grid` and :func:`single_task_baselines` build the named configs.
+The notebook sweep (:mod:`endoarss_lib.sweep`) re-executes notebooks with parameters and uses the same pool.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+from .config import TrainConfig
+
+__all__ = ["run_grid", "grid", "visible_gpus", "gpu_slots", "process_pool"]
+
+
+def grid(**axes: Sequence) -> list[dict]:
+    """Cartesian product of the axes as a list of dicts: ``grid(a=[1, 2], b=["x"])`` -> 2 dicts."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else torch's device count (none on CPU)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no usable torch / CUDA means no GPUs
+        return []
+
+
+def gpu_slots(jobs: int, gpus: Sequence[str]) -> list[str | None]:
+    """The GPU each of ``jobs`` workers pins itself to (round robin); None everywhere without GPUs."""
+    return [gpus[i % len(gpus)] if gpus else None for i in range(jobs)]
+
+
+def _init_worker(slots) -> None:
+    """Pool initializer: take one GPU slot and expose only that GPU to this worker; die with the parent."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to kill this worker when its parent dies (even by SIGKILL), so no orphan keeps
+    writing into run folders that a rerun then uses."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still applies
+        pass
+
+
+def _context():
+    """Clean workers (no kernel-client, thread or CUDA state of ours): a preloaded fork server, else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["endoarss_lib"])  # the costly imports (torch), once
+    return context
+
+
+def process_pool(jobs: int, gpus: Sequence[str] = ()) -> ProcessPoolExecutor:
+    """A pool of ``jobs`` workers, each pinned to one GPU slot (round robin over ``gpus``) and dying with us."""
+    context = _context()
+    slots = context.Queue()
+    for gpu in gpu_slots(jobs, gpus):
+        slots.put(gpu)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(slots,))
+
+
+def _fit_one(name: str, cfg_dict: dict) -> dict:
+    from .engine import fit
+
+    try:
+        return {"name": name, "status": "ok", **fit(TrainConfig(**cfg_dict))}
+    except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the others
+        return {"name": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8)}
+
+
+def run_grid(configs: Mapping[str, TrainConfig], jobs: int = 1, gpus: Sequence[str] | None = None,
+             progress: bool = True, raise_on_failure: bool = True) -> pd.DataFrame:
+    """Fit every named configuration; one result row per configuration (in the order given), ``name`` first.
+
+    ``jobs > 1`` runs them in a local process pool, one job per GPU when GPUs are visible (``gpus``: the ids to use,
+    default :func:`visible_gpus`). A failure is recorded in its row (``status`` failed, ``error``); with
+    ``raise_on_failure`` a RuntimeError naming every failed configuration is raised once all have run.
+    """
+    from tqdm.auto import tqdm
+
+    items = [(name, cfg.to_dict()) for name, cfg in configs.items()]
+    rows: dict[str, dict] = {}
+    with tqdm(total=len(items), desc="runs", unit="run", disable=not progress) as bar:
+        if jobs <= 1 or len(items) <= 1:
+            for name, data in items:
+                rows[name] = _fit_one(name, data)
+                bar.update()
+        else:
+            gpus = visible_gpus() if gpus is None else list(gpus)
+            with process_pool(min(jobs, len(items)), gpus) as pool:
+                futures = {pool.submit(_fit_one, name, data): name for name, data in items}
+                for future in as_completed(futures):
+                    name = futures[future]
+                    try:
+                        rows[name] = future.result()
+                    except Exception as exc:  # noqa: BLE001 - the worker itself died
+                        rows[name] = {"name": name, "status": "failed", "error": f"worker died: {exc}"}
+                    bar.update()
+    failed = {n: r["error"] for n, r in rows.items() if r.get("status") == "failed"}
+    if failed and raise_on_failure:
+        lines = "\n".join(f"  {n}: {e}" for n, e in failed.items())
+        raise RuntimeError(f"{len(failed)} of {len(items)} run(s) failed:\n{lines}")
+    return pd.DataFrame([rows[name] for name, _ in items])

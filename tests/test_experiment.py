@@ -1,0 +1,111 @@
+"""The experiment helper and runner: grids, named configs with single-task baselines, parameter checks, evaluating a
+run on another dataset, subset metrics and Delta_m against single-task rows."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import jaccard_score
+
+from endoarss_lib.config import ConfigError
+from endoarss_lib.data import make_synthetic
+from endoarss_lib.experiment import Experiment, model_options
+from endoarss_lib.inference import evaluate_run_on
+from endoarss_lib.metrics import subset_metrics
+from endoarss_lib.results import delta_m_against_single
+from endoarss_lib.runner import grid, run_grid
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+TINY = {"backbone": "vit_tiny_patch14", "pretrained": False}
+
+
+def test_grid_is_the_cartesian_product():
+    assert grid(a=[1, 2], b=["x", "y"]) == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"},
+                                            {"a": 2, "b": "y"}]
+    assert grid() == [{}]
+
+
+def test_subset_metrics_match_sklearn_on_the_subset():
+    rng = np.random.default_rng(0)
+    truth, pred = rng.integers(0, 5, 500), rng.integers(0, 5, 500)
+    confusion = np.zeros((5, 5), np.int64)
+    np.add.at(confusion, (truth, pred), 1)
+    ids = [1, 3, 4]
+    expected = jaccard_score(truth, pred, labels=ids, average=None).mean()
+    assert subset_metrics(confusion, ids)["miou"] == pytest.approx(expected)
+    confusion[2] = 0
+    confusion[:, 2] = 0  # class 2 absent everywhere: NaN, left out of the mean
+    assert subset_metrics(confusion, [1, 2])["miou"] == pytest.approx(subset_metrics(confusion, [1])["miou"])
+
+
+def test_evaluate_run_on_the_generalisation_set(tmp_path):
+    exp = Experiment("t", dataset="mtlendovis", image_size=56, epochs=1, n_train=24, n_test=12,
+                     out_dir=tmp_path, model={**TINY, "arch": "tesla"})
+    rows = exp.run({"tesla": exp.config()})
+    gen = make_synthetic(tmp_path / "gen", "mtlendovis_gen", n_test=8, image_size=56)
+    out = evaluate_run_on(rows.loc[0, "run_dir"], gen, "mtlendovis_gen", image_size=56)
+    assert out["dataset"] == "synthetic_mtlendovis_gen" and out["data"] == "synthetic"
+    # the evaluated-subset mean is the mean of the per-class IoUs of the subset's present classes
+    iou = np.asarray(out.values["seg"]["iou_per_class"], float)
+    ids = [0, 1, 2, 3, 4, 6]
+    assert out["seg_miou_eval"] == pytest.approx(np.nanmean(iou[ids]))
+    assert out["seg_miou"] == pytest.approx(np.nanmean(iou))
+
+
+def test_model_options_parse_the_sma_suffix():
+    assert model_options("dinov2_vitb14+sma", arch="tesla") == {"backbone": "dinov2_vitb14", "arch": "tesla",
+                                                                 "sma": True}
+    assert model_options("vit_mini_patch14")["pretrained"] == "synthdino_vit_mini14"  # the bundled weights
+    assert model_options("resnet_tiny", arch="hps")["sma"] is False
+    with pytest.raises(ValueError, match="model='x\\+y'"):
+        model_options("x+y")
+
+
+def test_delta_m_against_single_by_hand():
+    base = dict(backbone="b", sma=False, seed=0)
+    rows = pd.DataFrame([
+        {**base, "arch": "tesla", "tasks": "cls+seg", "test_cls_accuracy": 0.6, "test_seg_miou": 0.55,
+         "test_seg_hd95": 8.0},
+        {**base, "arch": "single", "tasks": "cls", "test_cls_accuracy": 0.5},
+        {**base, "arch": "single", "tasks": "seg", "test_seg_miou": 0.5, "test_seg_hd95": 10.0},
+    ])
+    metrics = {"test_cls_accuracy": True, "test_seg_miou": True, "test_seg_hd95": False}
+    out = delta_m_against_single(rows, metrics)
+    # LibMTL: per task first: cls +20 %; seg mean of +10 % (mIoU) and +20 % (HD95, lower is better) = +15 %
+    assert out.loc[0, "delta_m"] == pytest.approx((0.2 + 0.15) / 2)
+    assert np.isnan(out.loc[1, "delta_m"]) and np.isnan(out.loc[2, "delta_m"])
+
+
+def test_experiment_grid_adds_single_task_baselines_once(tmp_path):
+    exp = Experiment("t", epochs=1, image_size=56, out_dir=tmp_path)
+    configs = exp.grid(["vit_tiny_patch14+sma"], ["hps", "tesla"], seeds=[0, 1], model={"sma_dim": 8})
+    assert len(configs) == 4 + 2 * 2  # 4 MTL runs, cls-only and seg-only per seed
+    tesla = configs["vit_tiny_patch14+sma | tesla | ew | seed 1"]
+    assert (tesla.model.backbone, tesla.model.arch, tesla.model.sma, tesla.model.sma_dim) == (
+        "vit_tiny_patch14", "tesla", True, 8)
+    assert tesla.seed == 1 and tesla.epochs == 1 and tesla.image_size == 56
+    assert configs["vit_tiny_patch14+sma | single seg | seed 0"].model.tasks == ("seg",)
+    assert exp.config().model.pretrained == "synthdino_vit_mini14"  # the default model
+
+
+@pytest.mark.parametrize("params, culprit", [
+    (dict(dataset="foo"), "dataset='foo'"), (dict(image_size=100), "image_size=100"),
+    (dict(epochs=0), "epochs=0"), (dict(n_train="many"), "n_train='many'"), (dict(epochs=2.5), "epochs=2.5"),
+])
+def test_experiment_names_the_bad_parameter(tmp_path, params, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace("(", r"\(").replace(")", r"\)")):
+        Experiment("t", out_dir=tmp_path / "x", **params)
+    assert not (tmp_path / "x").exists()  # nothing made for a bad parameter
+
+
+def test_run_grid_isolates_a_failed_configuration(tmp_path, monkeypatch):
+    exp = Experiment("t", image_size=56, epochs=1, n_train=24, n_test=8, out_dir=tmp_path,
+                     model={**TINY, "arch": "hps"})
+    good = exp.config()
+    bad = exp.config(data_root=str(tmp_path / "missing"), synthetic=False)
+    rows = run_grid({"bad": bad, "good": good}, raise_on_failure=False, progress=False)
+    assert list(rows["name"]) == ["bad", "good"]
+    assert rows.loc[0, "status"] == "failed" and "missing" in rows.loc[0, "error"]
+    assert rows.loc[1, "status"] == "ok" and np.isfinite(rows.loc[1, "test_cls_accuracy"])
+    with pytest.raises(RuntimeError, match="1 of 2 run"):
+        run_grid({"bad": bad, "good": good}, progress=False)
