@@ -271,7 +271,7 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
         losses = torch.stack([raw[t] * cfg.loss_weights.get(t, 1.0) / cfg.grad_accum for t in tasks])
         state["global_step"] += 1
         if cfg.diagnostics_every and state["global_step"] % cfg.diagnostics_every == 0 and len(tasks) > 1:
-            grads, slices = task_gradient_matrix(list(losses), state["raw_model"].named_trainable_shared_parameters())
+            grads, slices = task_gradient_matrix(losses, state["raw_model"].named_trainable_shared_parameters())
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"],
                                          **conflict_record(grads, slices)})
         if getattr(weighting, "needs_progress", False):
