@@ -32,7 +32,7 @@ from endoarss_lib.losses import task_losses
 from endoarss_lib.models import build_model
 from endoarss_lib.weighting import available_weightings, get_weighting
 from endoarss_lib.weighting.base import GradWeighting, _add_grad, _unique_trainable, backward_task_specific
-from endoarss_lib.weighting.task_grads import rows_matrix, set_default_mode
+from endoarss_lib.weighting.task_grads import batching_failure, rows_matrix, set_default_mode
 
 warnings.filterwarnings("ignore")
 TASKS = ("cls", "seg")
@@ -134,7 +134,8 @@ def main() -> None:
              "label": torch.randint(0, 3, (args.batch,)),
              "mask": torch.randint(0, 7, (args.batch, args.image_size, args.image_size))}
     p = sum(x.numel() for x in model.trainable_shared_parameters())
-    print(f"{args.backbone} {args.arch}{' + SMA d=' + str(args.sma_dim) if args.sma else ''} at {args.image_size} px, batch {args.batch}, CPU threads {args.threads}; "
+    sma = f" + SMA d={args.sma_dim}" if args.sma else ""
+    print(f"{args.backbone} {args.arch}{sma} at {args.image_size} px, batch {args.batch}, CPU threads {args.threads}; "
           f"trainable shared P = {p:,d}; median of {args.rounds} interleaved steps")
     opt = torch.optim.Adam([x for x in model.parameters() if x.requires_grad], lr=0.0)  # lr 0: same model each step
     runs = variants()
@@ -150,6 +151,9 @@ def main() -> None:
         old = legacy.get(v.label.split(" [")[0])
         rel = f"{v.median / old:10.2f}" if old and v.mode != "legacy" else f"{'':10s}"
         print(f"{v.label:26s} {v.median * 1e3:9.1f} {v.median / base:7.2f} {rel} {buffer:20.3f}")
+    params = model.trainable_shared_parameters() + [x for t in TASKS for x in model.task_specific_parameters(t)]
+    failure = batching_failure(params)
+    print("batched backward: " + (f"FELL BACK to the loop ({failure})" if failure else "ran batched (no fallback)"))
     if not args.no_buffers:
         buffer_table()
 
