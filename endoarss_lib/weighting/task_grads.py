@@ -91,12 +91,14 @@ def _select_of_stack(loss: Tensor) -> Root:
     if loss.dim() != 0 or node is None or type(node).__name__ != "SelectBackward0":
         return loss
     parent = node.next_functions[0][0]
-    if parent is None or type(parent).__name__ != "StackBackward0" or node._saved_dim != 0:
+    if parent is None or type(parent).__name__ != "StackBackward0":
         return loss
     inputs = parent.next_functions
-    index = node._saved_index
-    if not -len(inputs) <= index < len(inputs) or len(inputs) != node._saved_self_sym_sizes[0] \
-            or len(node._saved_self_sym_sizes) != 1:
+    try:  # autograd node attributes (not a stable API): anything unexpected -> the select itself
+        dim, index, sizes = node._saved_dim, node._saved_index, tuple(node._saved_self_sym_sizes)
+    except (AttributeError, RuntimeError):
+        return loss
+    if dim != 0 or sizes != (len(inputs),) or not -len(inputs) <= index < len(inputs):
         return loss
     fn, nr = inputs[index]
     return None if fn is None else GradientEdge(fn, nr)
@@ -184,9 +186,9 @@ def _try_batched(roots: list[Root], params: list[Tensor], retain_graph: bool) ->
                                "for, after freeing part of the graph; use mode='loop' for this model") from err
         return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     slow = [str(w.message) for w in caught if _PERF_WARNING in str(w.message)]
-    for w in caught:
+    for w in caught:  # the backward's own warnings, passed on (under the usual once-per-location filters)
         if _PERF_WARNING not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warnings.warn(w.message, stacklevel=3)
     if slow:  # correct, but PyTorch looped over the rows itself: use the plain loop from now on
         _give_up(params, "an op of the backward has no batching rule (PyTorch's slow fallback): " + slow[0])
     else:
