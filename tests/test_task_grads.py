@@ -1,8 +1,9 @@
 """Per-task gradients (endoarss_lib.weighting.task_grads) against independent references: one
 ``torch.autograd.grad`` per task on separately kept losses, written here. Both strategies ("loop", "batched") of
-``task_gradients``, the gradient weightings' ``backward`` and GM-Coord's ``apply_to="shared"`` on tiny models (tiny ViT
-+ TESLA, tiny ResNet + TESLA / HPS, float32 and float64), the heads' gradients, the diagnostics matrix, the
-stack-tracing that keeps a task's backward out of the other tasks' branches, and the batching fallback."""
+``task_gradients``, the gradient weightings' ``backward`` and GM-Coord's ``apply_to="shared"`` on tiny models (tiny
+ViT + TESLA with and without SMA, tiny ResNet + TESLA / HPS, float32 and float64), the heads' gradients, the
+diagnostics matrix, the stack-tracing that keeps a task's backward out of the other tasks' branches, and the batching
+fallback. The SMA model uses the fused SMA, whose hand-written backward must also run batched."""
 from __future__ import annotations
 
 import warnings
@@ -161,6 +162,7 @@ def test_errors_of_the_graph_itself_are_raised_not_swallowed():
 
 MODELS = {
     "vit_tesla": dict(backbone="vit_tiny_patch14", arch="tesla", image_size=28),
+    "vit_sma_tesla": dict(backbone="vit_tiny_patch14", arch="tesla", image_size=28, sma=True, sma_dim=8),  # fused SMA
     "resnet_tesla": dict(backbone="resnet_tiny", arch="tesla", image_size=32),
     "resnet_hps": dict(backbone="resnet_tiny", arch="hps", image_size=32),
 }
@@ -174,7 +176,7 @@ def _model(kind, dtype):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # random (not zero-initialised) adapters so every parameter gets a gradient
         for n, prm in model.named_parameters():
-            if prm.requires_grad and ("lora_B" in n or "tesla_B" in n):
+            if prm.requires_grad and ("lora_B" in n or "tesla_B" in n or ".sma." in f".{n}"):
                 prm.copy_(0.1 * torch.randn(prm.shape, generator=g, dtype=dtype))
     s = kw["image_size"]
     batches = [{"image": torch.randn(2, 3, s, s, generator=g, dtype=dtype), "label": torch.tensor([0, 2]),

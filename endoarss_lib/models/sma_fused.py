@@ -67,6 +67,12 @@ class _Geometry:
         self.chunks = [(a, min(a + rows, self.n)) for a in range(0, self.n, rows)]
 
 
+def _rows(t: Tensor, a: int, e: int) -> Tensor:
+    """``t[:, a:e]``, but ``t`` itself for the full range (a full slice is an alias, which the batched backward of
+    ``is_grads_batched`` cannot handle)."""
+    return t if a == 0 and e == t.shape[1] else t[:, a:e]
+
+
 def _x_rows(xr: Tensor, w_in: Tensor, b_in: Tensor, geo: _Geometry, a: int, e: int) -> Tensor:
     """X for patches [a, e): proj_in of the C-channel input, (B, e - a, g, c, d)."""
     x = F.linear(xr[:, a:e], w_in, b_in)
@@ -118,7 +124,7 @@ def _shifted_grad(dw: Tensor, lo: int, hi: int, n: int) -> Tensor:
     the transpose of :func:`_conv1`."""
     d = dw.shape[-1]
     src_lo, src_hi = max(lo - 1, 0), min(hi + 1, n)
-    part = F.pad(dw[:, src_lo:src_hi], (1, 1, 0, 0, int(lo == 0), int(hi == n)))  # rows lo-1 .. hi, features -1 .. d
+    part = F.pad(_rows(dw, src_lo, src_hi), (1, 1, 0, 0, int(lo == 0), int(hi == n)))  # rows lo-1..hi, features -1..d
     r = hi - lo
     taps = []
     for ky in range(3):
@@ -195,18 +201,20 @@ class _FusedGlobal(torch.autograd.Function):
         b, n, g, c, d = geo.b, geo.n, geo.g, geo.c, geo.d
         go = grad_out.to(xr.dtype).contiguous().view(b, n, g, c, -1)
         need_w = any(ctx.needs_input_grad[1:10])
+        # Accumulations are out of place (lists, sums) so that the backward also runs under vmap, i.e. for the
+        # batched per-task gradients (torch.autograd.grad(..., is_grads_batched=True)).
         # pass 1: gradient of the attention map; kappa's and const's gradients; proj_out's weight
-        dwmap = xr.new_empty(b, n, g, d)
-        dkappa = xr.new_zeros(b, g, c)
-        dw_out = xr.new_zeros(w_out.shape)
+        dwmap_parts, dkappa, dw_out = [], 0, 0
         for a, e in geo.chunks:
             x = _x_rows(xr, w_in, b_in, geo, a, e)
             s = sig[:, a:e]
-            dsig = (torch.matmul(go[:, a:e], w_out) * x).sum(-2)  # (B, r, g, d)
-            dwmap[:, a:e] = dsig * s * (1 - s)
-            dkappa += torch.matmul(_z(x, s_h, s_w, a, e), dwmap[:, a:e, :, :, None]).squeeze(-1).sum(1)
+            dsig = (torch.matmul(_rows(go, a, e), w_out) * x).sum(-2)  # (B, r, g, d)
+            dw_part = dsig * s * (1 - s)
+            dwmap_parts.append(dw_part)
+            dkappa = dkappa + torch.matmul(_z(x, s_h, s_w, a, e), dw_part[..., None]).squeeze(-1).sum(1)
             if need_w:
-                dw_out += (torch.matmul(go[:, a:e].transpose(-1, -2), x) * s[:, :, :, None]).sum((0, 1, 2))
+                dw_out = dw_out + (torch.matmul(_rows(go, a, e).transpose(-1, -2), x) * s[:, :, :, None]).sum((0, 1, 2))
+        dwmap = torch.cat(dwmap_parts, dim=1)  # (B, N, g, d)
         dconst = dwmap.sum((1, 3))  # (B, g)
         # GroupNorm statistics, d2 and mean(x2)
         dd2 = dkappa * gamma * rstd + dconst[..., None] * (beta - gamma * rstd * mu)
@@ -218,46 +226,45 @@ class _FusedGlobal(torch.autograd.Function):
         alpha, beta2 = dmu / geo.m, 2 * dvar / geo.m  # dL/dZ (statistics) = alpha + beta2 * (Z - mu)
         dm2 = d2 * (dd2 - (dd2 * d2).sum(-1, keepdim=True))
         db3 = dm2.sum((0, 1))
-        dw3 = torch.einsum("bgo,bgikl->oikl", dm2, taps) / geo.m
-        dtaps = torch.einsum("bgo,oikl->bgikl", dm2, w3) / geo.m  # (B, g, c, 3, 3)
-        d_rows = torch.einsum("kn,bgckx->bngc", masks, dtaps)  # every feature of the patch
-        d_last = -torch.einsum("kn,bgck->bngc", masks, dtaps[..., 0])
-        d_first = -torch.einsum("kn,bgck->bngc", masks, dtaps[..., 2])
+        # (matmul / sum rather than einsum: the batched backward of is_grads_batched has no einsum)
+        dw3 = torch.matmul(dm2.reshape(-1, c).t(), taps.reshape(-1, c * 9)).reshape(w3.shape) / geo.m
+        dtaps = torch.matmul(dm2, w3.reshape(c, c * 9)).reshape(b, g, c, 3, 3) / geo.m
+        d_rows = torch.matmul(dtaps.sum(-1), masks).permute(0, 3, 1, 2)  # (B, N, g, c): every feature of the patch
+        d_last = -torch.matmul(dtaps[..., 0], masks).permute(0, 3, 1, 2)
+        d_first = -torch.matmul(dtaps[..., 2], masks).permute(0, 3, 1, 2)
 
         shift = alpha - beta2 * mu  # dL/dZ = dwmap * kappa + beta2 * Z + shift
         v9 = _conv_taps(w3, d1)
         # pass 2: dX except its terms constant along a patch row or a feature column (added below), the gradients
         # of the pooled attentions s_h, s_w and of the 3x3 taps V
-        ds_h = xr.new_empty(b, n, g, c)
-        ds_w = xr.new_zeros(b, g, c, d)
-        dv9 = xr.new_zeros(c, 9)
-        dxr = torch.empty_like(xr)
-        dw_in, db_in = torch.zeros_like(w_in), torch.zeros_like(b_in)
+        ds_h_parts, dxr_parts, ds_w, dv9, dw_in, db_in = [], [], 0, 0, 0, 0
         for a, e in geo.chunks:
             x = _x_rows(xr, w_in, b_in, geo, a, e)
             sh = s_h[:, a:e, :, :, None]
-            dz = _z(x, s_h, s_w, a, e).mul_(beta2[:, None, :, :, None]).add_(shift[:, None, :, :, None])
-            dz.addcmul_(dwmap[:, a:e, :, None, :], kappa[:, None, :, :, None])
+            dz = torch.addcmul(_z(x, s_h, s_w, a, e) * beta2[:, None, :, :, None] + shift[:, None, :, :, None],
+                               _rows(dwmap, a, e)[:, :, :, None, :], kappa[:, None, :, :, None])
             px = dz * x
-            ds_h[:, a:e] = (px * s_w[:, None]).sum(-1)
-            ds_w += px.mul_(sh).sum(1)
+            ds_h_parts.append((px * s_w[:, None]).sum(-1))
+            ds_w = ds_w + px.mul_(sh).sum(1)
             taps_grad = _shifted_grad(dwmap, a, e, n)  # (B, r, g, 9, d)
             if need_w:
-                dv9 += torch.matmul(x, taps_grad.transpose(-1, -2)).sum((0, 1, 2))
-            dx = torch.matmul(go[:, a:e], w_out).mul_(sig[:, a:e, :, None, :])
+                dv9 = dv9 + torch.matmul(x, taps_grad.transpose(-1, -2)).sum((0, 1, 2))
+            dx = torch.matmul(_rows(go, a, e), w_out).mul_(sig[:, a:e, :, None, :])
             dx += dz.mul_(sh).mul_(s_w[:, None])
             dx += torch.matmul(v9.t(), taps_grad)
-            flat = dx.view(b, e - a, geo.p, d)
-            dxr[:, a:e] = torch.matmul(flat, w_in)
+            flat = dx.reshape(b, e - a, geo.p, d)
+            dxr_parts.append(torch.matmul(flat, w_in))
             if need_w:
-                dw_in += torch.matmul(flat.reshape(-1, d).t(), xr[:, a:e].reshape(-1, xr.shape[-1]))
-                db_in += flat.sum((0, 1, 2))
-        ds_h, ds_w = ds_h * s_h, ds_w * s_w
+                dw_in = dw_in + torch.matmul(flat.reshape(-1, d).t(), xr[:, a:e].reshape(-1, xr.shape[-1]))
+                db_in = db_in + flat.sum((0, 1, 2))
+        ds_h, ds_w = torch.cat(ds_h_parts, dim=1) * s_h, ds_w * s_w
+        dv9 = dv9 if need_w else xr.new_zeros(c, 9)
         dah, daw = ds_h * (1 - s_h), ds_w * (1 - s_w)
-        dw1 = torch.einsum("bngo,bngi->oi", dah, xh) + torch.einsum("bgoj,bgij->oi", daw, xw)
+        dw1 = torch.matmul(dah.reshape(-1, c).t(), xh.reshape(-1, c)) + \
+            torch.matmul(daw.transpose(-1, -2).reshape(-1, c).t(), xw.transpose(-1, -2).reshape(-1, c))
         db1 = dah.sum((0, 1, 2)) + daw.sum((0, 1, 3))
-        dd1 = torch.einsum("ik,oik->o", dv9, w3.reshape(c, c, 9)) + dconst.sum() * b3
-        dw3 = dw3 + torch.einsum("o,ik->oik", d1, dv9).reshape(w3.shape)
+        dd1 = torch.matmul(w3.reshape(c, c * 9), dv9.reshape(c * 9)) + dconst.sum() * b3
+        dw3 = dw3 + (d1[:, None] * dv9.reshape(1, c * 9)).reshape(w3.shape)
         db3 = db3 + d1 * dconst.sum()
         dbeta = dbeta + d1 * (dd1 - (dd1 * d1).sum())
         # dX terms constant along a row (pooling over features, tap sums) or a column (pooling over patches), and
@@ -265,13 +272,13 @@ class _FusedGlobal(torch.autograd.Function):
         structured = {"row": (torch.matmul(dah, w1) / d + d_rows).reshape(b, n, geo.p),
                       "col": (torch.matmul(w1.t(), daw) / n).reshape(b, geo.p, d),
                       "first": d_first.reshape(b, n, geo.p), "last": d_last.reshape(b, n, geo.p)}
-        dxr += _structured_input_grad(structured, w_in)
+        dxr = torch.cat(dxr_parts, dim=1) + _structured_input_grad(structured, w_in)
         if need_w:
             dw_in_s, db_in_s = _structured_weight_grad(structured, xr, n, d)
-            dw_in += dw_in_s
-            db_in += db_in_s
+            dw_in, db_in = dw_in + dw_in_s, db_in + db_in_s
         grads = (dxr, dw_in, db_in, dw1, db1, dgamma, dbeta, dw3, db3, dw_out)
-        return (*[gr if need else None for gr, need in zip(grads, ctx.needs_input_grad)], None, None, None)
+        return (*[gr if need and not isinstance(gr, int) else None for gr, need in zip(grads, ctx.needs_input_grad)],
+                None, None, None)
 
 
 def _structured_input_grad(terms: dict, w_in: Tensor) -> Tensor:
@@ -285,10 +292,11 @@ def _structured_input_grad(terms: dict, w_in: Tensor) -> Tensor:
 def _structured_weight_grad(terms: dict, xr: Tensor, n: int, d: int) -> tuple[Tensor, Tensor]:
     """Gradients of proj_in's weight (d, C) and bias (d) from the same terms (see
     :func:`_structured_input_grad`)."""
-    row = torch.einsum("bnp,bnpc->c", terms["row"], xr)
-    dw = row.expand(d, -1) + torch.einsum("bpj,bpc->jc", terms["col"], xr.sum(1))
-    dw[0] += torch.einsum("bnp,bnpc->c", terms["first"], xr)
-    dw[d - 1] += torch.einsum("bnp,bnpc->c", terms["last"], xr)
+    c_in = xr.shape[-1]
+    row = (terms["row"][..., None] * xr).sum((0, 1, 2))
+    dw = row.expand(d, -1) + torch.matmul(terms["col"].reshape(-1, d).t(), xr.sum(1).reshape(-1, c_in))
+    dw[0] += (terms["first"][..., None] * xr).sum((0, 1, 2))
+    dw[d - 1] += (terms["last"][..., None] * xr).sum((0, 1, 2))
     db = terms["row"].sum().expand(d) + n * terms["col"].sum((0, 1))
     db[0] += terms["first"].sum()
     db[d - 1] += terms["last"].sum()
