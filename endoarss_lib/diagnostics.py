@@ -11,6 +11,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .weighting.task_grads import loss_roots, rows_matrix, task_gradients
+
 __all__ = ["task_gradient_matrix", "pair_stats", "conflict_record", "block_of"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -24,16 +26,17 @@ def block_of(name: str) -> str:
     return "sma" if ".sma." in f".{name}" else name.split(".")[0]
 
 
-def task_gradient_matrix(losses: Sequence[torch.Tensor], named_params: Iterable[tuple[str, torch.nn.Parameter]]
+def task_gradient_matrix(losses: torch.Tensor | Sequence[torch.Tensor],
+                         named_params: Iterable[tuple[str, torch.nn.Parameter]], mode: str | None = None
                          ) -> tuple[torch.Tensor, "OrderedDict[str, slice]"]:
-    """(T, P) gradients of each loss w.r.t. the given parameters, and the column slice of every block."""
+    """(T, P) float32 gradients of each loss w.r.t. the given trainable parameters, and the column slice of every
+    block. ``losses``: a 1-D tensor or a sequence of scalars; the graph is kept (the training step backpropagates
+    afterwards). Computed by :func:`endoarss_lib.weighting.task_grads.task_gradients` (``mode``: its strategy)."""
     named = [(n, p) for n, p in named_params if p.requires_grad]
     params = [p for _, p in named]
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
-                               for p, g in zip(params, grads)]))
+    rows = task_gradients(losses, params, mode=mode, retain_graph=True)
+    grads = rows_matrix(rows, params, dtype=torch.float32) if params else \
+        torch.zeros(len(loss_roots(losses)), 0)
     slices: OrderedDict[str, slice] = OrderedDict()
     start = 0
     for name, p in named:
@@ -41,7 +44,7 @@ def task_gradient_matrix(losses: Sequence[torch.Tensor], named_params: Iterable[
         previous = slices.get(key)
         slices[key] = slice(previous.start if previous else start, end)  # parameters of a block are contiguous
         start = end
-    return torch.stack(rows), slices
+    return grads, slices
 
 
 def pair_stats(g1: torch.Tensor, g2: torch.Tensor) -> dict[str, float]:

@@ -312,7 +312,7 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
     losses = torch.stack([raw[t] * loss_weights.get(t, 1.0) / grad_accum for t in tasks])
     record = None
     if diagnostics and len(tasks) > 1:
-        grads, slices = task_gradient_matrix(list(losses), raw_model.named_trainable_shared_parameters())
+        grads, slices = task_gradient_matrix(losses, raw_model.named_trainable_shared_parameters())
         record = conflict_record(grads, slices)
     weighting.observe(out, batch, tasks, ignore_index)
     regulariser = raw_model.regularization_loss()

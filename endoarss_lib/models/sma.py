@@ -8,11 +8,20 @@ SMA runs on the image before the ViT patch embedding (3 channels in, 3 out):
 
 The unfold / fold follows MobileViT (Mehta & Rastegari, ICLR 2022), the attention is EMA (Ouyang et al., ICASSP 2023).
 
-Cost: the unfolded tensor has dim * H * W elements, i.e. at dim=512 it is 25.7 M floats (about 100 MB fp32) per
-224x224 image, and EMA keeps several tensors of that size alive for backward (measured: about 590 MiB of saved
-activations per image). With groups=1 EMA's 3x3 conv (49 -> 49 channels over a 1024 x 512 grid) dominates: 23.1
-GFLOPs per image (3.7 with groups=7). ``checkpoint=True`` recomputes the inner part in backward so only the C-channel
-input is stored (about 2 MiB per image), at the price of a second forward of that part.
+Two implementations of the same function, with the same parameters (state dicts are interchangeable):
+
+* ``impl="fused"`` (default): :mod:`.sma_fused` -- the dim-wide part as one autograd function that works on chunks
+  of patches and never materialises a dim-wide tensor (nor EMA's 3x3 convolution over all channels, which it
+  reduces algebraically to a single-output one); a hand-written backward. Memory: a few MiB per image besides the
+  chunk buffers; not twice differentiable.
+* ``impl="reference"``: the modules as written in the paper -- ``proj_in``, :func:`patchify`, :class:`EMA`,
+  :func:`unpatchify`, ``proj_out``. The unfolded tensor has dim * H * W elements, i.e. at dim=512 it is 25.7 M floats
+  (about 100 MB fp32) per 224x224 image, and EMA keeps several tensors of that size alive for backward (measured:
+  about 590 MiB of saved activations per image). With groups=1 EMA's 3x3 conv (49 -> 49 channels over a 1024 x 512
+  grid) dominates: 23.1 GFLOPs per image (3.7 with groups=7).
+
+``checkpoint=True`` recomputes the dim-wide part in backward so only the C-channel input is stored (both
+implementations; it matters for the reference one).
 
 Deviations from the paper / released code (documented): plain convolutions with bias (the paper names no norm or
 activation); ``residual=True`` adds the input back through a zero-initialised fusion conv so SMA is the identity at
@@ -24,7 +33,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-__all__ = ["EMA", "SMA", "patchify", "unpatchify"]
+from .sma_fused import DEFAULT_CHUNK_ELEMENTS, from_patch_rows, fused_global, to_patch_rows
+
+__all__ = ["EMA", "SMA", "patchify", "unpatchify", "SMA_IMPLS"]
+
+SMA_IMPLS = ("fused", "reference")
 
 
 class EMA(nn.Module):
@@ -89,7 +102,13 @@ def unpatchify(x: torch.Tensor, size: tuple[int, int], patch_size: int) -> torch
 
 
 class SMA(nn.Module):
-    """Spatially-aware Multi-scale Attention: (B, in_chans, H, W) -> same shape; H, W divisible by patch_size."""
+    """Spatially-aware Multi-scale Attention: (B, in_chans, H, W) -> same shape; H, W divisible by patch_size.
+
+    ``impl``: ``"fused"`` (default, memory-light) or ``"reference"`` (the paper's modules), see the module
+    docstring; same parameters and state dict. ``chunk_elements``: elements of one chunk of the dim-wide tensor in
+    the fused implementation (default 2**18; smaller = less memory, more Python overhead). Both can be changed on
+    an existing module (attributes ``impl``, ``chunk_elements``).
+    """
 
     def __init__(
         self,
@@ -100,8 +119,14 @@ class SMA(nn.Module):
         kernel_size: int = 3,
         residual: bool = False,
         checkpoint: bool = False,
+        impl: str = "fused",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
         super().__init__()
+        if impl not in SMA_IMPLS:
+            raise ValueError(f"impl must be one of {SMA_IMPLS}, got {impl!r}")
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         for name, v in (("in_chans", in_chans), ("dim", dim), ("patch_size", patch_size)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -112,6 +137,8 @@ class SMA(nn.Module):
         self.patch_size = patch_size
         self.residual = residual
         self.checkpoint = checkpoint
+        self.impl = impl
+        self.chunk_elements = int(chunk_elements)
         pad = kernel_size // 2
         self.local = nn.Conv2d(in_chans, in_chans, kernel_size, padding=pad)
         self.proj_in = nn.Conv2d(in_chans, dim, 1)
@@ -125,10 +152,18 @@ class SMA(nn.Module):
 
     def _global(self, x: torch.Tensor) -> torch.Tensor:
         # The heavy part (dim-wide tensors); checkpointed as one unit so backward stores only x.
+        if self.impl == "fused":
+            return self._global_fused(x)
         y = self.proj_in(self.local(x))
         y = self.ema(patchify(y, self.patch_size))
         y = unpatchify(y, (x.shape[2], x.shape[3]), self.patch_size)
         return self.proj_out(y)
+
+    def _global_fused(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.local(x)
+        rows = fused_global(to_patch_rows(y, self.patch_size), self.proj_in, self.ema, self.proj_out,
+                            self.chunk_elements)
+        return from_patch_rows(rows, (x.shape[2], x.shape[3]), self.patch_size).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -144,4 +179,4 @@ class SMA(nn.Module):
         return x + out if self.residual else out
 
     def extra_repr(self) -> str:
-        return f"residual={self.residual}, checkpoint={self.checkpoint}"
+        return f"residual={self.residual}, checkpoint={self.checkpoint}, impl={self.impl!r}"

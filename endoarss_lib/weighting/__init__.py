@@ -11,6 +11,9 @@
   ``loss.backward()`` (``needs_task_grads`` says whether it computes per-task gradients);
 * ``combine_losses``, ``set_epoch``, ``state_dict`` / ``load_state_dict``.
 
+Per-task gradients (the weightings' ``backward``, the diagnostics) all go through :func:`task_gradients`
+(:mod:`.task_grads`: one backward per task from the task's own loss, or one batched backward).
+
 See :mod:`endoarss_lib.weighting.base` for the conventions and each module for its paper and defaults.
 """
 from __future__ import annotations
@@ -25,10 +28,11 @@ from .ew import EW
 from .gm_coord import GMCoord, gm_coord_coefficients
 from .moco import MoCo, moco
 from .stch import STCH
+from .task_grads import task_gradients
 
 __all__ = ["Weighting", "GradWeighting", "LossWeighting", "EW", "DBMTL", "AlignedMTL", "MoCo", "STCH", "GMCoord",
            "db_mtl", "aligned_mtl", "alignment_matrix", "moco", "gm_coord_coefficients", "WEIGHTINGS",
-           "SEED_WEIGHTINGS", "get_weighting", "available_weightings"]
+           "SEED_WEIGHTINGS", "get_weighting", "available_weightings", "task_gradients"]
 
 # The paper's grid (LibMTL's methods) ...
 WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (EW, DBMTL, AlignedMTL, MoCo, STCH)}

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .task_grads import rows_matrix, task_gradients, weighted_rows
+
 __all__ = ["Weighting", "GradWeighting", "LossWeighting", "check_task_inputs", "as_loss_vector"]
 
 
@@ -312,22 +314,25 @@ class GradWeighting(Weighting):
                  task_params: Iterable[Any] | None = None) -> Tensor:
         """Training-time step, called instead of ``loss.backward()``.
 
-        1. per-task gradients of the raw losses w.r.t. the trainable shared parameters only
-           (``torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)``; unused -> zeros),
-           flattened into ``G`` (T x P, P = number of **trainable** shared parameter elements; parameters with
-           ``requires_grad=False`` in ``shared_params`` are skipped and never get a gradient);
+        1. per-task gradients of the raw losses w.r.t. the trainable shared parameters only, by
+           :func:`~endoarss_lib.weighting.task_grads.task_gradients` (one backward per task started from the task's
+           own loss, or one batched backward; unused -> zeros), flattened into ``G`` (T x P, P = number of
+           **trainable** shared parameter elements; parameters with ``requires_grad=False`` in ``shared_params`` are
+           skipped and never get a gradient);
         2. ``shared_grad, weights = combine(G, losses)``, **added** to ``p.grad`` (gradient accumulation works);
-        3. the task-specific parameters get the gradient of :meth:`combine_losses` (``h_t * dL_t/dtheta``, see the
-           class docstring), added to their ``.grad``. With ``task_params`` (a list per task, or a flat list) this
-           is ``torch.autograd.backward(..., inputs=task_params)``. With ``task_params=None`` every other trainable
-           parameter the losses reach is treated as task-specific: a full backward is done while the shared
-           parameters' gradients are set aside, then restored (so they are not touched twice).
+        3. the task-specific parameters get the gradient of :meth:`combine_losses`, ``sum_t h_t dL_t/dtheta`` (see
+           the class docstring), added to their ``.grad``. With ``task_params`` (a list per task, or a flat list)
+           they are inputs of the same per-task backward as the shared parameters (no extra backward): each gets
+           ``sum_t h_t`` times the task gradients that reach it. With ``task_params=None`` every other trainable
+           parameter the losses reach is treated as task-specific: a further full backward of
+           :meth:`combine_losses` is done while the shared parameters' gradients are set aside, then restored (so
+           they are not touched twice).
 
         Each call is one optimisation step of the method (an EMA step per micro-batch under accumulation).
-        ``losses`` must be the unscaled raw task losses. Returns the task weights (detached).
+        ``losses`` must be the unscaled raw task losses (a stacked 1-D tensor or a sequence of scalars). The graph
+        is freed. Returns the task weights (detached).
         """
-        losses = as_loss_vector(losses)
-        t_num = losses.numel()
+        loss_vector = as_loss_vector(losses)
         shared = _unique_trainable(shared_params, "shared_params")
         heads = None
         if task_params is not None:
@@ -335,35 +340,37 @@ class GradWeighting(Weighting):
             shared_ids = {id(p) for p in shared}
             if any(id(p) in shared_ids for p in heads):
                 raise ValueError("a parameter appears in both shared_params and task_params")
-
-        sizes = [p.numel() for p in shared]
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in shared) else torch.float32
-        device = shared[0].device if shared else losses.device
-        grads = torch.zeros(t_num, sum(sizes), dtype=dtype, device=device)
-        if shared:
-            for t in range(t_num):
-                if not losses[t].requires_grad:
-                    continue  # a constant loss (task absent from the batch): zero gradient row
-                task_grads = torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
-                off = 0
-                for n, g in zip(sizes, task_grads):
-                    if g is not None:
-                        grads[t, off:off + n].copy_(g.reshape(-1))
-                    off += n
-                del task_grads
+        rows = task_gradients(losses, shared + (heads or []), retain_graph=heads is None)
+        grads = rows_matrix(rows[:len(shared)], shared) if shared else \
+            torch.zeros(loss_vector.numel(), 0, device=loss_vector.device)
         with torch.no_grad():
-            shared_grad, weights = self.combine(grads, losses.detach())
+            shared_grad, weights = self.combine(grads, loss_vector.detach())
         del grads
 
-        backward_task_specific(self.combine_losses(losses), shared, heads)
+        if heads is None:
+            backward_task_specific(self.combine_losses(loss_vector), shared, None)
+        else:
+            h = self.head_weights(loss_vector)
+            with torch.no_grad():
+                for p, per_task in zip(heads, rows[len(shared):]):
+                    _add_grad(p, weighted_rows(per_task, h))
+        del rows
 
         with torch.no_grad():
             off = 0
-            for p, n in zip(shared, sizes):
-                g = shared_grad[off:off + n].view(p.shape).to(device=p.device, dtype=p.dtype)
+            for p in shared:
+                n = p.numel()
+                _add_grad(p, shared_grad[off:off + n].view(p.shape))
                 off += n
-                if p.grad is None:
-                    p.grad = g.clone(memory_format=torch.contiguous_format)
-                else:
-                    p.grad.add_(g)
         return weights
+
+
+def _add_grad(p: Tensor, g: Tensor | None) -> None:
+    """``p.grad += g`` (``p.grad = g`` when empty), in the parameter's dtype and device; None: nothing."""
+    if g is None:
+        return
+    g = g.to(device=p.device, dtype=p.dtype)
+    if p.grad is None:
+        p.grad = g.clone(memory_format=torch.contiguous_format)
+    else:
+        p.grad.add_(g)

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import (Weighting, _flatten_task_params, _unique_trainable, as_loss_vector, backward_task_specific,
-                   check_task_inputs, int_param, real_param)
+from .base import (Weighting, _add_grad, _flatten_task_params, _unique_trainable, as_loss_vector,
+                   backward_task_specific, check_task_inputs, int_param, real_param)
+from .task_grads import task_gradients, weighted_rows
 
 __all__ = ["GMCoord", "gm_coord_coefficients"]
 
@@ -189,8 +190,9 @@ class GMCoord(Weighting):
 
         ``apply_to="losses"`` without noise: a single backward of ``sum_t k_t L_t``. Otherwise the shared
         parameters get ``d(sum_t k_t L_t)/dtheta`` (+ noise) and the task-specific ones ``d(sum_t h_t L_t)/dtheta``
-        with ``h = k`` (losses) or ``h = 1`` (shared); ``task_params=None`` treats every other trainable parameter the
-        losses reach as task-specific (as :class:`GradWeighting` does).
+        with ``h = k`` (losses: the same single backward) or ``h = 1`` (shared: both from the per-task gradients of
+        :func:`~endoarss_lib.weighting.task_grads.task_gradients`); ``task_params=None`` treats every other
+        trainable parameter the losses reach as task-specific (as :class:`GradWeighting` does; one more backward).
         """
         losses = as_loss_vector(losses)
         k = self._advance(losses).to(device=losses.device, dtype=losses.dtype)
@@ -201,19 +203,28 @@ class GMCoord(Weighting):
             return k
         shared = _unique_trainable(shared_params, "shared_params")
         heads = None if task_params is None else _unique_trainable(_flatten_task_params(task_params), "task_params")
-        head_obj = shared_obj if self.apply_to == "losses" else losses.sum()
-        grads = torch.autograd.grad(shared_obj, shared, retain_graph=True, allow_unused=True) if shared else ()
-        backward_task_specific(head_obj, shared, heads)
+        if heads is None:  # the task-specific parameters are unknown: one more full backward, shared set aside
+            head_obj = shared_obj if self.apply_to == "losses" else losses.sum()
+            grads = torch.autograd.grad(shared_obj, shared, retain_graph=True, allow_unused=True) if shared else ()
+            backward_task_specific(head_obj, shared, None)
+            head_grads: list = []
+        elif self.apply_to == "losses":  # noisy: one backward of sum k L into shared and heads
+            params = shared + heads
+            grads = torch.autograd.grad(shared_obj, params, allow_unused=True) if params else ()
+            grads, head_grads = grads[:len(shared)], grads[len(shared):]
+        else:  # shared see sum k L, heads sum L: both from the per-task gradients of one set of backwards
+            rows = task_gradients(losses, shared + heads)
+            grads = [weighted_rows(r, k) for r in rows[:len(shared)]]
+            head_grads = [weighted_rows(r, torch.ones_like(k)) for r in rows[len(shared):]]
         with torch.no_grad():
+            for p, g in zip(heads or [], head_grads):
+                _add_grad(p, g)
             for p, g in zip(shared, grads):
                 if g is None:
                     continue
                 if noisy:
                     g = g + self._noise_like(g)
-                if p.grad is None:
-                    p.grad = g.detach().clone(memory_format=torch.contiguous_format)
-                else:
-                    p.grad.add_(g)
+                _add_grad(p, g.detach())
         return k
 
     # -- logging / state ---------------------------------------------------------------------------------------
