@@ -46,9 +46,16 @@ def installed(tmp_path_factory):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(PACKAGE, src / "endoarss_lib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     try:
-        import setuptools  # noqa: F401
+        import setuptools
     except ImportError:
-        pytest.skip("building a wheel offline needs setuptools in this environment (pip install setuptools)")
+        setuptools = None
+    from packaging.version import Version
+
+    if setuptools is None or Version(setuptools.__version__) < Version("77"):
+        # pyproject.toml's build-system (SPDX licence, license-files) needs setuptools >= 77; without build isolation
+        # (no index here) the environment's own setuptools builds the wheel
+        pytest.skip(f"building the wheel offline needs setuptools>=77 in this environment (found "
+                    f"{getattr(setuptools, '__version__', 'none')}): pip install 'setuptools>=77'")
     built = _pip("wheel", "--no-build-isolation", "--no-deps", "-w", str(root / "dist"), str(src), cwd=root)
     output = built.stderr + built.stdout
     if built.returncode != 0 and ("No module named 'setuptools" in output or "No module named 'wheel'" in output):

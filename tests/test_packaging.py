@@ -212,3 +212,17 @@ def test_only_the_projects_own_hub_call_goes_offline(monkeypatch):
     with hub_mode():
         assert constants.HF_HUB_OFFLINE is False
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_generated_data_default_to_a_per_user_cache_never_the_package(tmp_path, monkeypatch):
+    from endoarss_lib.config import data_home
+
+    package = Path(endoarss_lib.__file__).resolve().parent
+    monkeypatch.delenv("ENDOARSS_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data_home() == tmp_path / "cache" / "endoarss" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data_home() == Path.home() / ".cache" / "endoarss" / "data"
+    assert not data_home().resolve().is_relative_to(package)
+    monkeypatch.setenv("ENDOARSS_DATA", str(tmp_path / "elsewhere"))
+    assert data_home() == tmp_path / "elsewhere"
