@@ -1,5 +1,6 @@
 # The README's commands. Each target sets itself up on a fresh machine: it creates .venv if missing and installs
-# the project into it (again only when pyproject.toml changes).
+# the project into it (again only when pyproject.toml or constraints.txt changes), with the tested versions of
+# constraints.txt (pyproject.toml itself declares compatible ranges only).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -24,9 +25,9 @@ else \
 fi
 endef
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[notebooks,test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[notebooks,test]"
 	@touch $@
 
 install: $(STAMP)

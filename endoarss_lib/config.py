@@ -53,7 +53,7 @@ DEFAULT_MODEL = {"backbone": "vit_mini_patch14", "pretrained": "synthdino_vit_mi
 
 # Fields that never change a run's results (paths, workers, progress bars): left out of the results hash.
 _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_epochs", "device", "pin_memory",
-                "persistent_workers")
+                "persistent_workers", "keep_last")
 
 
 @dataclass
@@ -116,6 +116,8 @@ class TrainConfig:
     run_name: str | None = _f(None, "run folder name (null: derived from the config hash)")
     progress: bool = _f(True, "progress bars")
     stop_after_epochs: int | None = _f(None, "stop after this many epochs (simulates an interruption)")
+    keep_last: bool = _f(False, "keep last.pt (the resume state, with the optimiser's) after the run has finished; "
+                                "false: deleted once result.json is written (a finished run is never resumed)")
 
     def __post_init__(self):
         check_fields(self)

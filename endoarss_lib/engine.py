@@ -1,9 +1,9 @@
 """Training engine: ``fit(config)`` trains, selects an epoch, tests once, and writes a result row.
 
 A run lives in ``<out_dir>/<run_name>/``: ``config.json``, ``last.pt`` (everything needed to resume, written
-atomically after every epoch), ``best.pt`` (the selected model), ``log.csv`` (per epoch), ``diagnostics.csv``
-(task-gradient conflict, when enabled), ``routing.csv`` (per epoch and task, a connector's routing statistics, when
-the model has one) and ``result.json`` (the result row).
+atomically after every epoch; deleted when the run finishes unless ``keep_last``), ``best.pt`` (the selected model),
+``log.csv`` (per epoch), ``diagnostics.csv`` (task-gradient conflict, when enabled), ``routing.csv`` (per epoch and
+task, a connector's routing statistics, when the model has one) and ``result.json`` (the result row).
 
 One training step (:func:`train_step`) and one evaluation pass (:func:`evaluate`, which keeps its meters) serve the
 engine, the benchmarks and the notebooks. Weighting methods and connectors reach the loop only through declared hooks
@@ -548,7 +548,16 @@ def fit(cfg: TrainConfig) -> dict:
     row = _result_row(cfg, state, datasets, test, device, folder, fingerprints)
     if rank == 0:
         write_json_atomic(result_path, row)
+        _finish_run_folder(folder, cfg.keep_last)
     return row
+
+
+def _finish_run_folder(folder: Path, keep_last: bool) -> None:
+    """A finished run keeps ``result.json``, ``best.pt`` (the selected model), ``config.json`` and its logs.
+    ``last.pt`` only serves resuming (last epoch's trainable weights + optimiser state: about 3x ``best.pt``) and a
+    finished run is never resumed (``fit`` returns its ``result.json``), so it is deleted unless ``keep_last``."""
+    if not keep_last:
+        (folder / "last.pt").unlink(missing_ok=True)
 
 
 COMPAT_SIZE = 244  # the released evaluation's label-map side (compat_ metrics are computed at it)

@@ -2,7 +2,7 @@
 
 * :func:`task_losses` -- the raw (unweighted) loss of every task; the activity loss is cross-entropy unless a
   ``cls_loss`` callable (e.g. a :class:`CGLLoss`) is given.
-* :class:`CGLLoss` -- **Coordinated Gradient Learning** (MEJO, Wang et al. 2025, arXiv:2509.12893), an intra-task,
+* :class:`CGLLoss` -- **Coordinated Gradient Learning** (MEJO, Zhang et al. 2025, arXiv:2509.12893), an intra-task,
   long-tail classification loss: head / medium / tail classes from the *training split's* class counts
   (:func:`class_groups`), one-vs-rest sigmoid BCE with a seeded Bernoulli drop of some positive / negative entries,
   positive / negative balanced averaging (:func:`cgl_loss` is the pure function).
@@ -11,7 +11,7 @@
 CGL's public form. The MEJO paper describes CGL in words ("dissects and rebalances the positive-negative gradients
 originating from head and tail classes"); its exact formula is not in the text this project has. The form below is
 the closest public definition (the authors' later release of the same loss, as summarised in the project's
-``seed_components.md``), adapted to single-label activity recognition with one-hot targets ``y`` over C classes:
+``docs/seed_components.md``), adapted to single-label activity recognition with one-hot targets ``y`` over C classes:
 
 * ``l_ic = BCEWithLogits(z_ic, y_ic)`` for every sample i and class c;
 * a Bernoulli drop mask ``m_ic ~ Bernoulli(p)`` drawn fresh at every call from a seeded ``torch.Generator``;

@@ -1,6 +1,6 @@
 """Metrics for activity recognition and semantic segmentation: correct values, and the paper-compatible ones.
 
-Policies (``/work/shared/spec/metrics.md`` is authoritative):
+Policies (``docs/metrics.md`` states them for users; this docstring is the detailed reference):
 
 * **Fractions, not percent.** Accuracy, F1, IoU, Dice, SSIM and pixel accuracy lie in [0, 1]. Distances (``hd``,
   ``hd95``, ``compat_hd``) are in **pixels of the label maps passed in**: the evaluation resolution is whatever
@@ -29,7 +29,7 @@ Policies (``/work/shared/spec/metrics.md`` is authoritative):
   holds scores: the class axis is axis 1 of a batch ((B, K) or (B, S, H, W)), axis 0 of a single image (S, H, W),
   and it is reduced by argmax. Otherwise ``pred`` holds labels of the same shape as ``target``.
 * **compat** values reproduce the authors' released evaluation so numbers can sit beside the paper's tables; they
-  are not correct metrics (see ``paper_vs_code.md``). Their formulas are in the docstrings of the helpers below.
+  are not correct metrics (see ``docs/paper_vs_code.md``). Their formulas are in the docstrings of the helpers below.
 """
 from __future__ import annotations
 

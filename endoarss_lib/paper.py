@@ -1,11 +1,12 @@
-"""The paper's tables as data (``results/paper/*.csv``) and our result rows set beside them.
+"""The paper's tables as data (``endoarss_lib/paper_tables/*.csv``, shipped with the package) and our result rows set
+beside them.
 
 Each table is a tidy CSV in our vocabulary: ``dataset`` (mtlesd | mtlendovis | mtlendovis_gen), ``backbone``
 (resnet101 | dinov2 | endoarss = DINOv2 + SMA), ``arch`` (mmoe | dselect_k | tesla | single), ``weighting``
 (moco | aligned_mtl | stch | db_mtl | none), ``task`` (both | cls | seg), then the paper's metric columns in the
 paper's units (``AC, F_score, mIoU, DS, SSIM`` in %, ``HD`` in the released code's units). Those columns are what the
-authors' evaluation computes, i.e. our ``compat_`` metrics (see :data:`PAPER_TO_OURS`); ``results/paper/README.md``
-records the transcription choices and the paper's inconsistencies.
+authors' evaluation computes, i.e. our ``compat_`` metrics (see :data:`PAPER_TO_OURS`); ``paper_tables/README.md``
+(beside the CSVs) records the transcription choices and the paper's inconsistencies.
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ PAPER_TO_OURS: dict[str, PaperMetric] = _paper_to_ours()
 
 
 def paper_dir() -> Path:
-    """Folder of the transcribed tables: ``$ENDOARSS_PAPER_DIR`` or ``results/paper`` of this checkout."""
-    return Path(os.environ.get("ENDOARSS_PAPER_DIR") or Path(__file__).resolve().parents[1] / "results" / "paper")
+    """Folder of the transcribed tables: ``$ENDOARSS_PAPER_DIR`` if set, else the package's own ``paper_tables/``
+    (installed with the package, so a normal install reads them as a checkout does)."""
+    return Path(os.environ.get("ENDOARSS_PAPER_DIR") or Path(__file__).resolve().parent / "paper_tables")
 
 
 def _table_key(name: str | int) -> str:
@@ -81,7 +83,10 @@ def load_paper_table(name: str | int) -> pd.DataFrame:
     """One transcribed table (see :data:`PAPER_TABLES`): key columns as strings, flags as bools, numbers as floats."""
     path = paper_dir() / _FILES[_table_key(name)]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: paper table missing (set ENDOARSS_PAPER_DIR to the results/paper folder)")
+        hint = ("ENDOARSS_PAPER_DIR is set: point it at a folder holding the table CSVs, or unset it to use the "
+                "package's paper_tables/" if os.environ.get("ENDOARSS_PAPER_DIR") else
+                "the package's paper_tables/ folder is incomplete: reinstall the package")
+        raise FileNotFoundError(f"{path}: paper table missing ({hint})")
     df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"note": str})
     df["note"] = df["note"].fillna("")
     for column in _BOOL_COLUMNS:

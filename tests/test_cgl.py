@@ -1,6 +1,6 @@
-"""MEJO's CGL loss against an independent NumPy reference written here from seed_components.md, plus its invariants:
-p = 0 is the balanced BCE, dropped entries get exactly zero gradient, no tail class -> only the positive-side drop
-acts, grouping from training counts, seeded and resumable masks."""
+"""MEJO's CGL loss against an independent NumPy reference written here from docs/seed_components.md, plus its
+invariants: p = 0 is the balanced BCE, dropped entries get exactly zero gradient, no tail class -> only the
+positive-side drop acts, grouping from training counts, seeded and resumable masks."""
 from __future__ import annotations
 
 import numpy as np

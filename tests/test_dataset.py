@@ -1,4 +1,4 @@
-"""MTLDataset on hand-made layouts: items, splits, transforms, and every bad input of data.md."""
+"""MTLDataset on hand-made layouts: items, splits, transforms, and every bad input of docs/data.md."""
 from __future__ import annotations
 
 import json
@@ -153,7 +153,7 @@ def test_stray_files_are_reported_not_fatal(esd_root):
     assert len(ds) == 6
 
 
-# ---- bad input: every case of data.md gets an error naming the file ----
+# ---- bad input: every case of docs/data.md gets an error naming the file ----
 
 def test_missing_root(tmp_path):
     with pytest.raises(DataError, match="does not exist"):

@@ -30,7 +30,7 @@ def small(tmp_path, **overrides):
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     # DB-MTL (EMA state), a step scheduler and augmentation: every piece of state must survive the restart.
-    common = dict(epochs=3, weighting="db_mtl", scheduler="step", step_size=1, gamma=0.5)
+    common = dict(epochs=3, weighting="db_mtl", scheduler="step", step_size=1, gamma=0.5, keep_last=True)
     straight = fit(small(tmp_path / "a", **common))
     stopped = fit(small(tmp_path / "b", stop_after_epochs=1, **common))
     assert stopped["status"] == "stopped" and stopped["epoch"] == 1
@@ -95,7 +95,7 @@ def test_training_improves_validation_metrics_over_the_untrained_model(tmp_path)
 @pytest.mark.parametrize("weighting", available_weightings())
 def test_every_weighting_trains_with_tesla(tmp_path, weighting):
     hparams = {"warmup_epochs": 1} if weighting == "STCH" else {}
-    row = fit(small(tmp_path, epochs=2, weighting=weighting, weighting_hparams=hparams))
+    row = fit(small(tmp_path, epochs=2, weighting=weighting, weighting_hparams=hparams, keep_last=True))
     log = pd.read_csv(Path(row["run_dir"]) / "log.csv")
     assert len(log) == 2 and np.isfinite(log[["train_loss_cls", "train_loss_seg"]].to_numpy()).all()
     # the method named in the row is the one that ran: its state took one step per optimisation step
@@ -126,7 +126,7 @@ def test_single_task_baselines_use_the_same_engine(tmp_path, task):
 
 
 def test_result_row_has_every_field_and_files_exist(tmp_path):
-    row = fit(small(tmp_path, epochs=1, diagnostics_every=1))
+    row = fit(small(tmp_path, epochs=1, diagnostics_every=1, keep_last=True))
     for field in ("dataset", "data", "backbone", "pretrained", "random_init_backbone", "arch", "weighting", "seed",
                   "preset", "epochs", "wall_time_s", "device", "peak_memory_mib", "library_version", "git_commit",
                   "config_hash", "test_cls_accuracy", "test_cls_compat_ac", "test_seg_miou", "test_seg_hd",

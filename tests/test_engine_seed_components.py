@@ -30,7 +30,7 @@ def small(tmp_path, **overrides):
 
 
 def test_resume_with_cgl_gm_coord_and_cmoe_equals_uninterrupted_run(tmp_path):
-    common = dict(epochs=2, **SEED_PARTS)
+    common = dict(epochs=2, keep_last=True, **SEED_PARTS)
     straight = fit(small(tmp_path / "a", **common))
     stopped = fit(small(tmp_path / "b", stop_after_epochs=1, **common))
     assert stopped["status"] == "stopped"

@@ -1,6 +1,7 @@
 """Tests of endoarss_lib.weighting against hand-computed cases and independent NumPy implementations written here
-straight from the formulas of training.md (never calling the module), plus the methods' invariants, the training-time
-``backward`` entry point on a tiny model with a frozen shared parameter, and bitwise state_dict resume."""
+straight from the formulas of docs/training.md (never calling the module), plus the methods' invariants, the
+training-time ``backward`` entry point on a tiny model with a frozen shared parameter, and bitwise state_dict
+resume."""
 from __future__ import annotations
 
 import io
@@ -23,7 +24,7 @@ def t64(x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent NumPy references (from the formulas in training.md)
+# Independent NumPy references (from the formulas in docs/training.md)
 # ---------------------------------------------------------------------------------------------------------------
 
 class NpDBMTL:

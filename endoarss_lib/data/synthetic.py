@@ -1,4 +1,4 @@
-"""Synthetic endoscopic scenes for activity recognition + segmentation, written in the on-disk layout of data.md.
+"""Synthetic endoscopic scenes for activity recognition + segmentation, written in the on-disk layout of docs/data.md.
 
 Each image comes from its own seeded generator, so it does not depend on how many others are drawn. Objects are
 rasterised once as boolean masks that paint both the image and the train-id mask (pixel-aligned by construction).

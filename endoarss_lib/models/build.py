@@ -86,7 +86,7 @@ class ModelConfig:
     resnet_output_stride: int = _f(16, "8 or 16 (dilated last stages)")
     weights_allow_missing: tuple = _f((), "fnmatch patterns of checkpoint keys allowed to be missing")
     weights_allow_unexpected: tuple = _f((), "fnmatch patterns of checkpoint keys allowed to be unexpected")
-    # Connector between the backbone and the heads (seed_components.md): None | "cmoe" (Uni-Med's CMoE)
+    # Connector between the backbone and the heads (docs/seed_components.md): None | "cmoe" (Uni-Med's CMoE)
     connector: str | None = _f(None, "between backbone and heads: null or 'cmoe' (Uni-Med's connector MoE)")
     cmoe_experts: int = _f(5, "CMoE experts E (Uni-Med: 5)")
     cmoe_router: str = _f("soft", "soft (sigmoid, normalised) | sparse (top-k softmax) | hard (task t -> expert t) | "

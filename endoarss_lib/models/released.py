@@ -2,7 +2,7 @@
 
 The authors published two trained checkpoints (MTLESD: ``mtl_MOLA_DB_MTL_best_cls_w=1_seg_w=1_dinonet.pt``,
 MTLEndovis: ``mtl_MOLA_STCH_best_cls_w=1_seg_w=1_dinonet.pt``). They hold ``state_dict()`` of LibMTL's ``MOLA``
-architecture with the ``dinonet`` encoder, which is **not** the model the paper describes (``paper_vs_code.md``).
+architecture with the ``dinonet`` encoder, which is **not** the model the paper describes (``docs/paper_vs_code.md``).
 This module rebuilds that model exactly, from a reading of the released source (repository ``gkw0010/EndoARSS``):
 
 * ``ds_train.py``: encoder ``Dinov2WithLoRA(backbone_size="base", r=4, image_shape=(224, 224), lora_type="dvlora",

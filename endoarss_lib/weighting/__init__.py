@@ -36,7 +36,7 @@ __all__ = ["Weighting", "GradWeighting", "LossWeighting", "EW", "DBMTL", "Aligne
 
 # The paper's grid (LibMTL's methods) ...
 WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (EW, DBMTL, AlignedMTL, MoCo, STCH)}
-# ... and the related papers' methods (seed_components.md), selectable by the same names.
+# ... and the related papers' methods (docs/seed_components.md), selectable by the same names.
 SEED_WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (GMCoord,)}
 _ALL = {**WEIGHTINGS, **SEED_WEIGHTINGS}
 
@@ -66,7 +66,7 @@ def _lookup(name: str) -> type[Weighting]:
 
 
 def get_weighting(name: str, **hparams: Any) -> Weighting:
-    """Build the weighting method ``name`` with its hyper-parameters (defaults from training.md).
+    """Build the weighting method ``name`` with its hyper-parameters (defaults from docs/training.md).
 
     Unknown name -> ValueError listing the valid names; unknown hyper-parameter -> TypeError naming it; invalid
     value -> ValueError naming the parameter.

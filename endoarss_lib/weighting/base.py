@@ -293,7 +293,7 @@ def backward_task_specific(objective: Tensor, shared: list, heads: list | None) 
 class GradWeighting(Weighting):
     """A gradient-manipulation method working on the task-gradient matrix of the trainable shared parameters.
 
-    Task-specific parameters (heads, task adapters) follow LibMTL and training.md ("heads keep their own task's
+    Task-specific parameters (heads, task adapters) follow LibMTL and docs/training.md ("heads keep their own task's
     gradient"): they receive the gradient of :meth:`combine_losses`, i.e. ``h_t * dL_t/dtheta`` with
     ``h_t = head_weights(losses)[t]`` -- 1 for Aligned-MTL and MoCo, ``1 / (L_t + 1e-8)`` for DB-MTL (the gradient
     of its log-loss). The method's task weights (alpha / lambda) act on the shared parameters only.

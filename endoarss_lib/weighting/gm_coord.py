@@ -1,4 +1,4 @@
-"""GM-Coord: UMD's Gradient-guided Modality Coordination (Jin et al., "Unified Multi-modal Diagnostic Framework with
+"""GM-Coord: UMD's Gradient-guided Modality Coordination (Zhang et al., "Unified Multi-modal Diagnostic Framework with
 Reconstruction Pre-training and Heterogeneity-combat Tuning", arXiv:2404.06057, 2024), with **tasks** in place of
 modalities.
 

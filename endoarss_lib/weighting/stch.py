@@ -14,7 +14,7 @@ A loss-level method (one plain backward; no per-task gradients). Epochs are coun
 Task weights returned = the effective ``d loss / d L_t`` (detached): ``1 / (L_t + 1e-20)`` in the warm-up,
 ``T softmax(l / mu)_t / (L_t + 1e-20 z_t)`` afterwards.
 
-Deviation from LibMTL, on purpose (training.md: "during the last warm-up epoch accumulate"): LibMTL accumulates
+Deviation from LibMTL, on purpose (docs/training.md: "during the last warm-up epoch accumulate"): LibMTL accumulates
 during epoch ``== warmup_epoch`` and switches at ``warmup_epoch + 1`` (warmup + 1 log-loss epochs); here the
 warm-up has exactly ``warmup_epochs`` epochs. If no step was taken in the last warm-up epoch (the epochs jumped) the
 first step after the warm-up raises ``RuntimeError``.
