@@ -26,7 +26,7 @@ from .data.registry import get_spec, list_datasets
 from .models.build import ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
-           "data_home",
+           "data_home", "synthetic_root",
            "ConfigError", "config_help", "DEFAULT_MODEL"]
 
 
@@ -37,6 +37,12 @@ def data_home() -> Path:
         return Path(os.environ["ENDOARSS_DATA"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache).expanduser() / "endoarss" / "data"
+
+
+def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_size: int) -> Path:
+    """Where the synthetic stand-in of ``dataset`` with these sizes lives: ``<data home>/synthetic_<dataset>_s<seed>_
+    <n_train>-<n_test>_<size>px`` (the one place this name is made)."""
+    return data_home() / f"synthetic_{dataset}_s{seed}_{n_train}-{n_test}_{image_size}px"
 
 
 def _f(default, help: str, choices: tuple | None = None, **kw):
@@ -273,8 +279,8 @@ class TrainConfig:
         if not self.synthetic:
             raise ConfigError("data_root=null with synthetic=false: give the folder of your prepared dataset "
                               "(data_root=/path/to/MTLESD), or set synthetic=true")
-        return data_home() / (f"synthetic_{self.dataset}_s{self.synthetic_seed}_{self.synthetic_n_train}-"
-                              f"{self.synthetic_n_test}_{self.image_size}px")
+        return synthetic_root(self.dataset, self.synthetic_seed, self.synthetic_n_train, self.synthetic_n_test,
+                              self.image_size)
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with fields changed (``model`` may be a dict of options to update)."""

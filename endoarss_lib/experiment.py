@@ -26,7 +26,26 @@ from .config import ConfigError, DEFAULT_MODEL, TrainConfig, preset
 from .models.build import ModelConfig
 from .results import caption, save_rows, write_table
 
-__all__ = ["Experiment", "model_options"]
+__all__ = ["Experiment", "model_options", "project_path", "RUNS_DIR"]
+
+RUNS_DIR = "results/runs"  # one run store for every notebook: a configuration trained once is reused everywhere
+
+
+def project_path(path: str | os.PathLike) -> Path:
+    """A path as the notebooks write it (relative to the repository root, e.g. ``results/02_main_results``),
+    resolved the same from the repository root and from ``notebooks/`` (papermill ``--cwd notebooks``, Jupyter).
+
+    Absolute paths are kept; a relative one is taken from the repository root when the working directory is it or
+    its ``notebooks/`` folder (recognised by ``pyproject.toml`` and ``endoarss_lib/`` beside ``notebooks/``),
+    else from the working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    cwd = Path.cwd()
+    for root in (cwd, cwd.parent):
+        if (root / "notebooks").is_dir() and (root / "pyproject.toml").is_file() and (root / "endoarss_lib").is_dir():
+            return root / path
+    return cwd / path
 
 # notebook parameter -> TrainConfig field
 _PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed"}
@@ -65,15 +84,18 @@ class Experiment:
                  image_size: int | None = None, epochs: int | None = None, n_train: int | None = None,
                  n_test: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int = 0, device: str = "cpu", out_dir: str | os.PathLike | None = None,
-                 model: str | Mapping | None = None, weights: Mapping[str, str] | None = None, **fields: Any):
+                 runs_dir: str | os.PathLike = RUNS_DIR, model: str | Mapping | None = None,
+                 weights: Mapping[str, str] | None = None, **fields: Any):
         self.name = name
-        self.out = Path(out_dir if out_dir is not None else Path("results") / name)
+        self.out = project_path(out_dir if out_dir not in (None, "") else Path("results") / name)
+        self.runs = project_path(runs_dir)
         self.weights = dict(weights or {})
         self.default_model = model_options(model)
-        values = {"dataset": dataset, "data_root": None if data_root in (None, "") else str(data_root),
-                  "synthetic": data_root in (None, ""), "image_size": image_size, "epochs": epochs,
+        real = data_root not in (None, "")
+        values = {"dataset": dataset, "data_root": str(project_path(data_root)) if real else None,
+                  "synthetic": not real, "image_size": image_size, "epochs": epochs,
                   "synthetic_n_train": n_train, "synthetic_n_test": n_test, "batch_size": batch_size, "lr": lr,
-                  "seed": seed, "device": device, "out_dir": str(self.out / "runs"), "progress": False, **fields}
+                  "seed": seed, "device": device, "out_dir": str(self.runs), "progress": False, **fields}
         self.fields = {k: v for k, v in values.items() if v is not None or k == "data_root"}
         self.preset_name = preset_name
         try:
@@ -154,6 +176,26 @@ class Experiment:
         from .engine import make_datasets
 
         return make_datasets(self.base, splits)
+
+    def shifted_test_set(self, n_test: int | None = None):
+        """The domain-shifted generalisation test set of this experiment's training dataset (MTLEndovis ->
+        MTLEndovis-Gen, paper Table IV): for synthetic data generated with the same seed and size (``n_test``
+        images, default the experiment's), for real data the folder ``data_root`` of the Gen set must be given to
+        :func:`endoarss_lib.inference.evaluate_run_on` instead."""
+        from .config import synthetic_root
+        from .data import DATASETS, MTLDataset, make_synthetic
+
+        b = self.base
+        target = next((name for name, spec in DATASETS.items() if spec.train_on == b.dataset), None)
+        if target is None:
+            raise ConfigError(f"dataset={b.dataset!r} has no generalisation set (MTLEndovis-Gen is for mtlendovis)")
+        if not b.synthetic:
+            raise ConfigError("shifted_test_set() generates the synthetic stand-in; for real data pass the folder "
+                              "of your MTLEndovis-Gen copy to evaluate_run_on")
+        n = b.synthetic_n_test if n_test is None else n_test
+        root = synthetic_root(target, b.synthetic_seed, 0, n, b.image_size)
+        make_synthetic(root, target, seed=b.synthetic_seed, n_train=0, n_test=n, image_size=b.image_size)
+        return MTLDataset(root, "test", dataset=target, image_size=b.image_size, normalize=b.normalize)
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, dataset={self.base.dataset!r}, out={str(self.out)!r})"

@@ -20,7 +20,8 @@ from .engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_ch
                      read_run_config, resolve_device, seed_everything, weights_digest)
 from .metrics import per_activity_spread, subset_metrics
 
-__all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread"]
+__all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
+           "generalisation_table"]
 
 
 def load_run_model(folder: str | Path, device: str = "cpu"):
@@ -116,3 +117,68 @@ def per_class_spread(folder: str | Path, split: str = "test", device: str = "cpu
     each activity's images), and the standard deviation of the per-image foreground IoUs (the released code's)."""
     ev = evaluate_run(folder, split=split, device=device, distances=False, per_image=True)
     return per_activity_spread(ev.images)
+
+
+def prior_predictor(train: MTLDataset, test: MTLDataset, compat_size: int | None = COMPAT_SIZE) -> dict:
+    """Test metrics of the floor every model must beat: always the most frequent training activity, and for every
+    pixel the class most frequent at that position in the training masks. Keys as a result row (``test_...``)."""
+    from .tasks import get_task
+
+    spec = train.spec
+    size = train.image_size
+    counts = np.zeros((spec.num_seg_classes, size, size), np.int64)
+    rows, cols = np.indices((size, size))
+    for index in range(len(train)):
+        mask = train[index]["mask"].numpy()
+        valid = mask != train.ignore_index
+        np.add.at(counts, (mask[valid], rows[valid], cols[valid]), 1)
+    prior_mask = counts.argmax(0)
+    prior_label = int(np.bincount(train.labels, minlength=spec.num_activities).argmax())
+    meters = {"cls": get_task("cls").make_meter(spec.num_activities),
+              "seg": get_task("seg").make_meter(spec.num_seg_classes, ignore_index=test.ignore_index,
+                                                compat_size=compat_size)}
+    for index in range(len(test)):
+        item = test[index]
+        meters["cls"].update(np.array([prior_label]), item["label"].reshape(1))
+        meters["seg"].update(prior_mask[None], item["mask"][None])
+    row = {"name": "prior predictor", "data": "synthetic" if test.synthetic else "real"}
+    for t, meter in meters.items():
+        row.update({f"test_{k}": v for k, v in get_task(t).result_values(meter.compute()).items()})
+    return row
+
+
+def _subset_view(ev: Evaluation, activities, classes) -> dict:
+    """Accuracy over the images of ``activities`` and mIoU / Dice over ``classes`` of one evaluation pass."""
+    out = {}
+    if ev.images and "correct" in ev.images[0]:
+        kept = [r["correct"] for r in ev.images if r["label"] in activities]
+        out["cls_accuracy_eval"] = float(np.mean(kept)) if kept else float("nan")
+    if "seg" in ev.values:
+        sub = subset_metrics(ev.values["seg"]["confusion"], classes)
+        out["seg_miou_eval"], out["seg_dice_eval"] = sub["miou"], sub["dice"]
+    return out
+
+
+def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu") -> "pd.DataFrame":
+    """In-domain test vs the domain-shifted set (paper Table IV) for every run in ``rows`` (result rows), compared
+    like with like: besides the metrics over everything present, ``*_eval`` columns restrict BOTH sides to the
+    shifted set's evaluated activities and segmentation classes (its registry subset), so a difference is the
+    domain gap and not a change of which classes are averaged."""
+    import pandas as pd
+
+    spec = shifted.spec
+    activities = set(spec.eval_activities) if spec.eval_activities is not None else set(shifted.labels)
+    classes = list(spec.eval_seg_classes or range(spec.num_seg_classes))
+    records = []
+    for _, row in rows.iterrows():
+        base = {k: row.get(k) for k in ("name", "model_label", "backbone", "sma", "arch", "weighting", "seed",
+                                         "data", "synthetic_pretrained_backbone", "random_init_backbone",
+                                         "config_hash")}
+        for label, ev in (("in-domain", evaluate_run(row["run_dir"], "test", device, distances=False,
+                                                     per_image=True)),
+                          ("shifted", evaluate_run_on(row["run_dir"], shifted.root, spec.name, shifted.image_size,
+                                                      device=device, distances=False, per_image=True))):
+            metrics = {f"test_{k}": v for k, v in ev.items() if isinstance(v, float)}
+            records.append({**base, "test set": label, **metrics,
+                            **{f"test_{k}": v for k, v in _subset_view(ev, activities, classes).items()}})
+    return pd.DataFrame(records)

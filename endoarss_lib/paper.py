@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["PAPER_TABLES", "PAPER_METRICS", "PAPER_TO_OURS", "PaperMetric", "paper_dir", "load_paper_table",
+__all__ = ["PAPER_TABLES", "PAPER_METRICS", "PAPER_TO_OURS", "PaperMetric", "paper_dir", "load_paper_table", "compact",
            "paper_table_for", "to_paper_vocabulary", "side_by_side", "DEFAULT_KEYS", "MAIN_TABLES"]
 
 PAPER_TABLES: dict[str, str] = {
@@ -184,6 +184,15 @@ def _summarise_ours(ours: pd.DataFrame, on: list[str], metrics: Sequence[str]) -
 
 def _mean(group: pd.DataFrame, column: str) -> float:
     return float(pd.to_numeric(group[column], errors="coerce").mean()) if column in group else float("nan")
+
+
+def compact(side: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`side_by_side` table narrow enough to read: the keys, then per paper metric the paper's value and
+    ours computed the same way (``compat``) side by side; the correct values and notes stay in the full table."""
+    keep = [c for c in side if not c.endswith(("_correct", "_pm_paper")) and c not in ("paper_note", "backbone_ours")]
+    out = side[keep].copy()
+    out.columns = [c.replace("_paper", " paper").replace("_compat", " ours") for c in keep]
+    return out
 
 
 def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, on: Sequence[str] = DEFAULT_KEYS,

@@ -46,7 +46,7 @@ PRETRAIN_PRESETS = ("mtlesd", "mtlendovis", "mtlendovis_gen")
 
 @dataclass
 class PretrainConfig:
-    """The pretraining recipe (defaults: the bundled ``synthdino_vit_mini14`` weights, about 50 min on 2 CPU cores)."""
+    """The pretraining recipe (defaults: the bundled ``synthdino_vit_mini14`` weights; about an hour on 2 CPU cores)."""
 
     name: str = "synthdino_vit_mini14"  # weight record name (file stem)
     backbone: str = "vit_mini_patch14"  # key of models.BACKBONES (a DINOv2-architecture ViT)
@@ -64,8 +64,8 @@ class PretrainConfig:
     local_scale: tuple = (0.05, 0.32)
     colour_jitter: float = 0.4  # brightness / contrast / saturation strength (hue = strength / 4), p = 0.8
     # objectives
-    out_dim: int = 1024  # prototypes of the DINO head
-    patch_out_dim: int = 1024  # prototypes of the iBOT head
+    out_dim: int = 512  # prototypes of the DINO head
+    patch_out_dim: int = 512  # prototypes of the iBOT head
     head_hidden: int = 512
     head_bottleneck: int = 128
     head_bn: bool = True  # batch norm in the heads' MLPs (see DINOHead)
@@ -81,14 +81,15 @@ class PretrainConfig:
     mask_ratio: tuple = (0.1, 0.5)
     # optimisation
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1.5e-3
     min_lr: float = 1e-5
-    warmup: float = 0.1  # fraction of the run
+    warmup: float = 0.05  # fraction of the run
     weight_decay: float = 0.04
     weight_decay_end: float = 0.2
-    momentum_teacher: float = 0.99
+    momentum_teacher: float = 0.99  # teacher EMA momentum at the start (cosine to 1)
     clip_grad: float = 3.0
-    steps: int = 0  # 0: as many as fit in ``minutes``
+    steps: int = 1400  # optimisation steps (0: as many as fit in ``minutes``; a step count reproduces, a time budget
+    #                    depends on the machine)
     minutes: float = 50.0  # time budget when steps == 0 (the schedules follow the elapsed time)
     amp: str = "bf16"  # bf16 autocast (CPU with AVX512-BF16 / CUDA) or "off"; master weights stay fp32
     seed: int = 0

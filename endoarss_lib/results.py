@@ -16,7 +16,7 @@ import pandas as pd
 from .atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note",
-           "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single"]
+           "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single", "compare"]
 
 ROWS_FILE = "rows.json"
 
@@ -182,3 +182,48 @@ def delta_m_against_single(rows: pd.DataFrame, metrics: Mapping[str, bool] | Non
                               {k: metrics[k] for k in finite}) if finite else np.nan)
         used.append(",".join(k.replace("test_", "") for k in finite))
     return pd.DataFrame({"delta_m": values, "delta_m_metrics": used}, index=rows.index)
+
+
+# ------------------------------------------------------------------------------------------------ reading the numbers
+
+def compare(rows: pd.DataFrame, by: str, a, b, metric: str, seed: str = "seed") -> str:
+    """One sentence comparing configuration ``a`` with ``b`` (values of column ``by``) on ``metric``, written from the
+    numbers: which is ahead and by how much (mean over seeds), and whether that is more than the seed-to-seed spread.
+
+    With seeds on both sides the difference is judged against the standard deviation of the paired per-seed
+    differences (or of the two groups when seeds do not pair): "within noise" when ``|mean difference|`` is below
+    it. With one seed the sentence says that noise cannot be judged. The metric's direction comes from the task
+    registry (for HD a lower value is ahead).
+    """
+    import numpy as np
+
+    from .tasks import higher_is_better
+
+    try:
+        higher = higher_is_better(metric)
+    except KeyError:
+        higher = True
+    label = metric.replace("test_", "")
+    va = rows.loc[rows[by] == a].set_index(seed)[metric] if seed in rows else rows.loc[rows[by] == a, metric]
+    vb = rows.loc[rows[by] == b].set_index(seed)[metric] if seed in rows else rows.loc[rows[by] == b, metric]
+    va, vb = va.dropna(), vb.dropna()
+    if va.empty or vb.empty:
+        return f"{label}: no values for {a if va.empty else b}."
+    diff = float(va.mean() - vb.mean())
+    ahead, behind = (a, b) if (diff > 0) == higher else (b, a)
+    n = min(len(va), len(vb))
+    if diff == 0:
+        text = f"{a} and {b} have the same {label} ({va.mean():.3f})"
+    else:
+        text = f"{ahead} is ahead of {behind} on {label}: {va.mean():.3f} vs {vb.mean():.3f} ({diff:+.3f})"
+    if n < 2:
+        return text + "; one seed, so the seed-to-seed noise cannot be judged."
+    common = va.index.intersection(vb.index)
+    if len(common) >= 2:
+        spread = float(np.std((va[common] - vb[common]).to_numpy(), ddof=1))
+        kind = "paired per-seed differences"
+    else:
+        spread = float(max(va.std(ddof=1), vb.std(ddof=1)))
+        kind = "per-configuration seed std"
+    verdict = "within noise" if abs(diff) <= spread else "more than the noise"
+    return f"{text}; {verdict} (std of the {kind} over {n} seeds: {spread:.3f})."

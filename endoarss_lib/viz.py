@@ -19,7 +19,7 @@ from .data.dataset import to_uint8_image
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
            "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves",
            "per_image_iou", "worst_samples", "confusion_pixels", "confused_samples", "pair_counts", "plot_gallery",
-           "shrink_png", "corruption_grid", "plot_severity_curves"]
+           "shrink_png", "corruption_grid", "plot_severity_curves", "plot_colour_shift"]
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -175,7 +175,7 @@ def plot_training_curves(log, title: str) -> Figure:
     left.set_xlabel("epoch")
     left.set_title("training loss")
     left.legend()
-    for column in ("val_cls_accuracy", "val_seg_miou", "val_seg_miou_fg", "val_select"):
+    for column in ("val_cls_accuracy", "val_seg_miou", "val_seg_miou_fg", "select_score"):
         if column in log:
             right.plot(log["epoch"], log[column], marker="o", label=column.replace("val_", ""))
     right.set_xlabel("epoch")
@@ -367,5 +367,23 @@ def plot_severity_curves(frame: pd.DataFrame, metrics: Sequence[str] = ("cls_acc
     axes[0, 0].legend(fontsize=7)
     n = int(table["n_corruptions"].max())
     fig.suptitle(f"Mean over {n} corruptions per severity{(' - ' + note) if note else ''}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_colour_shift(source, target, n: int = 24, note: str = "") -> Figure:
+    """Histograms of the per-image mean R, G, B of two datasets (e.g. a training set and its domain-shifted
+    generalisation set), from up to ``n`` images each."""
+    def means(dataset):
+        return np.stack([dataset.load_raw(i)[0].reshape(-1, 3).mean(0) for i in range(min(n, len(dataset)))])
+
+    a, b = means(source), means(target)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    for channel, (ax, name) in enumerate(zip(axes, "RGB")):
+        ax.hist(a[:, channel], bins=12, alpha=0.6, label=source.spec.name)
+        ax.hist(b[:, channel], bins=12, alpha=0.6, label=target.spec.name)
+        ax.set_title(f"mean {name} per image")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"colour shift{(' - ' + note) if note else ''}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -131,10 +131,16 @@ def create_timm_backbone(
     model = timm.create_model(cfg.timm_name, pretrained=False, **kwargs)
     if pretrained is False or pretrained is None:
         if cfg.warn_random_init:
+            from .pretrained import list_pretrained, get_pretrained
+
+            bundled = [n for n in list_pretrained() if get_pretrained(n).backbone == name]
+            what = ("DINOv2" if name.startswith("dinov2") else "a pretrained foundation model" if cfg.family == "vit"
+                    else "an ImageNet-pretrained " + name)
+            fix = f"pretrained={bundled[0]!r} (bundled)" if bundled else "pretrained='/path/to/weights'"
             warnings.warn(
-                f"backbone {name!r} is RANDOMLY INITIALISED (pretrained=False): results mean nothing about "
-                f"{'DINOv2' if cfg.family == 'vit' else 'an ImageNet-pretrained ' + name}. Pass pretrained="
-                f"'/path/to/weights' for real runs.", RandomInitWarning, stacklevel=3)
+                f"backbone {name!r} is RANDOMLY INITIALISED (pretrained=False): results mean nothing about {what}. "
+                f"Pass {fix} for real runs (a random frozen backbone is meant only as an ablation).",
+                RandomInitWarning, stacklevel=3)
         return model, {"source": "random init", "sha256": None}
     record = None
     if is_pretrained_name(pretrained):  # a bundled weight record: sha256-checked file, same strict loading below
