@@ -29,7 +29,8 @@ from .results import caption, save_rows, write_table
 __all__ = ["Experiment", "model_options"]
 
 # notebook parameter -> TrainConfig field
-_PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed"}
+_PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed",
+                     "preset_name": "preset"}
 
 
 def model_options(model: str | Mapping | ModelConfig | None = None, **options) -> dict:
