@@ -158,21 +158,29 @@ def weights_digest(model) -> str | None:
     return (getattr(model, "weights", None) or {}).get("sha256")
 
 
+def _damaged_checkpoint_advice(path: Path) -> str:
+    """What to do about an unreadable checkpoint, by its role in the run folder."""
+    if path.name == "last.pt":
+        return ("Move it away and rerun the same config: the run starts again from epoch 1 in the same folder (the "
+                "other files are kept until they are rewritten)")
+    if path.name == "best.pt":
+        return ("The selected model cannot be rebuilt from the run folder: move the folder away (its result.json "
+                "still holds the numbers) or train this config again under another run_name / out_dir")
+    return "Check that it is a checkpoint written by endoarss_lib.engine.fit"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`fit` (``weights_only=True``); RunError naming the file if it cannot be read."""
+    from .models.weights import why_unreadable
+
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
-    if path.stat().st_size == 0:
-        raise RunError(f"{path}: the checkpoint file is empty (a write was interrupted?). If it is last.pt, move it "
-                       f"away and rerun to start the run again; if it is best.pt, rerun the run to rewrite it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of something else, ...
-        from .models.weights import why_unreadable
-
-        raise RunError(f"{path}: not a readable endoarss checkpoint: {why_unreadable(path, exc)}. Move it away and "
-                       f"rerun (an interrupted last.pt only costs the epochs since the last good one)") from None
+    except Exception as exc:  # empty, truncated zip, pickle of something else, ...
+        raise RunError(f"{path}: not a readable endoarss checkpoint: {why_unreadable(path, exc)}. "
+                       f"{_damaged_checkpoint_advice(path)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise RunError(f"{path}: not an endoarss checkpoint (expected a dict with 'model', 'config_hash')")
     return ckpt
