@@ -154,10 +154,11 @@ def _acquire(lock: Path, owner: dict) -> None:
                 raise LockHeld(f"{lock}: another {owner['what']} is just taking this folder's lock; try again, or "
                                f"remove {lock} if no {owner['what']} runs on this folder")
             where = "this machine" if held.get("host") == owner["host"] else f"host {held.get('host')!r}"
+            since = held.get("started", "an unknown time")
             raise LockHeld(f"{lock}: a {held.get('what', owner['what'])} already works in {lock.parent} (pid "
-                           f"{held['pid']} on {where}, since {held.get('started')}); two at once would overwrite "
-                           f"each other's files. Wait for it to finish (or stop it); if that process no longer "
-                           f"exists, remove {lock}")
+                           f"{held['pid']} on {where}, since {since}); two at once would overwrite each other's "
+                           f"files. Wait for it to finish (or stop it); if that process no longer exists, remove "
+                           f"{lock}")
         stale = lock.with_name(f".{lock.name}.stale-{owner['token']}")
         try:
             os.rename(lock, stale)
