@@ -186,6 +186,20 @@ def cli(*argv: str) -> None:
         raise CommandError(code, err.getvalue())
 
 
+def train_cli(w: World, *argv: str, expect: int) -> None:
+    """``python -m endoarss_lib.train ...`` (a run, tiny and writing under the case's folder) in this process:
+    CommandError(code, stderr) on failure, with no traceback."""
+    small = ["image_size=56", "epochs=1", "progress=false", "model.backbone=vit_tiny_patch14",
+             "model.pretrained=false", f"out_dir={w.tmp / 'runs'}"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = train.main([*small, *argv])
+    if code:
+        assert code == expect, (code, err.getvalue())
+        assert "Traceback" not in err.getvalue()
+        raise CommandError(code, err.getvalue())
+
+
 def prepare_cli(*argv: str, expect: int) -> None:
     """``python -m endoarss_lib.data.prepare ...`` in this process: CommandError(code, output) on failure."""
     err, out = io.StringIO(), io.StringIO()
@@ -278,6 +292,27 @@ def cli_config_file_not_a_mapping(w):
     path = write_yaml(w.tmp / "run.yaml", "- epochs\n- 3\n")
     w.names(path)
     cli("--config", str(path))
+
+
+@case(CommandError)
+def cli_run_data_root_missing(w):
+    w.names(w.tmp / "nowhere")
+    train_cli(w, "synthetic=false", f"data_root={w.tmp / 'nowhere'}", expect=1)
+
+
+@case(CommandError)
+def cli_run_synthetic_false_without_data_root(w):
+    w.names("data_root", "synthetic=false")
+    train_cli(w, "synthetic=false", expect=2)
+
+
+@case(CommandError)
+def cli_run_real_data_with_synthetic_true(w):
+    root = w.data()
+    (root / "dataset_card.json").unlink()
+    w.names(root, "synthetic=false")
+    w.keep(root)
+    train_cli(w, f"data_root={root}", expect=1)
 
 
 # --- the notebook helper: fails at construction naming the notebook's parameter, makes no output folder
