@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one."""
+"""Atomic file writes (readers see the old file or the new one, never half of one), the clean-up of what a killed
+write leaves, and a folder lock (one writer at a time, a dead owner's lock taken over)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_bytes_atomic", "copy_atomic",
-           "remove_stale_temporaries", "TEMP_SUFFIX"]
+           "remove_stale_temporaries", "TEMP_SUFFIX", "folder_lock", "LockHeld", "process_alive"]
 
 TEMP_SUFFIX = ".tmp"  # every temporary file of this module is a hidden ".<stem>.<random><suffix>.tmp" beside its target
 
@@ -78,3 +79,117 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60
         except OSError:
             pass
     return removed
+
+
+# ------------------------------------------------------------------------------------------------ folder lock
+
+class LockHeld(RuntimeError):
+    """A folder is locked by another live process; the message names the lock file and its owner."""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _owner_record(what: str) -> dict:
+    import socket
+    import time
+    import uuid
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "token": uuid.uuid4().hex,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        held = json.loads(lock.read_text())
+        return held if isinstance(held, dict) and isinstance(held.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _create_lock(lock: Path, owner: dict) -> bool:
+    """Create ``lock`` holding ``owner`` if it does not exist (O_EXCL); False if it does."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(owner, f)
+    return True
+
+
+def _owner_is_gone(lock: Path, held: dict | None, host: str) -> bool:
+    """A lock whose owner process is dead (same host) or that was never completed (unreadable, over a minute old)."""
+    import time
+
+    if held is None:
+        try:
+            return time.time() - lock.stat().st_mtime > 60
+        except FileNotFoundError:
+            return True
+    return held.get("host") == host and not process_alive(held["pid"])
+
+
+def _acquire(lock: Path, owner: dict) -> None:
+    import warnings
+
+    for _ in range(5):
+        if _create_lock(lock, owner):
+            return
+        held = _read_lock(lock)
+        if not _owner_is_gone(lock, held, owner["host"]):
+            if held is None:
+                raise LockHeld(f"{lock}: another {owner['what']} is just taking this folder's lock; try again, or "
+                               f"remove {lock} if no {owner['what']} runs on this folder")
+            where = "this machine" if held.get("host") == owner["host"] else f"host {held.get('host')!r}"
+            since = held.get("started", "an unknown time")
+            raise LockHeld(f"{lock}: a {held.get('what', owner['what'])} already works in {lock.parent} (pid "
+                           f"{held['pid']} on {where}, since {since}); two at once would overwrite each other's "
+                           f"files. Wait for it to finish (or stop it); if that process no longer exists, remove "
+                           f"{lock}")
+        stale = lock.with_name(f".{lock.name}.stale-{owner['token']}")
+        try:
+            os.rename(lock, stale)
+        except FileNotFoundError:
+            continue
+        if _read_lock(stale) != held:  # another process replaced the lock meanwhile: give it back and retry
+            if not _create_lock(lock, _read_lock(stale) or {}):
+                stale.unlink(missing_ok=True)
+            continue
+        stale.unlink(missing_ok=True)
+        if held is not None:
+            warnings.warn(f"{lock}: took over the lock of {held.get('what', 'a process')} pid {held['pid']} "
+                          f"(started {held.get('started')}), which is no longer running", stacklevel=4)
+    raise LockHeld(f"{lock}: could not take the lock (other processes keep taking it); try again")
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, name: str = ".lock", what: str = "process") -> Iterator[Path]:
+    """Hold ``folder/name`` while the block runs: one ``what`` at a time works in ``folder``.
+
+    The lock file (created with O_EXCL) records the owner's pid, host and start time. A lock whose owner process
+    is dead (killed, so it could not release it) is taken over with a warning; a live owner gives :class:`LockHeld`
+    naming the lock file and the pid. The lock is removed on exit, if it is still ours.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / name
+    owner = _owner_record(what)
+    _acquire(lock, owner)
+    try:
+        yield lock
+    finally:
+        if (_read_lock(lock) or {}).get("token") == owner["token"]:
+            lock.unlink(missing_ok=True)

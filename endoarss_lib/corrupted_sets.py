@@ -25,7 +25,7 @@ from PIL import Image
 
 import os
 
-from .atomic import copy_atomic, write_bytes_atomic
+from .atomic import copy_atomic, remove_stale_temporaries, write_bytes_atomic
 from .corruptions import (CORRUPTIONS, GENERATOR_VERSION, GEOMETRIC, MIN_SIDE, SEVERITIES, check_name,
                           check_seed, check_severity, corrupt, package_version)
 
@@ -76,6 +76,8 @@ def build_corrupted_set(root: str | os.PathLike, out_dir: str | os.PathLike, *, 
             if not _is_done(cell, key):
                 _reset_cell(cell, root)
                 jobs += _cell_jobs(root, cell, key, samples, chunksize)
+            else:
+                remove_stale_temporaries(cell, recursive=True)  # a killed write's leftovers; a live one's are kept
     _run_jobs(jobs, workers, progress)
     return cells
 
@@ -288,6 +290,7 @@ def clean_cell(root: str | os.PathLike, cells_dir: str | os.PathLike, image_size
     key = cell_key(split_fingerprint(root, samples), split, CLEAN, 0, 0, size)
     cell = cells_dir / CLEAN / "0"
     if _is_done(cell, key):
+        remove_stale_temporaries(cell, recursive=True)
         return cell
     _reset_cell(cell, root)
     for image_rel, mask_rel in samples:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from .atomic import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from .config import ConfigError, TrainConfig
 from .data import MTLDataset, make_loader, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
@@ -158,20 +158,29 @@ def weights_digest(model) -> str | None:
     return (getattr(model, "weights", None) or {}).get("sha256")
 
 
+def _damaged_checkpoint_advice(path: Path) -> str:
+    """What to do about an unreadable checkpoint, by its role in the run folder."""
+    if path.name == "last.pt":
+        return ("Move it away and rerun the same config: the run starts again from epoch 1 in the same folder (the "
+                "other files are kept until they are rewritten)")
+    if path.name == "best.pt":
+        return ("The selected model cannot be rebuilt from the run folder: move the folder away (its result.json "
+                "still holds the numbers) or train this config again under another run_name / out_dir")
+    return "Check that it is a checkpoint written by endoarss_lib.engine.fit"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`fit` (``weights_only=True``); RunError naming the file if it cannot be read."""
+    from .models.weights import why_unreadable
+
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
-    if path.stat().st_size == 0:
-        raise RunError(f"{path}: the checkpoint file is empty (a write was interrupted?). If it is last.pt, move it "
-                       f"away and rerun to start the run again; if it is best.pt, rerun the run to rewrite it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of something else, ...
-        raise RunError(f"{path}: not a readable endoarss checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200]}). It is damaged or of another program; move it away and "
-                       f"rerun (an interrupted last.pt only costs the epochs since the last good one)") from None
+    except Exception as exc:  # empty, truncated zip, pickle of something else, ...
+        raise RunError(f"{path}: not a readable endoarss checkpoint: {why_unreadable(path, exc)}. "
+                       f"{_damaged_checkpoint_advice(path)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise RunError(f"{path}: not an endoarss checkpoint (expected a dict with 'model', 'config_hash')")
     return ckpt
@@ -190,10 +199,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, config_hash: str |
         raise CheckpointMismatch(f"{path}: written for config {ckpt.get('config_hash')}, not {config_hash}; give "
                                  f"this config another run_name or out_dir (the run folder is kept as it is)")
     if weights_sha256 is not False and "weights_sha256" in ckpt and ckpt["weights_sha256"] != weights_sha256:
+        source = (getattr(model, "weights", None) or {}).get("source", "the weights file")
         raise CheckpointMismatch(
-            f"{path}: trained on pretrained weights with sha256 {ckpt['weights_sha256']}, but the weights file now "
-            f"has {weights_sha256}: the file at that path was replaced. Restore the original weights (the run's "
-            f"config.json names the path) or train a new run (another run_name / out_dir)")
+            f"{path}: trained on pretrained weights with sha256 {ckpt['weights_sha256']}, but {source} now has "
+            f"{weights_sha256}: the file at that path was replaced. Restore the original weights file there, or "
+            f"train a new run (another run_name / out_dir); the run folder is kept as it is")
     expected = set(_trainable_state(model))
     missing, unexpected = sorted(expected - set(ckpt["model"])), sorted(set(ckpt["model"]) - expected)
     if missing or unexpected:
@@ -279,9 +289,11 @@ def selection_score(metrics: dict, key: str) -> float:
     signed by its direction (HD: lower is better, so its negative is maximised)."""
     if key == "score":
         parts = [metrics[k] for k in ("cls_accuracy", "seg_miou") if k in metrics]
-        return float(np.mean(parts))
-    value = float(metrics[key])
-    return value if higher_is_better(key) else -value
+        value = float(np.mean(parts))
+    else:
+        value = float(metrics[key])
+        value = value if higher_is_better(key) else -value
+    return value if not np.isnan(value) else -float("inf")  # undefined (e.g. HD of an empty prediction): worst
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -486,6 +498,7 @@ def fit(cfg: TrainConfig) -> dict:
     folder = run_dir(cfg)
     result_path = folder / "result.json"
     _check_folder(folder, cfg)
+    remove_stale_temporaries(folder)  # what a killed write left (a live writer's younger file is kept)
     datasets = make_datasets(cfg)
     fingerprints = {s: d.fingerprint() for s, d in datasets.items()}
     if result_path.is_file():
@@ -532,7 +545,7 @@ def fit(cfg: TrainConfig) -> dict:
                                  "lr": state["optimizer"].param_groups[0]["lr"], "wall_time_s": state["wall_time_s"]})
         state["epoch"] = epoch + 1
         if rank == 0:
-            if score > state["best_score"]:
+            if score > state["best_score"] or state["best_epoch"] < 0:  # the first epoch is kept even at -inf
                 state["best_score"], state["best_epoch"] = score, epoch + 1
                 _save(folder / "best.pt", {"version": CHECKPOINT_VERSION, **_provenance(state, fingerprints),
                                            "epoch": epoch + 1, "model": _trainable_state(state["raw_model"])})

@@ -48,7 +48,8 @@ def project_path(path: str | os.PathLike) -> Path:
     return cwd / path
 
 # notebook parameter -> TrainConfig field
-_PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed"}
+_PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed",
+                     "preset_name": "preset"}
 
 
 def model_options(model: str | Mapping | ModelConfig | None = None, **options) -> dict:

@@ -53,8 +53,23 @@ def _init_worker(slots) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: ask the kernel to kill this worker when its parent dies (even by SIGKILL), so no orphan keeps
-    writing into run folders that a rerun then uses."""
+    """Kill this worker when the process that made the pool dies (even by SIGKILL), so no orphan keeps writing into
+    run folders that a rerun then uses.
+
+    A forkserver worker's parent is the fork server, which outlives the pool's owner while any worker holds its
+    pipe: a kernel death signal (Linux PR_SET_PDEATHSIG) alone would wait forever. So a watcher thread waits on the
+    owner's sentinel (the pipe ``multiprocessing`` keeps to the real parent, at EOF when it dies) and exits; the
+    death signal stays as the immediate path for spawned workers."""
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        def watch() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
     try:
         import ctypes
         import signal
@@ -63,7 +78,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before the call
             os._exit(1)
-    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still applies
+    except (OSError, AttributeError):  # not Linux: the watcher above still applies
         pass
 
 

@@ -28,6 +28,10 @@ recorded and reported and does not stop the others; the exit code is 1 if any co
 finished configuration become ``<root>/results/tables/<name>.csv`` / ``.md`` (every row, with its ``sweep_config_id``
 beside the row's own config hash, commit, seed, data and weights) and ``<name>_summary.csv`` / ``.md`` (mean and std
 over seeds per ``summary_by`` group, with the ids of the runs behind each line).
+
+While it runs, a sweep holds ``results/runs/<name>/.sweep.lock``: a second sweep of the same grid is refused (the
+lock of a killed sweep is taken over), the pool's workers die with the sweep, and temporaries a killed sweep left
+are removed.
 """
 from __future__ import annotations
 
@@ -47,15 +51,17 @@ from typing import Sequence
 
 import pandas as pd
 
-from .atomic import write_json_atomic
+from .atomic import LockHeld, folder_lock, remove_stale_temporaries, write_json_atomic
 from .runner import gpu_slots, process_pool, visible_gpus  # noqa: F401 (re-exported)
 from .version import git_commit
 from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, write_table
 
 __all__ = ["GridError", "Grid", "Config", "SweepReport", "load_grid", "expand", "config_id", "config_state",
-           "run_config", "run_sweep", "aggregate", "visible_gpus", "gpu_slots", "main", "STATUS_FILE"]
+           "run_config", "run_sweep", "aggregate", "visible_gpus", "gpu_slots", "main", "STATUS_FILE", "LOCK_NAME",
+           "LockHeld", "sweep_folder"]
 
 STATUS_FILE = "status.json"
+LOCK_NAME = ".sweep.lock"  # in the grid's folder of run folders, while a sweep works there
 RUNS_DIR, TABLES_DIR = Path("results/runs"), Path("results/tables")
 _GRID_KEYS = {"name", "description", "notebook", "parameters", "configurations", "axes", "summary_by", "kernel",
               "cell_timeout"}
@@ -343,24 +349,41 @@ def _result_or_failure(future, config: Config, grid_name: str) -> dict:
         return status
 
 
+def sweep_folder(grid: Grid, root: str | os.PathLike = ".") -> Path:
+    """The folder of a grid's run folders, ``<root>/results/runs/<name>``; it holds the sweep's lock."""
+    return Path(root).resolve() / RUNS_DIR / grid.name
+
+
+def _remove_stale(grid: Grid, root: str | os.PathLike) -> None:
+    """Temporaries a killed sweep left in its run folders and tables (a live writer's younger file is kept)."""
+    remove_stale_temporaries(sweep_folder(grid, root), recursive=True)
+    remove_stale_temporaries(Path(root).resolve() / TABLES_DIR)
+
+
 def run_sweep(grid_path: str | os.PathLike, root: str | os.PathLike = ".", jobs: int | None = None,
               dry_run: bool = False, aggregate_only: bool = False, progress: bool = True) -> SweepReport:
-    """Run every unfinished configuration of a grid file, then aggregate the finished ones' rows into tables."""
+    """Run every unfinished configuration of a grid file, then aggregate the finished ones' rows into tables.
+
+    Except for a dry run, the sweep holds the lock ``<root>/results/runs/<name>/.sweep.lock`` meanwhile: a second
+    sweep of the same grid fails with :class:`~endoarss_lib.atomic.LockHeld` naming the lock and the owner's pid
+    (the lock of a killed sweep is taken over)."""
     grid = load_grid(grid_path)
     configs = expand(grid, root)
-    states = {c.id: config_state(c) for c in configs}
-    report = SweepReport(grid, configs, states=states)
     if dry_run:
-        return report
-    if not aggregate_only:
-        todo = [c for c in configs if states[c.id] != "done"]
-        report.skipped = [c.id for c in configs if states[c.id] == "done"]
-        gpus = visible_gpus()
-        jobs = jobs or max(len(gpus), 1)
-        statuses = _run_all(todo, grid, max(1, min(jobs, len(todo) or 1)), gpus, progress) if todo else {}
-        report.ran = [c.id for c in todo if statuses[c.id]["status"] == "ok"]
-        report.failed = {c.id: statuses[c.id]["error"] for c in todo if statuses[c.id]["status"] != "ok"}
-    report.tables = aggregate(grid, configs, root)
+        return SweepReport(grid, configs, states={c.id: config_state(c) for c in configs})
+    with folder_lock(sweep_folder(grid, root), LOCK_NAME, "sweep"):
+        _remove_stale(grid, root)
+        states = {c.id: config_state(c) for c in configs}
+        report = SweepReport(grid, configs, states=states)
+        if not aggregate_only:
+            todo = [c for c in configs if states[c.id] != "done"]
+            report.skipped = [c.id for c in configs if states[c.id] == "done"]
+            gpus = visible_gpus()
+            jobs = jobs or max(len(gpus), 1)
+            statuses = _run_all(todo, grid, max(1, min(jobs, len(todo) or 1)), gpus, progress) if todo else {}
+            report.ran = [c.id for c in todo if statuses[c.id]["status"] == "ok"]
+            report.failed = {c.id: statuses[c.id]["error"] for c in todo if statuses[c.id]["status"] != "ok"}
+        report.tables = aggregate(grid, configs, root)
     return report
 
 
@@ -429,7 +452,8 @@ def _print_report(report: SweepReport) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file)."""
+    """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file, or another
+    sweep holds the grid's lock)."""
     parser = argparse.ArgumentParser(prog="python -m endoarss_lib.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="grid file (YAML)")
@@ -442,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--jobs must be at least 1")
     try:
         report = run_sweep(args.grid, args.root, args.jobs, args.dry_run, args.aggregate_only)
-    except GridError as error:
+    except (GridError, LockHeld) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     (_print_plan if args.dry_run else _print_report)(report)

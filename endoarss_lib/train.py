@@ -36,7 +36,8 @@ def resolve(argv=None):
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status: 0, 1 (the run failed on its data, weights or run folder; the message
+    names the file) or 2 (a bad config)."""
     try:
         cfg, args = resolve(argv)
     except ConfigError as exc:
@@ -45,9 +46,18 @@ def main(argv=None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from .engine import fit
+    from .data import DataError
+    from .engine import CheckpointMismatch, RunError, fit
+    from .models.weights import WeightsError
 
-    row = fit(cfg)
+    try:
+        row = fit(cfg)
+    except ConfigError as exc:  # e.g. synthetic=false without data_root
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, RunError, CheckpointMismatch, WeightsError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # these name their file and say what to do: no traceback needed
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(row, indent=2, default=str))
     return 0

@@ -17,11 +17,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
-from .io import IMAGE_SUFFIXES, MASK_SUFFIX, DataError, map_mask_ids, read_image, read_index_mask
+from .io import IMAGE_SUFFIXES, MASK_SUFFIX, VALIDATE_HINT, DataError, map_mask_ids, read_image, read_index_mask
 from .registry import DatasetSpec, get_spec, resolve_id_map
 
-__all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN", "IMAGENET_STD",
-           "SPLITS", "NORMALIZATIONS", "to_uint8_image"]
+__all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN",
+           "IMAGENET_STD", "SPLITS", "NORMALIZATIONS", "to_uint8_image", "scan_split", "read_id_map", "root_id_map",
+           "resolve_spec"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,72 +48,98 @@ def read_card(root: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+        card = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); restore the dataset card (the generator and the prepare "
+                        f"commands write it)") from None
+    if not isinstance(card, dict):
+        raise DataError(f"{path}: expected a JSON object (the dataset card), got {type(card).__name__}")
+    return card
 
 
-def _list_dir(folder: Path, what: str) -> list[Path]:
+def _list_dir(folder: Path, what: str, problems: list[str] | None = None) -> list[Path]:
+    """The entries of ``folder``; a missing folder is a DataError, or a problem appended to ``problems``."""
     if not folder.is_dir():
-        raise DataError(f"{folder}: missing {what} folder")
+        message = f"{folder}: missing {what} folder"
+        if problems is None:
+            raise DataError(message)
+        problems.append(message)
+        return []
     return sorted(p for p in folder.iterdir() if p.name not in _IGNORED_NAMES and not p.name.startswith("."))
 
 
-def _index_activity(folder: Path, label: int) -> tuple[list[Sample], list[str]]:
-    """Samples of one activity folder, and notes about stray files that were skipped."""
+def _index_activity(folder: Path, label: int, problems: list[str]) -> tuple[list[Sample], list[str]]:
+    """Samples of one activity folder and notes about stray files that were skipped; every structural problem is
+    appended to ``problems`` (each names its path), and the folder's other samples are still indexed."""
     image_dir, mask_dir = folder / "image", folder / "mask"
-    images = [p for p in _list_dir(image_dir, "image") if p.suffix.lower() in IMAGE_SUFFIXES]
-    masks = [p for p in _list_dir(mask_dir, "mask") if p.suffix.lower() == MASK_SUFFIX]
-    stray = [str(p) for p in _list_dir(image_dir, "image") + _list_dir(mask_dir, "mask")
-             if p not in images and p not in masks]
-    if not images:
-        raise DataError(f"{image_dir}: empty activity folder (no {'/'.join(IMAGE_SUFFIXES)} images)")
-    stems = {}
+    image_entries, mask_entries = _list_dir(image_dir, "image", problems), _list_dir(mask_dir, "mask", problems)
+    images = [p for p in image_entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    masks = [p for p in mask_entries if p.suffix.lower() == MASK_SUFFIX]
+    stray = [str(p) for p in image_entries + mask_entries if p not in images and p not in masks]
+    if image_dir.is_dir() and not images:
+        problems.append(f"{image_dir}: empty activity folder (no {'/'.join(IMAGE_SUFFIXES)} images)")
+    stems: dict[str, Path] = {}
     for img in images:
         if img.stem in stems:
-            raise DataError(f"{img}: two images share the name {img.stem!r} ({stems[img.stem].name})")
+            problems.append(f"{img}: two images share the name {img.stem!r} ({stems[img.stem].name}); rename one")
+            continue
         stems[img.stem] = img
     mask_stems = {m.stem: m for m in masks}
     no_mask = [str(stems[s]) for s in stems if s not in mask_stems]
     no_image = [str(mask_stems[s]) for s in mask_stems if s not in stems]
-    if no_mask:
-        raise DataError(f"{len(no_mask)} image(s) without a mask in {mask_dir} (expected <name>.png): "
+    if no_mask and mask_dir.is_dir():
+        problems.append(f"{len(no_mask)} image(s) without a mask in {mask_dir} (expected <name>.png): "
                         f"{no_mask[:5]}")
-    if no_image:
-        raise DataError(f"{len(no_image)} mask(s) without an image in {image_dir}: {no_image[:5]}")
-    return [Sample(stems[s], mask_stems[s], label) for s in sorted(stems)], stray
+    if no_image and image_dir.is_dir():
+        problems.append(f"{len(no_image)} mask(s) without an image in {image_dir}: {no_image[:5]}")
+    return [Sample(stems[s], mask_stems[s], label) for s in sorted(stems) if s in mask_stems], stray
 
 
-def index_split(root: str | Path, split: str, spec: DatasetSpec) -> list[Sample]:
-    """Every sample of one on-disk split, sorted; any malformed part is an error naming the path."""
+def scan_split(root: str | Path, split: str, spec: DatasetSpec) -> tuple[list[Sample], list[str], list[str]]:
+    """Every well-formed sample of one on-disk split, sorted, with *all* the split's structural problems and its
+    warnings (each naming its path): the one set of rules :func:`index_split` (training) and ``validate`` apply."""
     root = Path(root)
+    problems: list[str] = []
+    notes: list[str] = []
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist (expected <root>/train and <root>/test)")
+        return [], [f"data root {root} does not exist (expected <root>/train and <root>/test)"], notes
     split_dir = root / split
     if not split_dir.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
         hint = " (this dataset is evaluation-only: use split='test')" if spec.train_on else ""
-        raise DataError(f"{split_dir}: split folder missing; found {present}{hint}")
+        return [], [f"{split_dir}: split folder missing; found {present}{hint}"], notes
     folders = {p.name: p for p in _list_dir(split_dir, split) if p.is_dir()}
     unknown = sorted(set(folders) - set(spec.activity_folders))
     if unknown:
-        raise DataError(f"{split_dir}: activity folders {unknown} are not in 1..{spec.num_activities} "
+        problems.append(f"{split_dir}: activity folders {unknown} are not in 1..{spec.num_activities} "
                         f"(dataset {spec.name!r} has {spec.num_activities} activities)")
     evaluated = spec.activity_folders if spec.eval_activities is None else [str(k + 1) for k in spec.eval_activities]
     missing = [f for f in evaluated if f not in folders]
     if missing and spec.train_on is None and not spec.synthetic:  # evaluation-only sets hold a subset by design
-        warnings.warn(f"{split_dir}: no folder for activities {missing} (expected 1..{spec.num_activities}); "
-                      f"those activities have no samples in this split", stacklevel=2)
+        notes.append(f"{split_dir}: no folder for activities {missing} (expected 1..{spec.num_activities}); "
+                     f"those activities have no samples in this split")
     samples, stray = [], []
-    for name in sorted(folders, key=int):
-        found, skipped = _index_activity(folders[name], int(name) - 1)
+    for name in sorted(set(folders) - set(unknown), key=int):
+        found, skipped = _index_activity(folders[name], int(name) - 1, problems)
         samples += found
         stray += skipped
     if stray:
-        warnings.warn(f"{split_dir}: skipped {len(stray)} file(s) that are not images/masks: {stray[:5]}",
-                      stacklevel=2)
-    if not samples:
-        raise DataError(f"{split_dir}: no samples")
+        notes.append(f"{split_dir}: skipped {len(stray)} file(s) that are not images/masks: {stray[:5]}")
+    if not samples and not problems:
+        problems.append(f"{split_dir}: no samples")
+    return samples, problems, notes
+
+
+def index_split(root: str | Path, split: str, spec: DatasetSpec) -> list[Sample]:
+    """Every sample of one on-disk split, sorted; malformed parts are one DataError naming every path."""
+    samples, problems, notes = scan_split(root, split, spec)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} problems in {Path(root) / split}:\n  " + "\n  ".join(problems) +
+                        f"\n({VALIDATE_HINT})")
     return samples
 
 
@@ -133,27 +160,52 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
-def _resolve_spec(root: Path, dataset: str) -> tuple[DatasetSpec, bool]:
+def resolve_spec(root: Path, dataset: str) -> tuple[DatasetSpec, bool]:
     """The spec to load ``root`` with, and whether the data are synthetic (from the card beside them)."""
     spec = get_spec(dataset)
     card = read_card(root)
     if not card or not card.get("synthetic"):
         return spec, spec.synthetic
-    held = get_spec(card["dataset"])
+    try:
+        held = get_spec(card["dataset"])
+    except (KeyError, ValueError):
+        raise DataError(f"{root / CARD_NAME}: a synthetic dataset card whose 'dataset' ({card.get('dataset')!r}) is "
+                        f"not a registered dataset; restore the card, or generate the set again") from None
     if held.name != spec.name and held.real_counterpart != spec.name:
-        raise DataError(f"{root / CARD_NAME}: the folder holds synthetic {held.name!r} data, not dataset={dataset!r}")
+        raise DataError(f"{root / CARD_NAME}: the folder holds synthetic {held.name!r} data, not dataset={dataset!r}; "
+                        f"use dataset={held.real_counterpart or held.name!r} or another data_root")
     return held, True
+
+
+def read_id_map(path: str | Path) -> Mapping[int, int]:
+    """A raw-to-train id map file ``{"raw_to_train": {"<raw id>": <train id>, ...}}``; DataError naming it else."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): int(v) for k, v in raw["raw_to_train"].items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: expected {{\"raw_to_train\": {{\"<raw id>\": <train id>, ...}}}} "
+                        f"({type(exc).__name__}: {exc})") from None
 
 
 def _file_id_map(root: Path) -> Mapping[int, int] | None:
     path = root / ID_MAP_NAME
-    if not path.is_file():
-        return None
+    return read_id_map(path) if path.is_file() else None
+
+
+def root_id_map(root: str | Path, spec: DatasetSpec, id_map: str | Mapping[int, int] | None = None
+                ) -> Mapping[int, int]:
+    """The raw-to-train map a dataset folder is read with: ``id_map`` if given, else the folder's ``id_map.json``,
+    else the dataset's own; a bad map is a DataError naming its file (or ``id_map=``)."""
+    root = Path(root)
+    from_file = id_map is None and (root / ID_MAP_NAME).is_file()
     try:
-        raw = json.loads(path.read_text())
-        return {int(k): int(v) for k, v in raw["raw_to_train"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: expected {{\"raw_to_train\": {{\"<raw id>\": <train id>, ...}}}} ({exc})") from None
+        return resolve_id_map(spec, _file_id_map(root) if id_map is None else id_map)
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        where = root / ID_MAP_NAME if from_file else "id_map="
+        raise DataError(f"{where}: {exc}") from None
 
 
 def to_uint8_image(image: torch.Tensor, normalize: str = "imagenet") -> np.ndarray:
@@ -240,8 +292,8 @@ class MTLDataset(Dataset):
             raise ValueError(f"resize_mode={resize_mode!r}: expected 'stretch' or 'letterbox'")
         self.root = Path(root)
         self.split, self.image_size, self.ignore_index = split, image_size, ignore_index
-        self.spec, self.synthetic = _resolve_spec(self.root, dataset)
-        self.id_map = resolve_id_map(self.spec, id_map if id_map is not None else _file_id_map(self.root))
+        self.spec, self.synthetic = resolve_spec(self.root, dataset)
+        self.id_map = root_id_map(self.root, self.spec, id_map)
         on_disk = index_split(self.root, "test" if split == "test" else "train", self.spec)
         if split == "test":
             self.samples = on_disk

@@ -59,13 +59,20 @@ def file_digest(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
+# JSON files beside the data that no loader reads: ``validate`` writes index.json, so it must not make a run's data
+# look changed.
+_NOT_FINGERPRINTED = ("index.json",)
+
+
 def fingerprint(root: str | os.PathLike, files: Iterable[str | os.PathLike]) -> str:
-    """Content hash of ``files`` (relative names and bytes) and of the root's JSON side files (card, id map)."""
+    """Content hash of ``files`` (relative names and bytes) and of the root's JSON side files (card, id map; not
+    the ``index.json`` that ``validate`` writes)."""
     root = Path(root)
     digest = hashlib.sha256()
     rels = sorted({Path(p).resolve().relative_to(root.resolve()) if Path(p).is_absolute() else Path(p)
                    for p in files})
-    rels += sorted(p.relative_to(root) for p in root.glob("*.json") if not p.name.startswith("."))
+    rels += sorted(p.relative_to(root) for p in root.glob("*.json")
+                   if not p.name.startswith(".") and p.name not in _NOT_FINGERPRINTED)
     for rel in rels:
         digest.update(rel.as_posix().encode() + b"\0")
         digest.update(file_digest(root / rel).encode())

@@ -25,10 +25,10 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .dataset import CARD_NAME, index_split, stratified_split
+from .dataset import CARD_NAME, ID_MAP_NAME, read_id_map, resolve_spec, root_id_map, scan_split, stratified_split
 from ..atomic import write_json_atomic
-from .io import DataError, image_size_of, read_index_mask
-from .registry import DatasetSpec, get_spec, resolve_id_map
+from .io import DataError, image_size_of, map_mask_ids, read_image, read_index_mask
+from .registry import DatasetSpec, get_spec
 
 __all__ = ["ValidationReport", "validate", "convert_endovis18", "convert_endovis17", "convert_colour_masks",
            "parse_vqla_label", "frame_activity", "SOURCES", "main"]
@@ -92,26 +92,33 @@ class ValidationReport:
 
 
 def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = True) -> ValidationReport:
-    """Check every split, file, size, mask mode and mask id of a dataset folder; collect all problems."""
-    root, spec = Path(root), get_spec(dataset)
+    """Check every split, file, size, mask mode and mask id of a dataset folder; collect all problems in one pass.
+
+    The rules are the ones training applies (:class:`~endoarss_lib.data.MTLDataset`): the dataset card and an
+    ``id_map.json`` beside the data are read, the folder layout is checked by the same scan, and every image and
+    mask is decoded in full (a truncated file is found here, not mid-epoch).
+    """
+    root = Path(root)
     report = ValidationReport(str(root), dataset)
     try:
-        mapping = resolve_id_map(spec, id_map)
+        spec, _ = resolve_spec(root, dataset)
+    except ValueError as exc:  # DataError (the card) or an unregistered dataset
+        report.problems.append(str(exc))
+        return report
+    try:
+        mapping = root_id_map(root, spec, id_map)
     except ValueError as exc:
         report.problems.append(str(exc))
         return report
+    if id_map is None and (root / ID_MAP_NAME).is_file():
+        report.warnings.append(f"mask ids are read through {root / ID_MAP_NAME} (as training reads them)")
     raw_counts: Counter = Counter()
     sizes: Counter = Counter()
     index = []
     for split in [s for s in ("train", "test") if not (spec.train_on and s == "train")]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                samples = index_split(root, split, spec)
-            except DataError as exc:
-                report.problems.append(str(exc))
-                continue
-        report.warnings += [str(w.message) for w in caught]
+        samples, problems, notes = scan_split(root, split, spec)
+        report.problems += problems
+        report.warnings += notes
         report.counts[split] = {spec.activities[k]: n for k, n in sorted(Counter(s.label for s in samples).items())}
         expected = spec.split_sizes.get(split)
         if expected and len(samples) != expected:
@@ -122,20 +129,28 @@ def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = Tr
                 index.append({"split": split, **entry})
     report.raw_values = {int(k): int(v) for k, v in sorted(raw_counts.items())}
     report.image_sizes = {f"{w}x{h}": n for (w, h), n in sizes.most_common()}
-    _suggest_id_map(spec, report)
+    _suggest_id_map(spec, report, uses_file=id_map is None and (root / ID_MAP_NAME).is_file())
     if write_index and report.ok:
         write_json_atomic(root / "index.json", {"dataset": dataset, "converter_version": CONVERTER_VERSION,
                                                 "samples": index})
     return report
 
 
-def _check_sample(sample, mapping, report, raw_counts, sizes) -> dict | None:
+def _decoded(read, path: Path, report: ValidationReport):
+    """``read(path)``, or None with the problem recorded."""
     try:
-        size = image_size_of(sample.image)
-        raw = read_index_mask(sample.mask)
+        return read(path)
     except DataError as exc:
         report.problems.append(str(exc))
         return None
+
+
+def _check_sample(sample, mapping, report, raw_counts, sizes) -> dict | None:
+    """Decode the sample's image and mask in full (as the loader does) and check sizes and mask ids."""
+    image, raw = _decoded(read_image, sample.image, report), _decoded(read_index_mask, sample.mask, report)
+    if image is None or raw is None:
+        return None
+    size = (image.shape[1], image.shape[0])
     sizes[size] += 1
     if raw.shape[::-1] != size:
         report.problems.append(f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from its image "
@@ -143,18 +158,20 @@ def _check_sample(sample, mapping, report, raw_counts, sizes) -> dict | None:
         return None
     values, counts = np.unique(raw, return_counts=True)
     raw_counts.update(dict(zip(values.tolist(), counts.tolist())))
-    unknown = [int(v) for v in values if int(v) not in mapping]
-    if unknown:
-        report.problems.append(f"{sample.mask}: mask values {unknown} are not in the raw-to-train id map")
+    try:
+        map_mask_ids(raw, mapping, sample.mask)
+    except DataError as exc:
+        report.problems.append(str(exc))
         return None
     return {"image": str(sample.image), "mask": str(sample.mask), "label": sample.label, "size": list(size)}
 
 
-def _suggest_id_map(spec: DatasetSpec, report: ValidationReport) -> None:
+def _suggest_id_map(spec: DatasetSpec, report: ValidationReport, uses_file: bool = False) -> None:
     values = set(report.raw_values)
-    if values and min(values) >= 1 and max(values) == spec.num_seg_classes:
+    if not uses_file and values and min(values) >= 1 and max(values) == spec.num_seg_classes:
         report.warnings.append(f"raw mask values run 1..{spec.num_seg_classes}: the masks may be 1-based; "
-                               f"consider id_map='released' (raw k -> k-1) or an id_map.json beside the data")
+                               f"consider id_map='released' (raw k -> k-1) or an {ID_MAP_NAME} beside the data: "
+                               f"{{\"raw_to_train\": {{\"1\": 0, \"2\": 1, ...}}}}")
 
 
 # ---------------------------------------------------------------------------------------------------- VQLA labels
@@ -259,7 +276,7 @@ def _write_layout(frames: Sequence[_Frame], activities: Sequence[str], splits: S
                   spec: DatasetSpec, source_map, unmapped: str, card: dict) -> Path:
     """Write images and remapped masks into ``out`` (built in a temporary folder, then renamed into place)."""
     if out.exists():
-        raise DataError(f"--out {out}: already exists; remove it or choose another folder")
+        raise DataError(f"--out {out}: already exists (left as it is); choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     dropped: Counter = Counter()
@@ -348,7 +365,7 @@ def convert_colour_masks(src: str | Path, palette: Mapping | str | Path, out: st
     if not src.is_dir():
         raise DataError(f"{src}: folder does not exist")
     if out.exists():
-        raise DataError(f"--out {out}: already exists; remove it or choose another folder")
+        raise DataError(f"--out {out}: already exists (left as it is); choose a new folder")
     masks = sorted(src.glob("*/*/mask/*.png"))
     if not masks:
         raise DataError(f"{src}: no masks at <split>/<activity>/mask/*.png")
@@ -383,7 +400,7 @@ def _id_map_arg(value: str | None):
     path = Path(value)
     if not path.is_file():
         raise DataError(f"--id-map {value}: expected 'identity', 'released' or a JSON file")
-    return {int(k): int(v) for k, v in json.loads(path.read_text())["raw_to_train"].items()}
+    return read_id_map(path)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -910,9 +910,29 @@ def _write_split(folder: Path, preset: str, seed: int, size: int, split: str, co
     return pixels
 
 
+def _check_replaceable(root: Path, overwrite: bool) -> None:
+    """A non-empty ``root`` may be replaced only when it holds synthetic data generated here and ``overwrite`` is
+    set; a real dataset or any other folder is never replaced (FileExistsError saying what to do instead)."""
+    held = _read_card(root)
+    if not held or not held.get("synthetic"):
+        if (root / "train").is_dir() or (root / "test").is_dir():
+            raise FileExistsError(
+                f"root={str(root)!r} holds a dataset that was not generated here (train/ or test/ without a "
+                f"synthetic dataset card): it is never generated over or replaced. To train on it, set "
+                f"synthetic=false (keeping data_root); for synthetic data leave data_root unset or give a new folder")
+        raise FileExistsError(f"root={str(root)!r} holds files that were not generated here (no synthetic dataset "
+                              f"card); they are never replaced (overwrite=True only replaces synthetic data generated "
+                              f"here): give a new or empty folder")
+    if not overwrite:
+        what = {k: held.get(k) for k in _CACHE_KEYS}
+        raise FileExistsError(f"root={str(root)!r} already holds other synthetic data ({what}); pass overwrite=True "
+                              f"to replace that generated set, or choose another root")
+
+
 def _publish(tmp: Path, root: Path, card: dict, overwrite: bool) -> None:
     """Rename the finished folder into place; an identical concurrent run that got there first also counts."""
     if overwrite and root.is_dir() and any(root.iterdir()):
+        _check_replaceable(root, overwrite)
         trash = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(root, trash)
         os.rename(tmp, root)
@@ -924,8 +944,8 @@ def _publish(tmp: Path, root: Path, card: dict, overwrite: bool) -> None:
         os.rename(tmp, root)
     except OSError:
         if not _is_cached(root, card):
-            raise FileExistsError(f"root={str(root)!r} was filled by someone else while generating; choose another "
-                                  f"root or pass overwrite=True") from None
+            raise FileExistsError(f"root={str(root)!r} was filled by someone else while generating (left as it is); "
+                                  f"choose another root") from None
 
 
 def make_synthetic(root, preset: str, seed: int = 0, n_train: int | None = None, n_test: int | None = None,
@@ -939,11 +959,8 @@ def make_synthetic(root, preset: str, seed: int = 0, n_train: int | None = None,
     card = _card(preset, seed, size, plan)
     if not overwrite and _is_cached(root, card):
         return root
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
-        held = _read_card(root)
-        what = {k: held.get(k) for k in _CACHE_KEYS} if held else "no synthetic dataset card"
-        raise FileExistsError(f"root={str(root)!r} already holds other data ({what}); pass overwrite=True to "
-                              f"replace it, or choose another root")
+    if root.is_dir() and any(root.iterdir()):
+        _check_replaceable(root, overwrite)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["WeightsError", "RandomInitWarning", "read_state_dict", "file_sha256", "load_state_dict_strict",
-           "hub_offline", "hub_mode"]
+           "hub_offline", "hub_mode", "why_unreadable"]
 
 
 class WeightsError(RuntimeError):
@@ -62,22 +62,65 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def why_unreadable(path: str | os.PathLike, exc: BaseException) -> str:
+    """What a file that torch / safetensors could not read is, in words (never torch's advice to unpickle it)."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        return "the file is empty (a copy or a write was interrupted?)"
+    if type(exc).__name__ == "SafetensorError":
+        return f"not a complete .safetensors file ({exc}): truncated or damaged"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    pickled = ("a torch file holding pickled Python objects other than tensors (a whole model or another program's "
+               "data, saved with torch.save(obj)); such objects are not unpickled here, because unpickling runs code")
+    if zipfile.is_zipfile(path):
+        if isinstance(exc, pickle.UnpicklingError):
+            return pickled
+        return f"a torch zip file that cannot be read ({type(exc).__name__}): damaged"
+    if isinstance(exc, pickle.UnpicklingError) and head.startswith(b"\x80"):  # a legacy (non-zip) torch pickle
+        return pickled
+    if head.startswith(b"PK"):
+        return f"an incomplete torch zip file ({size} bytes): truncated while it was written or copied"
+    return f"not a torch or safetensors file ({size} bytes that neither can read): damaged, or of another program"
+
+
+_RESAVE = ("save the weights again as a state dict (torch.save(model.state_dict(), path), or "
+           "safetensors.torch.save_file) or copy the original file again")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``); unwrap ``model`` etc."""
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``); unwrap ``model`` etc.
+
+    A file that is missing, empty, truncated, of another format or holding pickled objects is an error naming the
+    file, saying what it is not, and what to do (:class:`WeightsError`; FileNotFoundError for a missing file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .pretrained import list_pretrained
 
-        sd = load_file(str(path), device="cpu")
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"weights file not found: {path} (model.pretrained expects an existing .pth / "
+                                f".safetensors file, a bundled name {list_pretrained()}, or false)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one message naming the file
+        raise WeightsError(f"{path}: cannot read weights: {why_unreadable(path, exc)}. Expected a state dict of "
+                           f"tensors (.pth / .safetensors); {_RESAVE}") from None
     for key in ("model", "state_dict", "teacher"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping) and len(sd) <= 4:
             sd = sd[key]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path} does not hold a flat state dict of tensors")
+        kind = type(sd).__name__ if not isinstance(sd, Mapping) else (
+            f"a mapping with non-tensor entries {[k for k, v in sd.items() if not isinstance(v, torch.Tensor)][:5]}")
+        raise WeightsError(f"{path} does not hold a flat state dict of tensors (found {kind}; a training "
+                           f"checkpoint with optimizer state, perhaps?); {_RESAVE}")
     sd = dict(sd)
     if sd and all(k.startswith("module.") for k in sd):  # DistributedDataParallel prefix
         sd = {k[len("module."):]: v for k, v in sd.items()}
