@@ -159,7 +159,7 @@ def _subset_view(ev: Evaluation, activities, classes) -> dict:
     return out
 
 
-def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu") -> "pd.DataFrame":
+def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu"):
     """In-domain test vs the domain-shifted set (paper Table IV) for every run in ``rows`` (result rows), compared
     like with like: besides the metrics over everything present, ``*_eval`` columns restrict BOTH sides to the
     shifted set's evaluated activities and segmentation classes (its registry subset), so a difference is the

@@ -377,8 +377,8 @@ class Page:
 @pytest.fixture
 def browser_session(tmp_path):
     chromium, chromedriver = _find_browser()
-    pytest.importorskip("selenium", reason=f"JupyterLab browser test skipped: selenium is not installed "
-                                           f"(pip install -e '.[test]')")
+    pytest.importorskip("selenium", reason="JupyterLab browser test skipped: selenium is not installed "
+                                           "(pip install -e '.[test]')")
     assert NOTEBOOK.exists(), f"notebook to test not found: {NOTEBOOK}"
     if importlib.util.find_spec("jupyterlab") is None:
         pytest.fail(f"JupyterLab is not installed in this environment ({sys.prefix}): pip install -e '.[notebooks,test]'",

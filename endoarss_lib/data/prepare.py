@@ -16,7 +16,6 @@ import re
 import shutil
 import sys
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
