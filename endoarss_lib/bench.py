@@ -35,7 +35,8 @@ from .engine import autocast, resolve_device, train_step
 from .weighting import get_weighting
 
 __all__ = ["measure_inference", "measure_training", "achieved_tflops", "paper_comparison", "MEMORY_DEFINITIONS",
-           "MEMORY_KINDS", "PAPER_EFFICIENCY"]
+           "MEMORY_KINDS", "PAPER_EFFICIENCY", "cost_model", "gflops_table", "benchmark_corruptions"]
+
 
 MEMORY_DEFINITIONS = {
     "cuda": "CUDA max allocated (torch.cuda.max_memory_allocated over warm-up + timed steps): live tensors incl. "
@@ -298,3 +299,38 @@ def benchmark_corruptions(image: np.ndarray, names: Sequence[str] | str | None =
         rows.append({"group": GROUP_OF[name], "corruption": name, "image_px": f"{image.shape[0]}x{image.shape[1]}",
                      "seconds_per_image": seconds})
     return pd.DataFrame(rows)
+
+
+def cost_model(backbone: str, arch: str = "tesla", sma: bool = False, sma_dim: int = 512, image_size: int = 224,
+               num_activities: int = 3, num_seg_classes: int = 7, **options):
+    """A model built only to count its costs: random-init weights (costs do not depend on them), the random-init
+    warning silenced, seeded so that two calls build the same model."""
+    import warnings
+
+    from .models import RandomInitWarning, build_model
+
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore", RandomInitWarning)
+        torch.manual_seed(0)
+        return build_model(backbone, arch, sma=sma, sma_dim=sma_dim, num_activities=num_activities,
+                           num_seg_classes=num_seg_classes, image_size=image_size, **options)
+
+
+def gflops_table(backbone: str, image_size: int, sma_dim: int, archs: Sequence[str] = ("hps", "tesla"),
+                 **options) -> pd.DataFrame:
+    """Forward GFLOPs per image (FlopCounterMode, a multiply-add = 2 FLOPs) with and without SMA for each
+    architecture, split into backbone, SMA and heads, with SMA's share."""
+    from .models import count_gflops
+
+    rows = []
+    for a in archs:
+        for with_sma in (False, True):
+            g = count_gflops(cost_model(backbone, a, with_sma, sma_dim, image_size, **options), image_size,
+                             by_component=True)
+            rows.append({"backbone": backbone, "arch": a, "sma": with_sma, "sma_dim": sma_dim if with_sma else None,
+                         "image_size": image_size, "gflops_total": g["total"], "gflops_sma": g["sma"],
+                         "gflops_backbone": g["backbone"],
+                         "gflops_heads": sum(v for k, v in g.items() if k.startswith("head."))})
+    out = pd.DataFrame(rows)
+    out["sma share"] = out["gflops_sma"] / out["gflops_total"]
+    return out

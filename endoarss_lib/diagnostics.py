@@ -13,7 +13,7 @@ import torch
 
 from .weighting.task_grads import loss_roots, rows_matrix, task_gradients
 
-__all__ = ["task_gradient_matrix", "pair_stats", "conflict_record", "block_of"]
+__all__ = ["task_gradient_matrix", "pair_stats", "conflict_record", "block_of", "conflict_summary"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -66,3 +66,24 @@ def conflict_record(grads: torch.Tensor, slices: "OrderedDict[str, slice]") -> d
         row[f"{block}/cosine"] = stats["cosine"]
         row[f"{block}/magnitude_similarity"] = stats["magnitude_similarity"]
     return row
+
+
+def conflict_summary(diag, by: str = "model"):
+    """Per group (``by``) of a ``diagnostics.csv`` frame (several runs concatenated, with ``seed``): logged steps,
+    mean cosine and its std over seeds, share of conflicting steps (cosine < 0), mean magnitude similarity, the
+    median norm ratio ``|g_seg| / |g_cls|`` (which task drives the shared update), and the first / last epoch's mean
+    cosine. A pandas DataFrame, one row per group."""
+    import pandas as pd
+
+    rows = []
+    for name, d in diag.groupby(by, sort=False):
+        first, last = d["epoch"].min(), d["epoch"].max()
+        per_seed = d.groupby("seed")["cosine"].mean() if "seed" in d else pd.Series(dtype=float)
+        rows.append({by: name, "logged steps": len(d), "mean cosine": d["cosine"].mean(),
+                     "mean cosine, seed std": per_seed.std(ddof=1) if len(per_seed) > 1 else float("nan"),
+                     "conflicting steps": (d["cosine"] < 0).mean(),
+                     "mean magnitude similarity": d["magnitude_similarity"].mean(),
+                     "median |g_seg|/|g_cls|": (d["norm_1"] / d["norm_0"]).median(),
+                     "cosine, first epoch": d.loc[d["epoch"] == first, "cosine"].mean(),
+                     "cosine, last epoch": d.loc[d["epoch"] == last, "cosine"].mean()})
+    return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from .engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_ch
 from .metrics import per_activity_spread, subset_metrics
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
-           "generalisation_table"]
+           "generalisation_table", "group_recalls"]
 
 
 def load_run_model(folder: str | Path, device: str = "cpu"):
@@ -182,3 +182,18 @@ def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu"):
             records.append({**base, "test set": label, **metrics,
                             **{f"test_{k}": v for k, v in _subset_view(ev, activities, classes).items()}})
     return pd.DataFrame(records)
+
+
+def group_recalls(folder: str | Path, groups, split: str = "test", device: str = "cpu") -> dict:
+    """Mean recall over the activities of each class group (e.g. MEJO's head / medium / tail from
+    :func:`endoarss_lib.losses.class_groups`, one label per activity) on a split of a run's own data, over the
+    activities present in the split, and how many distinct activities the model predicts."""
+    ev = evaluate_run(folder, split=split, device=device, distances=False, per_image=True)
+    groups = np.asarray(groups)
+    out = {}
+    for g in dict.fromkeys(groups.tolist()):
+        recalls = [np.mean([r["correct"] for r in ev.images if r["label"] == k])
+                   for k in np.flatnonzero(groups == g) if any(r["label"] == k for r in ev.images)]
+        out[f"recall {g}"] = float(np.mean(recalls)) if recalls else float("nan")
+    out["distinct predicted activities"] = len({r["pred_label"] for r in ev.images})
+    return out

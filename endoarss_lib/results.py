@@ -16,7 +16,8 @@ import pandas as pd
 from .atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note",
-           "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single", "compare"]
+           "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single", "compare",
+           "read_run_logs"]
 
 ROWS_FILE = "rows.json"
 
@@ -227,3 +228,18 @@ def compare(rows: pd.DataFrame, by: str, a, b, metric: str, seed: str = "seed") 
         kind = "per-configuration seed std"
     verdict = "within noise" if abs(diff) <= spread else "more than the noise"
     return f"{text}; {verdict} (std of the {kind} over {n} seeds: {spread:.3f})."
+
+
+def read_run_logs(rows: pd.DataFrame, name: str = "log.csv", columns: Sequence[str] = ("name", "seed")
+                  ) -> pd.DataFrame:
+    """One of the run folders' CSV logs (``log.csv``, ``diagnostics.csv``, ``routing.csv``) for every result row,
+    concatenated, with the rows' ``columns`` in front (runs without that file are skipped)."""
+    frames = []
+    for _, row in rows.iterrows():
+        path = Path(row["run_dir"]) / name
+        if path.is_file():
+            frame = pd.read_csv(path)
+            for position, column in enumerate(c for c in columns if c in row):
+                frame.insert(position, column, row[column])
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

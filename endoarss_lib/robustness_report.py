@@ -19,7 +19,7 @@ import pandas as pd
 from .corrupted_sets import CLEAN
 from .corruptions import CORRUPTIONS, GROUP_OF
 
-__all__ = ["table_vii", "severity_table", "corruption_errors", "mean_corruption_error", "column_name",
+__all__ = ["table_vii", "severity_table", "corruption_errors", "mean_corruption_error", "column_name", "paper_beside",
            "metric_label"]
 
 _KEY_COLUMNS = ("model", "corruption", "severity")
@@ -221,3 +221,22 @@ def mean_corruption_error(frame: pd.DataFrame, model: str, baseline: str, metric
             "n_corruptions_relative": int(mean["n_relative"]),
             "clean_error": float(1 - clean[model]) if model in clean.index else np.nan,
             "baseline_clean_error": float(1 - clean[baseline]) if baseline in clean.index else np.nan}
+
+
+def paper_beside(table: pd.DataFrame, data: str = "synthetic") -> pd.DataFrame:
+    """The paper's Table VII (AC and mIoU per corruption, per model) beside ours (a :func:`table_vii` of the
+    ``compat_`` metrics in %), one row per corruption in the paper's order, then ``mean`` (and our ``clean``).
+
+    The paper's columns are what its evaluation computes, so they sit beside our ``cls_compat_ac`` /
+    ``seg_compat_miou``; ``data`` labels our side (SYNTHETIC data are not comparable, only the procedure is)."""
+    from .paper import load_paper_table
+
+    paper = load_paper_table("table7")
+    paper = paper.assign(model=paper["backbone"] + " + " + paper["arch"])
+    wide = paper.pivot_table(index="corruption", columns="model", values=["AC", "mIoU"], aggfunc="first")
+    wide.columns = [f"paper {metric} ({model})" for metric, model in wide.columns]
+    ours = table.set_index("corruption").drop(columns="group")
+    ours.columns = [f"ours ({data}) {c}" for c in ours.columns]
+    order = [n for n in CORRUPTIONS if n in wide.index or n in ours.index] + ["mean"]
+    order += [CLEAN] if CLEAN in ours.index else []
+    return wide.join(ours, how="outer").reindex(order).reset_index().rename(columns={"index": "corruption"})

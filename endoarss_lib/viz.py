@@ -19,7 +19,8 @@ from .data.dataset import to_uint8_image
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
            "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves",
            "per_image_iou", "worst_samples", "confusion_pixels", "confused_samples", "pair_counts", "plot_gallery",
-           "shrink_png", "corruption_grid", "plot_severity_curves", "plot_colour_shift"]
+           "shrink_png", "corruption_grid", "plot_severity_curves", "plot_colour_shift", "plot_conflict_curves",
+           "plot_conflict_per_block", "plot_routing"]
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -223,12 +224,17 @@ def confused_samples(samples: Sequence[dict], class_a: int, class_b: int, k: int
     return [pos for _, pos in ranked[:k]]
 
 
-def pair_counts(samples: Sequence[dict], class_a: int, class_b: int) -> dict[str, int]:
-    """Over ``samples``: true pixels of the two classes, how many are predicted right, how many swapped a <-> b."""
+def pair_counts(samples: Sequence[dict], class_a: int, class_b: int) -> dict[str, float]:
+    """Over ``samples``: true pixels of the two look-alike classes (``pair_pixels``); of them, those predicted as
+    either class (``found``), as the right one (``right``) or as the other one (``swapped``); and the swapped share of
+    the found pixels (``swapped_of_found``; NaN when none is found). Read ``swapped`` with ``found``: a model that
+    finds neither class swaps nothing."""
     truth = [np.isin(s["mask"], (class_a, class_b)) for s in samples]
-    return {"pair_pixels": int(sum(t.sum() for t in truth)),
+    found = int(sum((np.isin(s["pred_mask"], (class_a, class_b)) & t).sum() for s, t in zip(samples, truth)))
+    swapped = sum(confusion_pixels(s, class_a, class_b) for s in samples)
+    return {"pair_pixels": int(sum(t.sum() for t in truth)), "found": found,
             "right": int(sum(((s["pred_mask"] == s["mask"]) & t).sum() for s, t in zip(samples, truth))),
-            "swapped": sum(confusion_pixels(s, class_a, class_b) for s in samples)}
+            "swapped": swapped, "swapped_of_found": swapped / found if found else float("nan")}
 
 
 def _check_aligned(samples_by_model: Mapping[str, Sequence[dict]]) -> list[dict]:
@@ -385,5 +391,86 @@ def plot_colour_shift(source, target, n: int = 24, note: str = "") -> Figure:
         ax.set_title(f"mean {name} per image")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"colour shift{(' - ' + note) if note else ''}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ task conflict
+
+def plot_conflict_curves(diag: pd.DataFrame, by: str = "model", note: str = "") -> Figure:
+    """Task-gradient conflict over training, one colour per group (``by``) of a ``diagnostics.csv`` frame: the
+    cosine per logged step (thin) with its one-epoch moving average (first seed), the share of conflicting steps per
+    epoch, the magnitude similarity per epoch, and the median norm ratio ``|g_seg| / |g_cls|`` (log scale)."""
+    first_seed = diag["seed"].min() if "seed" in diag else None
+    steps_per_epoch = max(1, int(diag.groupby([by, "epoch"]).size().median()))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for name, d in diag.groupby(by, sort=False):
+        one = d if first_seed is None else d[d["seed"] == first_seed]
+        line, = axes[0].plot(one["step"], one["cosine"], alpha=0.25, lw=0.8)
+        colour = line.get_color()
+        axes[0].plot(one["step"], one["cosine"].rolling(steps_per_epoch, min_periods=1).mean(), color=colour, lw=2,
+                     label=name)
+        per_epoch = d.groupby("epoch")
+        axes[1].plot(per_epoch["cosine"].apply(lambda c: (c < 0).mean()), marker="o", color=colour)
+        axes[2].plot(per_epoch["magnitude_similarity"].mean(), marker="o", color=colour)
+        axes[3].semilogy(d.assign(r=d["norm_1"] / d["norm_0"]).groupby("epoch")["r"].median(), marker="o",
+                         color=colour)
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set(xlabel="step", ylabel="cosine(g_cls, g_seg)", title="cosine (first seed)")
+    axes[1].set(xlabel="epoch (from 0)", ylabel="share with cosine < 0", title="conflicting steps", ylim=(0, 1))
+    axes[2].set(xlabel="epoch (from 0)", ylabel="2|g1||g2| / (|g1|^2+|g2|^2)", title="magnitude similarity",
+                ylim=(0, 1))
+    axes[3].axhline(1, color="grey", lw=0.8)
+    axes[3].set(xlabel="epoch (from 0)", ylabel="median |g_seg| / |g_cls|", title="which task dominates")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Task-gradient conflict on the shared trainable parameters{(' - ' + note) if note else ''}",
+                 fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_conflict_per_block(diag: pd.DataFrame, by: str = "model", note: str = "") -> tuple[Figure, pd.DataFrame]:
+    """The mean cosine per group and block (``blockNN/cosine`` columns; a connector's too) as a heat map, and per
+    epoch for each group; returns (figure, the per-block table)."""
+    block_cols = [c for c in diag.columns if c.endswith("/cosine")]
+    blocks = [c.split("/")[0] for c in block_cols]
+    per_block = diag.groupby(by, sort=False)[block_cols].mean()
+    per_block.columns = blocks
+    groups = list(per_block.index)
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4 + 3.2 * len(groups), 3.4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1.4] + [1] * len(groups)})
+    values = per_block.to_numpy(dtype=float)
+    vmax = max(0.1, float(np.nanmax(np.abs(values)))) if values.size else 1.0
+    image = axes[0].imshow(values, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    axes[0].set(xticks=range(len(blocks)), xticklabels=blocks, yticks=range(len(groups)), yticklabels=groups,
+                title="mean cosine per block")
+    axes[0].tick_params(axis="x", rotation=45)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            axes[0].text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7,
+                         color="white" if abs(v) > 0.6 * vmax else "black")
+    for k, (ax, (name, d)) in enumerate(zip(axes[1:], diag.groupby(by, sort=False))):
+        ax.imshow(d.groupby("epoch")[block_cols].mean().T.to_numpy(dtype=float), cmap="RdBu", vmin=-vmax,
+                  vmax=vmax, aspect="auto")
+        ax.set(yticks=range(len(blocks)), yticklabels=blocks if k == 0 else [], xlabel="epoch (from 0)", title=name)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine")
+    fig.suptitle(f"Per-block gradient cosine (scale +-{vmax:.2f}){(' - ' + note) if note else ''}", fontsize=8)
+    return fig, per_block
+
+
+def plot_routing(routing: pd.DataFrame, log: pd.DataFrame, note: str = "") -> Figure:
+    """A CMoE connector's routing: each task's mean routing weight per expert in the last epoch (against uniform),
+    and the Jensen-Shannon divergence between the tasks' routing per epoch (``routing.csv`` and ``log.csv``)."""
+    experts = [c for c in routing.columns if c.startswith("expert")]
+    last = routing[routing["epoch"] == routing["epoch"].max()].set_index("task")[experts]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    last.T.plot.bar(ax=left, rot=0)
+    left.axhline(1 / len(experts), color="grey", ls="--", lw=0.8, label="uniform")
+    left.set(ylabel="mean routing weight", title="last epoch")
+    left.legend(fontsize=8)
+    if "routing_js" in log:
+        right.plot(log["epoch"], log["routing_js"], marker="o")
+    right.set(xlabel="epoch", ylabel="JS divergence (nats)", title="divergence between the tasks' routing")
+    fig.suptitle(f"CMoE routing{(' - ' + note) if note else ''}", fontsize=8)
     fig.tight_layout()
     return fig

@@ -126,6 +126,9 @@ def test_pair_counts_closed_form():
     truth = masks()  # 4 needle + 2 knife pixels
     swapped = np.where(truth == 1, 2, truth)  # needle -> knife: 4 swapped, the 2 knife pixels right
     missed = np.zeros_like(truth)  # nothing found: nothing swapped either
-    assert pair_counts([sample(0, truth, swapped)], 1, 2) == {"pair_pixels": 6, "right": 2, "swapped": 4}
+    assert pair_counts([sample(0, truth, swapped)], 1, 2) == {"pair_pixels": 6, "found": 6, "right": 2,
+                                                              "swapped": 4, "swapped_of_found": 4 / 6}
     assert pair_counts([sample(0, truth, missed), sample(1, truth, truth)], 1, 2) == {
-        "pair_pixels": 12, "right": 6, "swapped": 0}
+        "pair_pixels": 12, "found": 6, "right": 6, "swapped": 0, "swapped_of_found": 0.0}
+    nothing = pair_counts([sample(0, truth, missed)], 1, 2)  # nothing found: "0 swapped" is not "no confusion"
+    assert nothing["found"] == 0 and nothing["swapped"] == 0 and np.isnan(nothing["swapped_of_found"])
