@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-notebooks test-browser lab bench clean
+.PHONY: install demo test test-unit test-notebooks test-browser lab bench executed book clean
 
 # The JupyterLab browser test (tests/test_browser.py) needs headless Chromium: Debian's chromium + chromium-driver.
 BROWSER_TEST := tests/test_browser.py
@@ -63,8 +63,18 @@ LAB_ARGS ?=
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks
 
+## make executed: every notebook on its default parameters -> results/executed/ (committed, stamped with the commit)
+## (one notebook: make executed NB=00_quickstart)
+NB ?=
+executed: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python scripts/notebook_outputs.py execute $(NB)
+
+## make book: the executed notebooks as a static HTML site -> results/book/index.html
+book: $(STAMP)
+	$(BIN)/python scripts/notebook_outputs.py book
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf results/quickstart data/synthetic_* .pytest_cache
+	rm -rf results/quickstart results/book data/synthetic_* .pytest_cache

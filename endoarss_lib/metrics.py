@@ -161,14 +161,22 @@ def _scalar_ratio(num: float, den: float) -> float:
 # Classification
 # ---------------------------------------------------------------------------------------------------------------
 
+COMPAT_AC_EPS = 1e-8  # the released Evaluator's self.eps, used by Pixel_Accuracy_Class (its "Acc")
+
+
 def _compat_classification(cm: np.ndarray) -> dict:
-    """The released code's "Acc" (macro precision) and "F-score", both with its 1e-3 epsilon, over ALL classes."""
+    """The released test's "Acc" and "F-score" over ALL classes (``LibMTL/eva.py``, ``trainer.mtl_test``).
+
+    "Acc" is ``Pixel_Accuracy_Class().mean()``: per class ``tp / (column sum + 1e-8)`` with the confusion matrix
+    indexed (truth, prediction), i.e. the macro **precision**, not an accuracy. "F-score" is the macro mean of
+    ``2PR / (P + R + 1e-3)`` with ``P = tp / (tp + fp + 1e-3)`` and ``R = tp / (tp + fn + 1e-3)``."""
     tp = np.diag(cm).astype(np.float64)
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    pixel_accuracy_class = tp / (cm.sum(0) + COMPAT_AC_EPS)
     precision = tp / (tp + fp + COMPAT_EPS)
     recall = tp / (tp + fn + COMPAT_EPS)
     f1 = 2 * precision * recall / (precision + recall + COMPAT_EPS)
-    return {"compat_ac": float(precision.mean()), "compat_f1": float(f1.mean())}
+    return {"compat_ac": float(pixel_accuracy_class.mean()), "compat_f1": float(f1.mean())}
 
 
 def _classification_from_confusion(cm: np.ndarray) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["PAPER_TABLES", "PAPER_METRICS", "PAPER_TO_OURS", "PaperMetric", "paper_dir", "load_paper_table", "compact",
-           "paper_table_for", "to_paper_vocabulary", "side_by_side", "DEFAULT_KEYS", "MAIN_TABLES"]
+           "paper_table_for", "ablation_variants", "to_paper_vocabulary", "side_by_side", "DEFAULT_KEYS", "MAIN_TABLES"]
 
 PAPER_TABLES: dict[str, str] = {
     "table1": "Table I: datasets (activity / segmentation classes, train / test / total images)",
@@ -101,6 +101,28 @@ def paper_table_for(dataset: str) -> pd.DataFrame:
     if name not in MAIN_TABLES:
         raise KeyError(f"dataset={dataset!r}: the paper has main results for {', '.join(MAIN_TABLES)} only")
     return load_paper_table(MAIN_TABLES[name])
+
+
+def ablation_variants(vit: str, cnn: str, sma: dict | None = None) -> dict[str, dict]:
+    """Table V's rows as model options, row for row, in the table's order (read from ``table5_ablation.csv``).
+
+    A row with DINOv2 (or SMA) runs on the ViT ``vit``, otherwise on the CNN ``cnn``; TESLA on -> ``arch="tesla"``,
+    off -> ``arch="mmoe"`` (the architecture the paper's ablation falls back to); SMA on -> ``{"sma": True,
+    **sma}``. Keys are ``"<row> <backbone> + <architecture>"`` (row 6 is EndoARSS itself)."""
+    table = load_paper_table("table5")
+    rows = table[table["dataset"] == table["dataset"].iloc[0]]
+    out: dict[str, dict] = {}
+    for number, row in enumerate(rows.itertuples(index=False), start=1):
+        uses_vit = bool(row.DINOv2) or bool(row.SMA)
+        options: dict = {"backbone": vit if uses_vit else cnn, "arch": "tesla" if row.TESLA else "mmoe"}
+        if row.SMA:
+            options.update({"sma": True, **(sma or {})})
+        parts = ["DINOv2" if uses_vit else "ResNet"] + ["SMA"] * bool(row.SMA) + ["TESLA" if row.TESLA else "MMoE"]
+        name = " + ".join(parts)
+        if row.DINOv2 and row.TESLA and row.SMA:
+            name = f"EndoARSS ({name})"
+        out[f"{number} {name}"] = options
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ our rows

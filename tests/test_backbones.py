@@ -216,9 +216,25 @@ def test_group_batchnorm_keeps_groups_apart():
     y = gbn(x)
     ref = [copy.deepcopy(bn).train()(xi) for xi in x.chunk(2)]
     torch.testing.assert_close(y, torch.cat(ref), rtol=1e-5, atol=1e-5)
-    # running statistics: the momentum update with the mean over groups of the per-group statistics
+    # running statistics: each group its own, exactly what a separate BatchNorm per task would hold
+    for i, (r, xi) in enumerate(zip(ref, x.chunk(2))):
+        bn_i = copy.deepcopy(bn).train()
+        bn_i(xi)
+        torch.testing.assert_close(gbn.group_running_mean[i], bn_i.running_mean)
+        torch.testing.assert_close(gbn.group_running_var[i], bn_i.running_var)
     group_means = torch.stack([xi.mean(dim=(0, 2, 3)) for xi in x.chunk(2)]).mean(0)
-    torch.testing.assert_close(gbn.running_mean, 0.1 * group_means)
+    torch.testing.assert_close(gbn.running_mean, 0.1 * group_means)  # the average, as a shared BN would see
     assert gbn.num_batches_tracked.item() == 1
     gbn.eval()
-    torch.testing.assert_close(gbn(x[:1]), gbn(x)[:1])  # eval: per-sample, no mixing
+    # evaluation: group t's rows are normalised with group t's running statistics (a per-task BatchNorm in eval)
+    per_task = []
+    for i, xi in enumerate(x.chunk(2)):
+        bn_i = copy.deepcopy(bn).train()
+        bn_i(xi)
+        per_task.append(bn_i.eval()(xi))
+    torch.testing.assert_close(gbn(x), torch.cat(per_task), rtol=1e-5, atol=1e-5)
+    shared = torch.nn.functional.batch_norm(x[:3], gbn.running_mean, gbn.running_var, gbn.weight, gbn.bias, False,
+                                            0.0, gbn.eps)
+    assert not torch.allclose(per_task[0], shared, atol=1e-3)  # one averaged statistic would be wrong for both
+    gbn.forced_group = 1  # the per-task loop (one group's batch): that group's statistics
+    torch.testing.assert_close(gbn(x.chunk(2)[1]), per_task[1], rtol=1e-5, atol=1e-5)

@@ -101,7 +101,7 @@ def test_defaults_from_training_md():
     assert get_weighting("DB-MTL").hparams == {"beta": 0.9, "beta_sigma": 0.0}
     assert get_weighting("MoCo").hparams == {"beta": 0.5, "beta_sigma": 0.5, "gamma": 0.1, "gamma_sigma": 0.5,
                                              "rho": 0.0}
-    assert get_weighting("STCH").hparams == {"mu": 1.0, "warmup_epochs": 4}
+    assert get_weighting("STCH").hparams == {"mu": 1.0, "warmup_epochs": 4, "warmup_convention": "spec"}
     assert get_weighting("Aligned-MTL").hparams == {"eps": None}
 
 

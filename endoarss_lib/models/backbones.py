@@ -298,37 +298,57 @@ class ViTBackbone(_Backbone):
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are computed per group of a group-major batch (tasks never mix)."""
+    """BatchNorm2d for a group-major batch (TESLA on a ResNet): training statistics are computed per group, so the
+    tasks never mix, and every group keeps its **own** running mean / variance (``group_running_mean`` /
+    ``group_running_var``, shape (G, C)), which evaluation uses for that group's rows. ``running_mean`` /
+    ``running_var`` keep the groups' average (what a plain BatchNorm of the same model would hold)."""
 
     groups: int = 1
     forced_group: int | None = None
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, groups: int) -> "GroupBatchNorm2d":
-        """Copy of ``bn`` (same parameters, buffers and names) with per-group training statistics."""
+        """Copy of ``bn`` (same parameters and buffers) with per-group training and running statistics, every group
+        starting from ``bn``'s running statistics."""
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         new.load_state_dict(bn.state_dict())
         new.train(bn.training)
         new.groups = groups
+        if bn.track_running_stats:
+            new.register_buffer("group_running_mean", bn.running_mean.detach().clone().repeat(groups, 1))
+            new.register_buffer("group_running_var", bn.running_var.detach().clone().repeat(groups, 1))
         return new
 
+    def _update(self, xg: torch.Tensor, ids: list[int]) -> None:
+        """Running statistics of groups ``ids`` from ``xg`` (N', G' * C, H, W), groups along the channels."""
+        c = self.num_features
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+            mean = xg.mean(dim=(0, 2, 3)).view(len(ids), c)
+            var = xg.var(dim=(0, 2, 3), unbiased=True).view(len(ids), c)
+            self.group_running_mean[ids] = self.group_running_mean[ids] * (1 - m) + mean * m
+            self.group_running_var[ids] = self.group_running_var[ids] * (1 - m) + var * m
+            self.running_mean.copy_(self.group_running_mean.mean(0))
+            self.running_var.copy_(self.group_running_var.mean(0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = 1 if self.forced_group is not None else self.groups
-        if g == 1 or not (self.training or not self.track_running_stats):
-            return super().forward(x)
+        ids = [self.forced_group] if self.forced_group is not None else list(range(self.groups))
+        g = len(ids)
+        batch_stats = self.training or not self.track_running_stats
         n, c, h, w = x.shape
+        if n % g:
+            raise ValueError(f"batch {n} is not a multiple of the {g} task groups (task-major concatenation)")
         xg = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
         wt = self.weight.repeat(g) if self.affine else None
         bs = self.bias.repeat(g) if self.affine else None
-        y = F.batch_norm(xg, None, None, wt, bs, True, 0.0, self.eps)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                mean = xg.mean(dim=(0, 2, 3)).view(g, c).mean(0)
-                var = xg.var(dim=(0, 2, 3), unbiased=True).view(g, c).mean(0)
-                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-                self.running_var.mul_(1 - m).add_(var, alpha=m)
+        if batch_stats:
+            y = F.batch_norm(xg, None, None, wt, bs, True, 0.0, self.eps)
+            if self.track_running_stats and self.training:
+                self._update(xg, ids)
+        else:
+            y = F.batch_norm(xg, self.group_running_mean[ids].reshape(-1), self.group_running_var[ids].reshape(-1),
+                             wt, bs, False, 0.0, self.eps)
         return y.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 

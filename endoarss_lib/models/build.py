@@ -47,7 +47,8 @@ class ModelConfig:
                                       "on a ViT")
     image_size: int = _f(224, "multiple of the ViT patch (14) and of sma_patch_size when sma=True")
     # LoRA (paper Eq. 2-3)
-    lora_alpha: float | None = _f(None, "scale alpha / r; None -> alpha = r (scale 1)")
+    lora_alpha: float | None = _f(None, "LoRA scale alpha / r, for the shared LoRA and the TESLA / expert adapters; "
+                                        "None -> alpha = r (scale 1)")
     lora_targets: tuple = _f(("attn.qkv",), "released code: (\"mlp.fc1\", \"mlp.fc2\"); valid: VIT_LORA_TARGETS")
     lora_qkv: tuple = _f(("q", "v"), "chunks of the fused qkv that LoRA adapts (paper: q and v; k untouched)")
     # TESLA (paper Eq. 5-6)
@@ -75,7 +76,7 @@ class ModelConfig:
     # Heads (DeepLab-V3 style)
     head_channels: int = _f(256, "channels of the DeepLab-V3 heads")
     seg_rates: tuple | None = _f(None, "ASPP rates; None -> chosen from the feature-map size")
-    seg_dropout: float = _f(0.1, "dropout before the segmentation classifier")
+    seg_dropout: float = _f(0.5, "dropout after the ASPP projection (DeepLab-V3 and the released code: 0.5)")
     cls_dropout: float = _f(0.0, "dropout before the activity classifier")
     cls_use_token: bool | None = _f(None, "concat the class token in the cls head; None -> when the backbone has one")
     # Features / backbone
@@ -251,8 +252,9 @@ def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
         common = dict(alpha=c.lora_alpha, qkv=c.lora_qkv)
         if c.arch == "tesla":
             bb.add_adapters(rank=c.lora_rank, targets=c.lora_targets, num_groups=num_tasks, group_kind="tesla",
-                            group_targets=c.tesla_targets or c.lora_targets, group_rank=tesla_rank, soft=soft,
-                            num_adapters=c.tesla_num_adapters, last_k=c.tesla_last_k, **common)
+                            group_targets=c.tesla_targets or c.lora_targets, group_rank=tesla_rank,
+                            group_alpha=c.lora_alpha, soft=soft, num_adapters=c.tesla_num_adapters,
+                            last_k=c.tesla_last_k, **common)
         elif c.arch in _MOE:
             bb.add_adapters(rank=0, targets=(), num_groups=c.num_experts, group_kind="expert",
                             group_targets=c.lora_targets, group_rank=c.lora_rank, group_alpha=c.lora_alpha,
@@ -263,7 +265,7 @@ def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
         bb = build_backbone(c.backbone, c.image_size, c.pretrained, sma, output_stride=c.resnet_output_stride,
                             num_experts=c.num_experts if c.arch in _MOE else 0, **kw)
         if c.arch == "tesla":
-            bb.add_adapters(num_groups=num_tasks, group_rank=tesla_rank, soft=soft,
+            bb.add_adapters(num_groups=num_tasks, group_rank=tesla_rank, group_alpha=c.lora_alpha, soft=soft,
                             num_adapters=c.tesla_num_adapters, last_k=c.tesla_last_k)
     feature_size = -(-c.image_size // bb.stride)
     head_channels_in, grid = bb.out_channels, None

@@ -57,6 +57,9 @@ class DSelectKGate(nn.Module):
         # Start inside the smooth region of the step (|z| << gamma/2), as the authors' initialiser does.
         nn.init.uniform_(self.z_logits.weight, -gamma / 100, gamma / 100)
         nn.init.uniform_(self.z_logits.bias, -gamma / 100, gamma / 100)
+        # LibMTL's (and the authors' TensorFlow) selector-weight initialisation: U(-0.05, 0.05)
+        nn.init.uniform_(self.w_logits.weight, -0.05, 0.05)
+        nn.init.uniform_(self.w_logits.bias, -0.05, 0.05)
         codes = [[(e >> (self.num_binary - 1 - j)) & 1 for j in range(self.num_binary)] for e in range(num_experts)]
         self.register_buffer("codes", torch.tensor(codes, dtype=torch.bool), persistent=False)  # (E, m)
 

@@ -64,7 +64,7 @@ class _ASPPPooling(nn.Module):
 class ASPP(nn.Module):
     """Atrous Spatial Pyramid Pooling: 1x1 + three 3x3 atrous + image pooling, concat, 1x1 -> BN -> ReLU -> dropout."""
 
-    def __init__(self, in_channels: int, channels: int = 256, rates: Sequence[int] = (2, 4, 6), dropout: float = 0.1):
+    def __init__(self, in_channels: int, channels: int = 256, rates: Sequence[int] = (2, 4, 6), dropout: float = 0.5):
         super().__init__()
         rates = tuple(rates)
         if len(rates) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
@@ -106,7 +106,7 @@ class SegmentationHead(nn.Module):
         channels: int = 256,
         rates: Sequence[int] | None = None,
         feature_size: int = 16,
-        dropout: float = 0.1,
+        dropout: float = 0.5,
     ):
         super().__init__()
         _check_positive(in_channels=in_channels, num_classes=num_classes, channels=channels)
