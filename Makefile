@@ -37,7 +37,7 @@ demo: $(STAMP)
 	@mkdir -p results/quickstart
 	$(BIN)/papermill --cwd notebooks --log-output notebooks/00_quickstart.ipynb results/quickstart/00_quickstart.ipynb
 	@echo
-	@echo "demo finished (SYNTHETIC data, random-init tiny model): outputs in results/quickstart/"
+	@echo "demo finished (SYNTHETIC data, synthetic-pretrained backbone): outputs in results/quickstart/"
 	@ls -1 results/quickstart
 
 ## make test: unit tests, every notebook under nbval, and the quickstart in JupyterLab in headless Chromium

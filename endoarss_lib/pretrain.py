@@ -564,7 +564,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
         "history": history,
     }
     if evaluate:
-        record["metrics"] = evaluate_backbone(weights, cfg.backbone, progress=progress)
+        record["metrics"] = record_metrics(weights, cfg.backbone, cfg.layerscale_init, progress=progress)
     write_json_atomic(out_dir / f"{cfg.name}.json", record)
     ckpt_path.unlink(missing_ok=True)
     return record
@@ -673,6 +673,29 @@ def evaluate_backbone(weights, backbone: str = "vit_mini_patch14", preset: str =
             "linear_probe_accuracy": round(acc, 4), "majority_accuracy": round(majority, 4),
             "patch_probe_miou_fg": round(float(seg["miou_fg"]), 4), "patch_probe_miou": round(float(seg["miou"]), 4),
             "weights": info["source"]}
+
+
+_PROBE_KEYS = ("linear_probe_accuracy", "patch_probe_miou_fg", "patch_probe_miou")
+
+
+def record_metrics(weights, backbone: str, layerscale_init: float, progress: bool = False) -> dict:
+    """The weight record's metrics: :func:`evaluate_backbone` of the weights, and the same probes of the backbone
+    left at its random initialisation with the LayerScale the pretraining started from, with LayerScale 1 (the fair
+    random baseline: the strongest random features) and with timm's DINOv2 default (1e-5), so the record says what
+    pretraining adds."""
+    import warnings
+
+    from .models.weights import RandomInitWarning
+
+    out = evaluate_backbone(weights, backbone, progress=progress)
+    out["weights"] = Path(weights).name
+    for key, ls in (("random_init", layerscale_init), ("random_init_layerscale_1", 1.0),
+                    ("random_init_timm_layerscale", 1e-5)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomInitWarning)  # the point here
+            base = evaluate_backbone(None, backbone, layerscale_init=ls)
+        out[key] = {"layerscale_init": ls, **{k: base[k] for k in _PROBE_KEYS}}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

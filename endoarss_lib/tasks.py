@@ -155,7 +155,7 @@ TASKS: dict[str, Task] = {
             Metric("macro_f1", True, "F1", delta_m=True),
             Metric("weighted_f1", True, "wF1", main=False),
             Metric("compat_ac", True, "compat AC", paper="AC", beside="accuracy",
-                   note="top-1 accuracy (the compat 'AC' is macro precision with +1e-3 in the denominator)"),
+                   note="top-1 accuracy (the compat 'AC' is macro precision, tp / (column sum + 1e-8))"),
             Metric("compat_f1", True, "compat F", paper="F_score", beside="macro_f1", note="exact macro F1"),
             Metric("predicted_classes", True, "pred. classes", main=False, unit="count",
                    compute=_cls_predicted_classes),
