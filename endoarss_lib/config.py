@@ -268,8 +268,14 @@ class TrainConfig:
         return json.loads(json.dumps(d, default=str))
 
     def results_hash(self) -> str:
-        """Hash of every field that can change the results (not paths, workers or progress bars)."""
+        """Hash of every field that can change the results (not paths, workers or progress bars). Bundled weights
+        (``model.pretrained=NAME``) enter by their recorded sha256, so a new version of them makes new run folders
+        instead of reusing results of the old one."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_HASH}
+        from .models.pretrained import get_pretrained, is_pretrained_name
+
+        if is_pretrained_name(self.model.pretrained):
+            data["pretrained_sha256"] = get_pretrained(self.model.pretrained).sha256
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def data_root_path(self) -> Path:

@@ -505,12 +505,15 @@ def fit(cfg: TrainConfig) -> dict:
         row = json.loads(result_path.read_text())
         _check_data(result_path, row.get("data_fingerprint"), fingerprints)
         weights = cfg.model.pretrained
-        if row.get("weights_sha256") is not None and isinstance(weights, str) and Path(weights).is_file():
+        if row.get("weights_sha256") is not None and isinstance(weights, str):
+            from .models.pretrained import get_pretrained, is_pretrained_name
             from .models.weights import file_sha256
 
-            if file_sha256(weights) != row["weights_sha256"]:
+            now = (get_pretrained(weights).sha256 if is_pretrained_name(weights)
+                   else file_sha256(weights) if Path(weights).is_file() else None)
+            if now is not None and now != row["weights_sha256"]:
                 raise CheckpointMismatch(f"{result_path}: this run used weights with sha256 {row['weights_sha256']},"
-                                         f" but {weights} has changed; restore it or run under another run_name")
+                                         f" but {weights} now has {now}; restore them or run under another run_name")
         return row
     device = resolve_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

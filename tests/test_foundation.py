@@ -188,3 +188,27 @@ def test_adapters_perturb_the_backbone(options, expect_effect):
         assert effect >= 1e-2 and task_gap >= 1e-2, (effect, task_gap)
     else:  # behind timm's LayerScale 1e-5 the adapters are a no-op: TESLA would compare identical backbones
         assert effect < 1e-4 and task_gap < 1e-4, (effect, task_gap)
+
+
+def test_a_new_version_of_the_bundled_weights_gets_new_run_folders(monkeypatch, tmp_path):
+    """Results trained on an older version of the bundled weights are never reused for the new one."""
+    import dataclasses
+
+    from endoarss_lib.config import preset
+    from endoarss_lib.engine import CheckpointMismatch, fit, run_dir
+    from endoarss_lib.models import pretrained
+
+    cfg = preset("smoke", out_dir=str(tmp_path))
+    assert cfg.model.pretrained == DEFAULT_PRETRAINED
+    before, folder = cfg.results_hash(), run_dir(cfg)
+    rec = get_pretrained(DEFAULT_PRETRAINED)
+    monkeypatch.setattr(pretrained, "_records", lambda: {rec.name: dataclasses.replace(rec, sha256="0" * 64)})
+    assert cfg.results_hash() != before and run_dir(cfg) != folder
+    # a named run folder written with the other version is refused, untouched
+    named = cfg.replace(run_name="mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "result.json").write_text(json.dumps({"config_hash": named.results_hash()}))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointMismatch, match="another config"):
+        fit(named)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["result.json"]
