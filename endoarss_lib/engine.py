@@ -99,13 +99,23 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
     common = dict(dataset=cfg.dataset, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
                   split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
                   normalize=cfg.normalize)
-    return {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
+    datasets = {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
+    if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
+        for dataset in datasets.values():
+            dataset.use_cache(cfg.cache_dir, progress=cfg.progress)
+    return datasets
+
+
+def _on_cuda(cfg: TrainConfig) -> bool:
+    """Whether the run trains on CUDA (torchrun ranks included); never raises where CUDA is missing."""
+    return torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
 
 
 def _loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int = 0, world: int = 1, rank: int = 0):
+    run = cfg.runtime_settings(_on_cuda(cfg))  # workers, pinned memory: the device's defaults where left null
     return make_loader(dataset, cfg.batch_size, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
-                       num_workers=cfg.num_workers, world=world, rank=rank, pin_memory=cfg.pin_memory,
-                       persistent_workers=cfg.persistent_workers)
+                       num_workers=run["num_workers"], world=world, rank=rank, pin_memory=run["pin_memory"],
+                       persistent_workers=run["persistent_workers"])
 
 
 def _optimizer(model, cfg: TrainConfig):
