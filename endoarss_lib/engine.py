@@ -35,6 +35,7 @@ from .atomic import atomic_path, remove_stale_temporaries, write_json_atomic, wr
 from .config import ConfigError, TrainConfig
 from .data import MTLDataset, make_loader, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
+from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_ddp
 from .losses import make_cls_loss, task_losses
 from .models import build_model_from_config
 from .tasks import get_task, higher_is_better
@@ -324,7 +325,7 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
     and ``1 / grad_accum``) into the gradients of the trainable shared parameters and the tasks' own parameters.
     Returns ``{"losses": {task: float raw loss}, "outputs": ..., "diagnostics": conflict record or None}``.
     """
-    raw_model = getattr(model, "_orig_mod", model)
+    raw_model = unwrap(model)  # the model inside torch.compile / DistributedDataParallel
     device = device or next(raw_model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     loss_weights = loss_weights or {}
@@ -369,7 +370,7 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
         if result["diagnostics"] is not None:
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
         if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
-            if world > 1:
+            if world > 1 and not uses_ddp(model):  # DDP averaged them during the backward
                 _all_reduce_grads(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -386,13 +387,10 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
 
 
 def _all_reduce_grads(optimizer) -> None:
-    # Gradient methods combine each rank's task gradients locally; the combined gradients are then averaged.
-    world = dist.get_world_size()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+    """Average the gradients over the ranks (one flat all-reduce). A gradient weighting has combined the global
+    batch's task gradients already (the same shared gradient on every rank, see endoarss_lib.distributed); this
+    averages the task-specific parameters' gradients (and a regulariser's) to the global batch's."""
+    average_gradients([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -410,9 +408,11 @@ def build_run_model(cfg: TrainConfig):
 def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict:
     seed_everything(cfg.seed)
     raw_model = build_run_model(cfg).to(device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer, scheduler = _optimizer(raw_model, cfg)
     weighting = get_weighting(cfg.weighting, **cfg.weighting_hparams)
+    # torchrun: global-batch BatchNorm, the weighting's global-batch hand-off, DDP for loss-level weightings
+    model = prepare_data_parallel(raw_model, weighting, device)
+    model = torch.compile(model) if cfg.compile else model
     # CGL: class counts of the TRAINING split only; its own generator, seeded from the run seed (saved in last.pt).
     cls_loss = make_cls_loss(cfg.cls_loss, datasets["train"].class_counts() if cfg.cls_loss != "ce" else None,
                              seed=cfg.seed * 1_000_003 + 7, **cfg.cls_loss_hparams)
