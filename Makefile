@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-notebooks test-browser lab bench clean
+.PHONY: install demo test test-unit test-notebooks test-browser lab bench tensorboard clean
 
 # The JupyterLab browser test (tests/test_browser.py) needs headless Chromium: Debian's chromium + chromium-driver.
 BROWSER_TEST := tests/test_browser.py
@@ -62,6 +62,15 @@ test-notebooks: $(STAMP)
 LAB_ARGS ?=
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks
+
+## make tensorboard: live curves (losses, task weights, validation metrics, conflict) of the runs under results/runs
+## trained with tensorboard=true, on 127.0.0.1:6006 (installs the optional tensorboard package on first use;
+## extra options: make tensorboard TB_ARGS="--port 6007")
+TB_ARGS ?=
+tensorboard: $(STAMP)
+	@$(BIN)/python -c "import tensorboard" 2>/dev/null || \
+		$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[tensorboard]"
+	$(BIN)/tensorboard --logdir results/runs --host 127.0.0.1 $(TB_ARGS)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

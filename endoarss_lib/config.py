@@ -59,7 +59,7 @@ DEFAULT_MODEL = {"backbone": "vit_mini_patch14", "pretrained": "synthdino_vit_mi
 
 # Fields that never change a run's results (paths, workers, progress bars): left out of the results hash.
 _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_epochs", "device", "pin_memory",
-                "persistent_workers", "keep_last", "data_cache", "cache_dir")
+                "persistent_workers", "keep_last", "data_cache", "cache_dir", "tensorboard")
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
 # GPU's work.
@@ -125,6 +125,8 @@ class TrainConfig:
     data_cache: bool | None = _f(None, "read images from a decoded, memory-mapped cache built once per dataset, split "
                                        "and size (identical results; null: on CUDA). See docs/scaling.md")
     cache_dir: str | None = _f(None, "folder of the data cache (null: <data home>/cache)")
+    tensorboard: bool = _f(False, "write a TensorBoard log (losses, task weights, validation metrics, conflict) to "
+                                  "<run folder>/tensorboard; needs `pip install tensorboard`")
     diagnostics_every: int = _f(0, "log task-gradient conflict every k steps (0: off)")
     out_dir: str = _f("results/runs", "folder of run folders")
     run_name: str | None = _f(None, "run folder name (null: derived from the config hash)")

@@ -323,7 +323,8 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
     The weighting method sees the batch's outputs first (:meth:`Weighting.observe`), the model's regulariser
     (DSelect-k) is backpropagated, then ``weighting.backward`` combines the task losses (scaled by ``loss_weights``
     and ``1 / grad_accum``) into the gradients of the trainable shared parameters and the tasks' own parameters.
-    Returns ``{"losses": {task: float raw loss}, "outputs": ..., "diagnostics": conflict record or None}``.
+    Returns ``{"losses": {task: float raw loss}, "weights": the method's task weights (detached), "outputs": ...,
+    "diagnostics": conflict record or None}``.
     """
     raw_model = unwrap(model)  # the model inside torch.compile / DistributedDataParallel
     device = device or next(raw_model.parameters()).device
@@ -343,8 +344,9 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
         regulariser.backward(retain_graph=True)  # DSelect-k's entropy term reaches its selectors
     shared = raw_model.trainable_shared_parameters() if shared is None else shared
     task_params = [raw_model.task_specific_parameters(t) for t in tasks] if task_params is None else task_params
-    weighting.backward(losses, shared, task_params)
-    return {"losses": {t: float(raw[t].detach()) for t in tasks}, "outputs": out, "diagnostics": record}
+    weights = weighting.backward(losses, shared, task_params)
+    return {"losses": {t: float(raw[t].detach()) for t in tasks}, "weights": weights, "outputs": out,
+            "diagnostics": record}
 
 
 def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, world: int) -> dict:
@@ -369,6 +371,8 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
                             task_params=heads, diagnostics=diag)
         if result["diagnostics"] is not None:
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
+        if state.get("tensorboard") is not None:
+            state["tensorboard"].step(state["global_step"], result)
         if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
             if world > 1 and not uses_ddp(model):  # DDP averaged them during the backward
                 _all_reduce_grads(optimizer)
@@ -505,6 +509,10 @@ def _check_folder(folder: Path, cfg: TrainConfig) -> None:
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row."""
     rank, world = _distributed()
+    if cfg.tensorboard:
+        from .tblog import require_tensorboard
+
+        require_tensorboard()  # a missing package is a config error before anything runs
     folder = run_dir(cfg)
     result_path = folder / "result.json"
     _check_folder(folder, cfg)
@@ -530,6 +538,10 @@ def fit(cfg: TrainConfig) -> dict:
         _resume(state, folder / "last.pt", cfg, fingerprints)
     if rank == 0:
         write_json_atomic(folder / "config.json", {**cfg.to_dict(), "config_hash": state["config_hash"]})
+    if rank == 0 and cfg.tensorboard:
+        from .tblog import TensorBoardLog
+
+        state["tensorboard"] = TensorBoardLog(folder, cfg.tasks)
     spec = datasets["train"].spec
     eval_kw = dict(device=device, tasks=cfg.tasks, num_activities=spec.num_activities,
                    num_seg_classes=spec.num_seg_classes, amp=cfg.amp, ignore_index=cfg.ignore_index)
@@ -540,6 +552,8 @@ def fit(cfg: TrainConfig) -> dict:
     select_loader = _loader(datasets[select_split], cfg, shuffle=False)
     while state["epoch"] < cfg.epochs:
         if cfg.stop_after_epochs is not None and state["epoch"] >= cfg.stop_after_epochs:
+            if state.get("tensorboard") is not None:
+                state["tensorboard"].close()
             return {"status": "stopped", "epoch": state["epoch"], "run_dir": str(folder)}
         start = time.perf_counter()
         epoch = state["epoch"]
@@ -554,6 +568,8 @@ def fit(cfg: TrainConfig) -> dict:
                                  **{f"{select_split}_{k}": v for k, v in val.items()}, "select_score": score,
                                  "lr": state["optimizer"].param_groups[0]["lr"], "wall_time_s": state["wall_time_s"]})
         state["epoch"] = epoch + 1
+        if state.get("tensorboard") is not None:
+            state["tensorboard"].epoch(state["history"][-1], select_split)
         if rank == 0:
             if score > state["best_score"] or state["best_epoch"] < 0:  # the first epoch is kept even at -inf
                 state["best_score"], state["best_epoch"] = score, epoch + 1
@@ -569,6 +585,9 @@ def fit(cfg: TrainConfig) -> dict:
     test = evaluate(state["model"], _loader(datasets["test"], cfg, shuffle=False), distances=True,
                     compat_size=COMPAT_SIZE, **eval_kw)
     row = _result_row(cfg, state, datasets, test, device, folder, fingerprints)
+    if state.get("tensorboard") is not None:
+        state["tensorboard"].test(test, state["best_epoch"])
+        state["tensorboard"].close()
     if rank == 0:
         write_json_atomic(result_path, row)
         _finish_run_folder(folder, cfg.keep_last)
