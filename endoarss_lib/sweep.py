@@ -385,7 +385,11 @@ def _submitit_executor(kind: str, options: SlurmOptions, grid: Grid, root: str |
         raise ExecutorError(f"--executor {kind} needs submitit, which is not installed: "
                             f"pip install 'endoarss[cluster]' (or pip install submitit)") from None
     folder = Path(options.folder) if options.folder else Path(root).resolve() / "results" / "slurm" / grid.name
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if kind == "slurm" else "local")
+    try:
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if kind == "slurm" else "local")
+    except RuntimeError as error:  # e.g. no srun on this machine
+        raise ExecutorError(f"--executor {kind}: {error} (run the sweep on the cluster's login node; "
+                            f"--executor submitit-local runs the same jobs as local processes)") from None
     params = dict(name=f"sweep-{grid.name}", timeout_min=int(options.time_limit), nodes=1, tasks_per_node=1,
                   gpus_per_node=int(options.gpus_per_job), cpus_per_task=options.cpus_per_job)
     if kind == "slurm":

@@ -3,6 +3,7 @@ code path with local processes) skips, retries, isolates failures and aggregates
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,9 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from endoarss_lib.sweep import (JOB_FILE, STATUS_FILE, ExecutorError, SlurmOptions, expand, load_grid, main,
-                                run_sweep)
-from tests.test_sweep import _snapshot, _write_grid
+from endoarss_lib.sweep import (JOB_FILE, STATUS_FILE, ExecutorError, SlurmOptions, _submitit_executor, expand,
+                                load_grid, main, run_sweep)
+from tests.test_sweep import NOTEBOOK, _snapshot, _write_grid
 
 pytest.importorskip("submitit")  # the optional [cluster] dependency
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -113,3 +114,24 @@ def test_bad_executor_use_fails_before_any_work(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results").exists()
     with pytest.raises(SystemExit):
         main([str(grid), "--executor", "slurm", "--time-limit", "soon"])
+
+
+def test_slurm_job_script_carries_the_options(tmp_path, monkeypatch):
+    # no cluster here: a stand-in srun lets submitit build the job script, which is read, never submitted
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "table2", "notebook": str(NOTEBOOK)}))
+    options = SlurmOptions(partition="gpu", gpus_per_job=2, cpus_per_job=8, time_limit=90,
+                           folder=str(tmp_path / "slurm"), extra={"account": "abc"})
+    with pytest.raises(ExecutorError, match="srun"):  # on this machine as it is: a clear error
+        _submitit_executor("slurm", options, load_grid(grid), tmp_path, jobs=4)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    executor, folder = _submitit_executor("slurm", options, load_grid(grid), tmp_path, jobs=4)
+    script = executor._executor._make_submission_file_text("python -m job", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=8", "--time=90", "--account=abc",
+                 "--job-name=sweep-table2", "--ntasks-per-node=1", f"--output={folder}/%j/"):
+        assert f"#SBATCH {line}" in script, line
+    assert executor._executor.parameters["array_parallelism"] == 4  # --jobs caps the array's running jobs
