@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-notebooks test-browser lab bench executed book clean
+.PHONY: install demo test test-unit test-notebooks test-browser lab bench executed book tensorboard clean
 
 # The JupyterLab browser test (tests/test_browser.py) needs headless Chromium: Debian's chromium + chromium-driver.
 BROWSER_TEST := tests/test_browser.py
@@ -72,6 +72,15 @@ executed: $(STAMP)
 ## make book: the executed notebooks as a static HTML site -> results/book/index.html
 book: $(STAMP)
 	$(BIN)/python scripts/notebook_outputs.py book
+
+## make tensorboard: live curves (losses, task weights, validation metrics, conflict) of the runs under results/runs
+## trained with tensorboard=true, on 127.0.0.1:6006 (installs the optional tensorboard package on first use;
+## extra options: make tensorboard TB_ARGS="--port 6007")
+TB_ARGS ?=
+tensorboard: $(STAMP)
+	@$(BIN)/python -c "import tensorboard" 2>/dev/null || \
+		$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[tensorboard]"
+	$(BIN)/tensorboard --logdir results/runs --host 127.0.0.1 $(TB_ARGS)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -26,7 +26,7 @@ from .data.registry import get_spec, list_datasets
 from .models.build import ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
-           "data_home", "synthetic_root",
+           "data_home", "synthetic_root", "CUDA_NUM_WORKERS",
            "ConfigError", "config_help", "DEFAULT_MODEL"]
 
 
@@ -59,7 +59,11 @@ DEFAULT_MODEL = {"backbone": "vit_mini_patch14", "pretrained": "synthdino_vit_mi
 
 # Fields that never change a run's results (paths, workers, progress bars): left out of the results hash.
 _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_epochs", "device", "pin_memory",
-                "persistent_workers", "keep_last")
+                "persistent_workers", "keep_last", "data_cache", "cache_dir", "tensorboard")
+
+# Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
+# GPU's work.
+CUDA_NUM_WORKERS = 4
 
 
 @dataclass
@@ -114,9 +118,15 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _f("auto", "bf16 autocast: auto (on CUDA), bf16, off", choices=("auto", "bf16", "off"))
     compile: bool = _f(False, "torch.compile the model")
-    num_workers: int = _f(0, "DataLoader worker processes")
-    pin_memory: bool = _f(False, "pinned host memory for CUDA copies")
-    persistent_workers: bool = _f(False, "keep DataLoader workers between epochs")
+    num_workers: int | None = _f(None, f"DataLoader worker processes (null: {CUDA_NUM_WORKERS} on CUDA, 0 on CPU)")
+    pin_memory: bool | None = _f(None, "pinned host memory for CUDA copies (null: on CUDA)")
+    persistent_workers: bool | None = _f(None, "keep DataLoader workers alive between passes (null: on CUDA with "
+                                                "workers)")
+    data_cache: bool | None = _f(None, "read images from a decoded, memory-mapped cache built once per dataset, split "
+                                       "and size (identical results; null: on CUDA). See docs/scaling.md")
+    cache_dir: str | None = _f(None, "folder of the data cache (null: <data home>/cache)")
+    tensorboard: bool = _f(False, "write a TensorBoard log (losses, task weights, validation metrics, conflict) to "
+                                  "<run folder>/tensorboard; needs `pip install tensorboard`")
     diagnostics_every: int = _f(0, "log task-gradient conflict every k steps (0: off)")
     out_dir: str = _f("results/runs", "folder of run folders")
     run_name: str | None = _f(None, "run folder name (null: derived from the config hash)")
@@ -183,7 +193,7 @@ class TrainConfig:
                   ("gamma", self.gamma > 0, "> 0"), ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                   ("val_fraction", 0 < self.val_fraction < 1, "a fraction in (0, 1): selection needs validation"),
                   ("diagnostics_every", self.diagnostics_every >= 0, "an int >= 0"),
-                  ("num_workers", self.num_workers >= 0, "an int >= 0"),
+                  ("num_workers", self.num_workers is None or self.num_workers >= 0, "null or an int >= 0"),
                   ("synthetic_n_train", self.synthetic_n_train >= 0, "an int >= 0"),
                   ("synthetic_n_test", self.synthetic_n_test >= 1, "an int >= 1"),
                   ("synthetic_seed", self.synthetic_seed >= 0, "an int >= 0"), ("seed", self.seed >= 0, "an int >= 0"),
@@ -277,6 +287,16 @@ class TrainConfig:
         if is_pretrained_name(self.model.pretrained):
             data["pretrained_sha256"] = get_pretrained(self.model.pretrained).sha256
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def runtime_settings(self, cuda: bool) -> dict:
+        """The loader and data-cache settings of a run on CUDA (``cuda=True``) or on the CPU: each field left null
+        takes its device default (CUDA: the data cache, :data:`CUDA_NUM_WORKERS` workers, pinned memory, persistent
+        workers; CPU: none of them); a value given wins. Resolved when the run starts; not in the results hash."""
+        workers = self.num_workers if self.num_workers is not None else (CUDA_NUM_WORKERS if cuda else 0)
+        return {"data_cache": cuda if self.data_cache is None else self.data_cache, "num_workers": workers,
+                "pin_memory": cuda if self.pin_memory is None else self.pin_memory,
+                "persistent_workers": (cuda and workers > 0) if self.persistent_workers is None
+                else self.persistent_workers}
 
     def data_root_path(self) -> Path:
         """The dataset folder of this run (for synthetic data: ``<data home>/synthetic_<dataset>_s<seed>_...``)."""

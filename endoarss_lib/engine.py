@@ -35,6 +35,7 @@ from .atomic import atomic_path, remove_stale_temporaries, write_json_atomic, wr
 from .config import ConfigError, TrainConfig
 from .data import MTLDataset, make_loader, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
+from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_ddp
 from .losses import make_cls_loss, task_losses
 from .models import build_model_from_config
 from .tasks import get_task, higher_is_better
@@ -99,13 +100,23 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
     common = dict(dataset=cfg.dataset, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
                   split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
                   normalize=cfg.normalize)
-    return {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
+    datasets = {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
+    if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
+        for dataset in datasets.values():
+            dataset.use_cache(cfg.cache_dir, progress=cfg.progress)
+    return datasets
+
+
+def _on_cuda(cfg: TrainConfig) -> bool:
+    """Whether the run trains on CUDA (torchrun ranks included); never raises where CUDA is missing."""
+    return torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
 
 
 def _loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int = 0, world: int = 1, rank: int = 0):
+    run = cfg.runtime_settings(_on_cuda(cfg))  # workers, pinned memory: the device's defaults where left null
     return make_loader(dataset, cfg.batch_size, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
-                       num_workers=cfg.num_workers, world=world, rank=rank, pin_memory=cfg.pin_memory,
-                       persistent_workers=cfg.persistent_workers)
+                       num_workers=run["num_workers"], world=world, rank=rank, pin_memory=run["pin_memory"],
+                       persistent_workers=run["persistent_workers"])
 
 
 def _optimizer(model, cfg: TrainConfig):
@@ -312,9 +323,10 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
     The weighting method sees the batch's outputs first (:meth:`Weighting.observe`), the model's regulariser
     (DSelect-k) is backpropagated, then ``weighting.backward`` combines the task losses (scaled by ``loss_weights``
     and ``1 / grad_accum``) into the gradients of the trainable shared parameters and the tasks' own parameters.
-    Returns ``{"losses": {task: float raw loss}, "outputs": ..., "diagnostics": conflict record or None}``.
+    Returns ``{"losses": {task: float raw loss}, "weights": the method's task weights (detached), "outputs": ...,
+    "diagnostics": conflict record or None}``.
     """
-    raw_model = getattr(model, "_orig_mod", model)
+    raw_model = unwrap(model)  # the model inside torch.compile / DistributedDataParallel
     device = device or next(raw_model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     loss_weights = loss_weights or {}
@@ -332,8 +344,9 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
         regulariser.backward(retain_graph=True)  # DSelect-k's entropy term reaches its selectors
     shared = raw_model.trainable_shared_parameters() if shared is None else shared
     task_params = [raw_model.task_specific_parameters(t) for t in tasks] if task_params is None else task_params
-    weighting.backward(losses, shared, task_params)
-    return {"losses": {t: float(raw[t].detach()) for t in tasks}, "outputs": out, "diagnostics": record}
+    weights = weighting.backward(losses, shared, task_params)
+    return {"losses": {t: float(raw[t].detach()) for t in tasks}, "weights": weights, "outputs": out,
+            "diagnostics": record}
 
 
 def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, world: int) -> dict:
@@ -358,8 +371,10 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
                             task_params=heads, diagnostics=diag)
         if result["diagnostics"] is not None:
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
+        if state.get("tensorboard") is not None:
+            state["tensorboard"].step(state["global_step"], result)
         if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader):
-            if world > 1:
+            if world > 1 and not uses_ddp(model):  # DDP averaged them during the backward
                 _all_reduce_grads(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -376,13 +391,10 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
 
 
 def _all_reduce_grads(optimizer) -> None:
-    # Gradient methods combine each rank's task gradients locally; the combined gradients are then averaged.
-    world = dist.get_world_size()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+    """Average the gradients over the ranks (one flat all-reduce). A gradient weighting has combined the global
+    batch's task gradients already (the same shared gradient on every rank, see endoarss_lib.distributed); this
+    averages the task-specific parameters' gradients (and a regulariser's) to the global batch's."""
+    average_gradients([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -400,9 +412,11 @@ def build_run_model(cfg: TrainConfig):
 def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict:
     seed_everything(cfg.seed)
     raw_model = build_run_model(cfg).to(device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
     optimizer, scheduler = _optimizer(raw_model, cfg)
     weighting = get_weighting(cfg.weighting, **cfg.weighting_hparams)
+    # torchrun: global-batch BatchNorm, the weighting's global-batch hand-off, DDP for loss-level weightings
+    model = prepare_data_parallel(raw_model, weighting, device)
+    model = torch.compile(model) if cfg.compile else model
     # CGL: class counts of the TRAINING split only; its own generator, seeded from the run seed (saved in last.pt).
     cls_loss = make_cls_loss(cfg.cls_loss, datasets["train"].class_counts() if cfg.cls_loss != "ce" else None,
                              seed=cfg.seed * 1_000_003 + 7, **cfg.cls_loss_hparams)
@@ -495,6 +509,10 @@ def _check_folder(folder: Path, cfg: TrainConfig) -> None:
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row."""
     rank, world = _distributed()
+    if cfg.tensorboard:
+        from .tblog import require_tensorboard
+
+        require_tensorboard()  # a missing package is a config error before anything runs
     folder = run_dir(cfg)
     result_path = folder / "result.json"
     _check_folder(folder, cfg)
@@ -523,6 +541,10 @@ def fit(cfg: TrainConfig) -> dict:
         _resume(state, folder / "last.pt", cfg, fingerprints)
     if rank == 0:
         write_json_atomic(folder / "config.json", {**cfg.to_dict(), "config_hash": state["config_hash"]})
+    if rank == 0 and cfg.tensorboard:
+        from .tblog import TensorBoardLog
+
+        state["tensorboard"] = TensorBoardLog(folder, cfg.tasks)
     spec = datasets["train"].spec
     eval_kw = dict(device=device, tasks=cfg.tasks, num_activities=spec.num_activities,
                    num_seg_classes=spec.num_seg_classes, amp=cfg.amp, ignore_index=cfg.ignore_index)
@@ -533,6 +555,8 @@ def fit(cfg: TrainConfig) -> dict:
     select_loader = _loader(datasets[select_split], cfg, shuffle=False)
     while state["epoch"] < cfg.epochs:
         if cfg.stop_after_epochs is not None and state["epoch"] >= cfg.stop_after_epochs:
+            if state.get("tensorboard") is not None:
+                state["tensorboard"].close()
             return {"status": "stopped", "epoch": state["epoch"], "run_dir": str(folder)}
         start = time.perf_counter()
         epoch = state["epoch"]
@@ -547,6 +571,8 @@ def fit(cfg: TrainConfig) -> dict:
                                  **{f"{select_split}_{k}": v for k, v in val.items()}, "select_score": score,
                                  "lr": state["optimizer"].param_groups[0]["lr"], "wall_time_s": state["wall_time_s"]})
         state["epoch"] = epoch + 1
+        if state.get("tensorboard") is not None:
+            state["tensorboard"].epoch(state["history"][-1], select_split)
         if rank == 0:
             if score > state["best_score"] or state["best_epoch"] < 0:  # the first epoch is kept even at -inf
                 state["best_score"], state["best_epoch"] = score, epoch + 1
@@ -562,6 +588,9 @@ def fit(cfg: TrainConfig) -> dict:
     test = evaluate(state["model"], _loader(datasets["test"], cfg, shuffle=False), distances=True,
                     compat_size=COMPAT_SIZE, **eval_kw)
     row = _result_row(cfg, state, datasets, test, device, folder, fingerprints)
+    if state.get("tensorboard") is not None:
+        state["tensorboard"].test(test, state["best_epoch"])
+        state["tensorboard"].close()
     if rank == 0:
         write_json_atomic(result_path, row)
         _finish_run_folder(folder, cfg.keep_last)

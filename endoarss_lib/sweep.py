@@ -1,6 +1,7 @@
 """Sweeps: a grid of papermill notebook runs, one executed notebook per configuration, aggregated into tables.
 
-``python -m endoarss_lib.sweep GRID.yaml [--jobs N] [--dry-run] [--aggregate-only] [--root DIR]``
+``python -m endoarss_lib.sweep GRID.yaml [--jobs N] [--dry-run] [--aggregate-only] [--root DIR]
+[--executor local|slurm|submitit-local] [--partition P] [--gpus-per-job G] [--time-limit MIN] [--slurm-folder DIR]``
 
 A grid file (YAML) names a notebook, fixed parameters and what to vary::
 
@@ -32,6 +33,18 @@ over seeds per ``summary_by`` group, with the ids of the runs behind each line).
 While it runs, a sweep holds ``results/runs/<name>/.sweep.lock``: a second sweep of the same grid is refused (the
 lock of a killed sweep is taken over), the pool's workers die with the sweep, and temporaries a killed sweep left
 are removed.
+
+Executors (``--executor``): ``local`` (the default: this process, or a pool of ``--jobs`` processes, one per visible
+GPU), ``slurm`` (one Slurm job per configuration, submitted as one job array through ``submitit``, at most ``--jobs``
+running at once; ``--partition``, ``--gpus-per-job``, ``--cpus-per-job``, ``--time-limit`` in minutes or
+``[H:]MM:SS``, ``--slurm-arg KEY=VALUE`` for further ``sbatch`` options such as ``account=...``; submitit's logs and
+pickles under ``--slurm-folder``, default ``<root>/results/slurm/<name>/``) and ``submitit-local`` (the same
+submitit path with the jobs as local processes: to try a cluster sweep's set-up without a cluster). Each job runs
+:func:`run_config`, so skipping, retrying, failure isolation (a job that dies, times out or is cancelled is recorded
+as failed with its job id and log folder; the others go on) and the tables are those of the local executor. The
+sweep waits for its jobs and holds the grid's lock meanwhile (run it under ``tmux`` / ``nohup`` on a login node);
+each configuration's folder records its job in ``job.json``. submitit is an optional dependency:
+``pip install 'endoarss[cluster]'``.
 """
 from __future__ import annotations
 
@@ -58,9 +71,11 @@ from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, wri
 
 __all__ = ["GridError", "Grid", "Config", "SweepReport", "load_grid", "expand", "config_id", "config_state",
            "run_config", "run_sweep", "aggregate", "visible_gpus", "gpu_slots", "main", "STATUS_FILE", "LOCK_NAME",
-           "LockHeld", "sweep_folder"]
+           "LockHeld", "sweep_folder", "SlurmOptions", "ExecutorError", "EXECUTORS", "JOB_FILE"]
 
 STATUS_FILE = "status.json"
+JOB_FILE = "job.json"  # the cluster job that ran (or runs) a configuration
+EXECUTORS = ("local", "slurm", "submitit-local")
 LOCK_NAME = ".sweep.lock"  # in the grid's folder of run folders, while a sweep works there
 RUNS_DIR, TABLES_DIR = Path("results/runs"), Path("results/tables")
 _GRID_KEYS = {"name", "description", "notebook", "parameters", "configurations", "axes", "summary_by", "kernel",
@@ -72,6 +87,22 @@ _SUMMARY_KEYS = ("experiment", "dataset", "data", "backbone", "sma", "arch", "we
 
 class GridError(ValueError):
     """A grid file that cannot be used: the message names the file and the key."""
+
+
+class ExecutorError(RuntimeError):
+    """An executor that cannot be used as asked (submitit missing, bad Slurm options)."""
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """How the jobs of the ``slurm`` / ``submitit-local`` executors run: one job per configuration, one task."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    gpus_per_job: int = 1
+    cpus_per_job: int | None = None  # None: the cluster's default
+    time_limit: int = 240  # minutes per job (a job past it is killed and recorded as failed)
+    folder: str | None = None  # submitit's logs and pickles (None: <root>/results/slurm/<grid name>)
+    extra: dict = field(default_factory=dict)  # further sbatch options, e.g. {"account": "abc", "qos": "high"}
 
 
 @dataclass(frozen=True)
@@ -343,10 +374,69 @@ def _result_or_failure(future, config: Config, grid_name: str) -> dict:
     try:
         return future.result()
     except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool: record it against this configuration
-        status = {"status": "failed", "error": f"worker failed: {type(exc).__name__}: {exc}", "config_id": config.id,
-                  "grid": grid_name, "parameters": config.parameters, "git_commit": git_commit()}
-        write_json_atomic(config.folder / STATUS_FILE, status)
-        return status
+        return _failed_status(config, grid_name, f"worker failed: {type(exc).__name__}: {exc}")
+
+
+def _submitit_executor(kind: str, options: SlurmOptions, grid: Grid, root: str | os.PathLike, jobs: int | None):
+    """A submitit executor for ``kind`` ('slurm' or 'submitit-local') and the folder of its logs."""
+    try:
+        import submitit
+    except ImportError:
+        raise ExecutorError(f"--executor {kind} needs submitit, which is not installed: "
+                            f"pip install 'endoarss[cluster]' (or pip install submitit)") from None
+    folder = Path(options.folder) if options.folder else Path(root).resolve() / "results" / "slurm" / grid.name
+    try:
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if kind == "slurm" else "local")
+    except RuntimeError as error:  # e.g. no srun on this machine
+        raise ExecutorError(f"--executor {kind}: {error} (run the sweep on the cluster's login node; "
+                            f"--executor submitit-local runs the same jobs as local processes)") from None
+    params = dict(name=f"sweep-{grid.name}", timeout_min=int(options.time_limit), nodes=1, tasks_per_node=1,
+                  gpus_per_node=int(options.gpus_per_job), cpus_per_task=options.cpus_per_job)
+    if kind == "slurm":
+        params.update(slurm_partition=options.partition, slurm_array_parallelism=jobs,
+                      slurm_additional_parameters=dict(options.extra) or None)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor, folder
+
+
+def _job_failure(job, error: BaseException) -> str:
+    """One line about a job that did not return a status: its id, what happened, where its logs are."""
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    logs = getattr(getattr(job, "paths", None), "folder", None)
+    return f"job {job.job_id} failed: {type(error).__name__}: {first}" + (f" (logs: {logs})" if logs else "")
+
+
+def _run_submitit(todo: list[Config], grid: Grid, executor, kind: str, progress: bool,
+                  poll_s: float) -> dict[str, dict]:
+    """Submit one job per configuration (a job array on Slurm), record each job, wait; their statuses by id."""
+    from submitit.helpers import as_completed
+    from tqdm.auto import tqdm
+
+    n = len(todo)
+    jobs = executor.map_array(run_config, todo, [grid.name] * n, [grid.kernel] * n, [grid.cell_timeout] * n)
+    for config, job in zip(todo, jobs):
+        write_json_atomic(config.folder / JOB_FILE, {"executor": kind, "job_id": job.job_id,
+                                                     "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                     "logs": str(job.paths.folder)})
+    statuses: dict[str, dict] = {}
+    position = {id(job): i for i, job in enumerate(jobs)}
+    with tqdm(total=n, desc=f"sweep {grid.name} ({kind})", unit="job", disable=not progress) as bar:
+        for job in as_completed(jobs, poll_frequency=poll_s):
+            config = todo[position[id(job)]]
+            try:
+                statuses[config.id] = job.result()
+            except Exception as exc:  # noqa: BLE001 - the job died, timed out or was cancelled: record it, go on
+                statuses[config.id] = _failed_status(config, grid.name, _job_failure(job, exc))
+            bar.update()
+    return statuses
+
+
+def _failed_status(config: Config, grid_name: str, error: str) -> dict:
+    """Record a configuration whose worker or job died before writing its own status."""
+    status = {"status": "failed", "error": error, "config_id": config.id, "grid": grid_name,
+              "parameters": config.parameters, "git_commit": git_commit()}
+    write_json_atomic(config.folder / STATUS_FILE, status)
+    return status
 
 
 def sweep_folder(grid: Grid, root: str | os.PathLike = ".") -> Path:
@@ -361,16 +451,25 @@ def _remove_stale(grid: Grid, root: str | os.PathLike) -> None:
 
 
 def run_sweep(grid_path: str | os.PathLike, root: str | os.PathLike = ".", jobs: int | None = None,
-              dry_run: bool = False, aggregate_only: bool = False, progress: bool = True) -> SweepReport:
+              dry_run: bool = False, aggregate_only: bool = False, progress: bool = True, executor: str = "local",
+              slurm: SlurmOptions | None = None, poll_s: float = 15.0) -> SweepReport:
     """Run every unfinished configuration of a grid file, then aggregate the finished ones' rows into tables.
 
-    Except for a dry run, the sweep holds the lock ``<root>/results/runs/<name>/.sweep.lock`` meanwhile: a second
-    sweep of the same grid fails with :class:`~endoarss_lib.atomic.LockHeld` naming the lock and the owner's pid
-    (the lock of a killed sweep is taken over)."""
+    ``executor``: 'local' (this process or a local pool), 'slurm' or 'submitit-local' (one submitit job per
+    configuration, with ``slurm`` options; ``jobs`` then caps the jobs running at once on Slurm; ``poll_s``: how often
+    job states are checked). Except for a dry run, the sweep holds the lock
+    ``<root>/results/runs/<name>/.sweep.lock`` meanwhile: a second sweep of the same grid fails with
+    :class:`~endoarss_lib.atomic.LockHeld` naming the lock and the owner's pid (the lock of a killed sweep is taken
+    over)."""
+    if executor not in EXECUTORS:
+        raise ExecutorError(f"executor={executor!r}: expected one of {', '.join(EXECUTORS)}")
     grid = load_grid(grid_path)
     configs = expand(grid, root)
     if dry_run:
         return SweepReport(grid, configs, states={c.id: config_state(c) for c in configs})
+    submitit_executor = None
+    if executor != "local" and not aggregate_only:  # a missing submitit or a bad option fails before any work
+        submitit_executor, _ = _submitit_executor(executor, slurm or SlurmOptions(), grid, root, jobs)
     with folder_lock(sweep_folder(grid, root), LOCK_NAME, "sweep"):
         _remove_stale(grid, root)
         states = {c.id: config_state(c) for c in configs}
@@ -378,9 +477,12 @@ def run_sweep(grid_path: str | os.PathLike, root: str | os.PathLike = ".", jobs:
         if not aggregate_only:
             todo = [c for c in configs if states[c.id] != "done"]
             report.skipped = [c.id for c in configs if states[c.id] == "done"]
-            gpus = visible_gpus()
-            jobs = jobs or max(len(gpus), 1)
-            statuses = _run_all(todo, grid, max(1, min(jobs, len(todo) or 1)), gpus, progress) if todo else {}
+            if submitit_executor is not None:
+                statuses = _run_submitit(todo, grid, submitit_executor, executor, progress, poll_s) if todo else {}
+            else:
+                gpus = visible_gpus()
+                jobs = jobs or max(len(gpus), 1)
+                statuses = _run_all(todo, grid, max(1, min(jobs, len(todo) or 1)), gpus, progress) if todo else {}
             report.ran = [c.id for c in todo if statuses[c.id]["status"] == "ok"]
             report.failed = {c.id: statuses[c.id]["error"] for c in todo if statuses[c.id]["status"] != "ok"}
         report.tables = aggregate(grid, configs, root)
@@ -451,9 +553,26 @@ def _print_report(report: SweepReport) -> None:
         print(f"  table: {path}")
 
 
+def _minutes(text: str) -> int:
+    """A time limit in whole minutes from ``90``, ``1:30:00`` or ``45:00`` (rounded up); argparse error else."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+        if len(parts) == 1:
+            seconds = parts[0] * 60
+        elif len(parts) in (2, 3):
+            seconds = sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+        else:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected minutes or [H:]MM:SS") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive time")
+    return -(-seconds // 60)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file, or another
-    sweep holds the grid's lock)."""
+    """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file, another
+    sweep holds the grid's lock, or the executor cannot be used)."""
     parser = argparse.ArgumentParser(prog="python -m endoarss_lib.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="grid file (YAML)")
@@ -461,12 +580,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the configurations and their state; run none")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables from finished runs")
     parser.add_argument("--root", default=".", help="folder holding results/ (and relative notebook paths)")
+    cluster = parser.add_argument_group("cluster (--executor slurm | submitit-local; pip install 'endoarss[cluster]')")
+    cluster.add_argument("--executor", default="local", choices=EXECUTORS,
+                         help="local: this machine (default); slurm: one Slurm job per configuration (submitit); "
+                              "submitit-local: the submitit path with local processes")
+    cluster.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
+    cluster.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per job (default 1)")
+    cluster.add_argument("--cpus-per-job", type=int, default=None, help="CPUs per job (default: the cluster's)")
+    cluster.add_argument("--time-limit", default="240", type=_minutes,
+                         help="time limit per job: minutes, or [H:]MM:SS (default 240 minutes)")
+    cluster.add_argument("--slurm-folder", default=None,
+                         help="submitit's logs and pickles (default: <root>/results/slurm/<grid name>)")
+    cluster.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                         help="a further sbatch option, e.g. account=abc or qos=high (repeatable)")
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.gpus_per_job < 0 or (args.cpus_per_job is not None and args.cpus_per_job < 1):
+        parser.error("--gpus-per-job must be >= 0 and --cpus-per-job >= 1")
+    extra = dict(item.split("=", 1) for item in args.slurm_arg if "=" in item)
+    if len(extra) != len(args.slurm_arg):
+        parser.error("--slurm-arg expects KEY=VALUE")
+    slurm = SlurmOptions(args.partition, args.gpus_per_job, args.cpus_per_job, args.time_limit, args.slurm_folder,
+                         extra)
     try:
-        report = run_sweep(args.grid, args.root, args.jobs, args.dry_run, args.aggregate_only)
-    except (GridError, LockHeld) as error:
+        report = run_sweep(args.grid, args.root, args.jobs, args.dry_run, args.aggregate_only,
+                           executor=args.executor, slurm=slurm)
+    except (GridError, LockHeld, ExecutorError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     (_print_plan if args.dry_run else _print_report)(report)

@@ -234,16 +234,22 @@ class JointTransform:
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (3, H, W) image and int64 (H, W) mask -> normalised float image and int64 mask at the model size."""
         mask = mask[None]
-        if self.augment:
-            image, mask = self._augment(image, mask)
-        elif self.resize_mode == "letterbox":
-            image, mask = self._letterbox(image, mask)
-        else:
-            image, mask = self._resize(image, mask, (self.size, self.size))
+        image, mask = self._augment(image, mask) if self.augment else self.geometry(image, mask)
+        return self.to_model(image, mask[0])
+
+    def geometry(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deterministic part (no augmentation): uint8 (3, H, W) image and (1, H, W) mask resized or letterboxed
+        to the model size; the image stays uint8 (what the data cache stores)."""
+        if self.resize_mode == "letterbox":
+            return self._letterbox(image, mask)
+        return self._resize(image, mask, (self.size, self.size))
+
+    def to_model(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (3, h, w) image at the model size -> float in [0, 1], normalised; the mask as it is."""
         image = image.float() / 255.0
         if self.normalize == "imagenet":
             image = TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
-        return image, mask[0]
+        return image, mask
 
     @staticmethod
     def _resize(image, mask, size):
@@ -277,7 +283,7 @@ class MTLDataset(Dataset):
     ``split`` is ``'train'``, ``'val'`` (a seeded, stratified ``val_fraction`` of the on-disk train split, never
     used for training when ``split='train'``) or ``'test'``. Images are resized once to ``image_size`` (bilinear;
     masks nearest) and normalised with the ImageNet mean/std (``normalize="unit"``: divided by 255 only, as the
-    released code does).
+    released code does). After :meth:`use_cache` items come from a decoded-image cache (the same tensors).
     """
 
     def __init__(self, root: str | Path, split: str, dataset: str = "mtlesd", image_size: int = 224,
@@ -304,6 +310,15 @@ class MTLDataset(Dataset):
             raise DataError(f"{self.root}: split {split!r} is empty (val_fraction={val_fraction})")
         self.normalize = normalize
         self.transform = JointTransform(image_size, augment, resize_mode, ignore_index, normalize=normalize)
+        self.cache = None  # an ImageCache once use_cache() was called
+
+    def use_cache(self, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+        """Read items from a decoded-image cache (built first if missing; :mod:`endoarss_lib.data.cache`): the
+        same items, bitwise, without decoding the files every epoch. Returns the cache's folder."""
+        from .cache import open_cache
+
+        self.cache = open_cache(self, cache_dir, progress)
+        return self.cache.folder
 
     def fingerprint(self) -> str:
         """Content hash of this split's files (images, masks) and of the root's side files (card, id map)."""
@@ -342,9 +357,17 @@ class MTLDataset(Dataset):
                             f"{sample.image} ({image.shape[1]}x{image.shape[0]})")
         return image, map_mask_ids(raw, self.id_map, sample.mask)
 
+    def _arrays(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model input and mask of one item, from the files or from the cache (the same tensors)."""
+        if self.cache is None:
+            image, mask = self.load_raw(index)
+            return self.transform(torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(mask))
+        image, mask = self.cache.get(index)
+        finish = self.transform.to_model if self.cache.resized else self.transform
+        return finish(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask))
+
     def __getitem__(self, index: int) -> dict:
-        image, mask = self.load_raw(index)
-        image_t, mask_t = self.transform(torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(mask))
+        image_t, mask_t = self._arrays(index)
         sample = self.samples[index]
         return {"image": image_t, "mask": mask_t,
                 "label": torch.tensor(sample.label, dtype=torch.long), "path": str(sample.image)}

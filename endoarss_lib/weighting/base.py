@@ -156,6 +156,10 @@ class Weighting:
 
     name: str = "base"
     needs_task_grads: bool = False
+    # Data parallel (endoarss_lib.distributed): a function averaging a tensor over the ranks, identically on every
+    # rank. Set, ``backward`` combines the global batch's losses (and task-gradient matrix) instead of this rank's
+    # share. None in a single process. Not state: never saved.
+    global_mean = None
 
     def __init__(self) -> None:
         self.step = 0           # optimisation steps taken (equations count from 1: the first call uses step = 1)
@@ -266,11 +270,21 @@ class LossWeighting(Weighting):
     def backward(self, losses: Tensor | Sequence[Tensor], shared_params: Iterable[Tensor] | None = None,
                  task_params: Iterable[Any] | None = None) -> Tensor:
         """``combine_losses(losses).backward()`` (one plain backward; the parameter lists are not needed).
-        Returns the effective task weights ``d loss / d L_t`` (detached)."""
+        Returns the effective task weights ``d loss / d L_t`` (detached).
+
+        Under data parallel (:attr:`global_mean` set) the step and the weights are those of the global batch's
+        losses, and ``sum_t w_t L_t`` of this rank's share is backpropagated: averaged over the ranks, its gradient
+        is the global batch's ``d combine_losses / d theta`` (the chain rule)."""
         losses = as_loss_vector(losses)
-        loss = self.combine_losses(losses)
-        weights = self._loss_weights(losses.detach())
-        loss.backward()
+        if self.global_mean is None:
+            loss = self.combine_losses(losses)
+            weights = self._loss_weights(losses.detach())
+            loss.backward()
+            return weights
+        batch_losses = self.global_mean(losses.detach())
+        self._advance(batch_losses)
+        weights = self._loss_weights(batch_losses)
+        (weights.to(losses.dtype) * losses).sum().backward()
         return weights
 
 
@@ -328,6 +342,10 @@ class GradWeighting(Weighting):
            :meth:`combine_losses` is done while the shared parameters' gradients are set aside, then restored (so
            they are not touched twice).
 
+        Under data parallel (:attr:`global_mean` set), ``G`` and the losses are averaged over the ranks before
+        step 2 (the global batch's), and the head weights ``h`` come from the global losses; the task-specific
+        gradients stay this rank's share, for the engine to average.
+
         Each call is one optimisation step of the method (an EMA step per micro-batch under accumulation).
         ``losses`` must be the unscaled raw task losses (a stacked 1-D tensor or a sequence of scalars). The graph
         is freed. Returns the task weights (detached).
@@ -343,14 +361,19 @@ class GradWeighting(Weighting):
         rows = task_gradients(losses, shared + (heads or []), retain_graph=heads is None)
         grads = rows_matrix(rows[:len(shared)], shared) if shared else \
             torch.zeros(loss_vector.numel(), 0, device=loss_vector.device)
+        batch_losses = loss_vector.detach()
+        if self.global_mean is not None:  # data parallel: the global batch's matrix and losses, on every rank
+            grads, batch_losses = self.global_mean(grads), self.global_mean(batch_losses)
         with torch.no_grad():
-            shared_grad, weights = self.combine(grads, loss_vector.detach())
+            shared_grad, weights = self.combine(grads, batch_losses)
         del grads
 
         if heads is None:
-            backward_task_specific(self.combine_losses(loss_vector), shared, None)
+            objective = self.combine_losses(loss_vector) if self.global_mean is None else \
+                (self.head_weights(batch_losses).to(loss_vector.dtype) * loss_vector).sum()
+            backward_task_specific(objective, shared, None)
         else:
-            h = self.head_weights(loss_vector)
+            h = self.head_weights(batch_losses)
             with torch.no_grad():
                 for p, per_task in zip(heads, rows[len(shared):]):
                     _add_grad(p, weighted_rows(per_task, h))
