@@ -149,16 +149,19 @@ class GlobalGroupBatchNorm2d(GroupBatchNorm2d):
     """GroupBatchNorm2d (per task group statistics, TESLA's ResNet) over the global batch of all ranks."""
 
     def forward(self, x: Tensor) -> Tensor:
-        g = 1 if self.forced_group is not None else self.groups
+        ids = [self.forced_group] if self.forced_group is not None else list(range(self.groups))
+        g = len(ids)
         if not _syncs(self):
             return super().forward(x)
         n, c, h, w = x.shape
+        if n % g:
+            raise ValueError(f"batch {n} is not a multiple of the {g} task groups (task-major concatenation)")
         xg = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
         weight = self.weight.repeat(g) if self.affine else None
         bias = self.bias.repeat(g) if self.affine else None
         y, mean, var = _global_batch_norm(self, xg, weight, bias)
         if self.training and self.track_running_stats:
-            _update_running(self, mean.view(g, c).mean(0), var.view(g, c).mean(0))
+            self._update_groups(mean.view(g, c), var.view(g, c), ids)
         return y.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 

@@ -109,6 +109,25 @@ def test_a_failed_build_leaves_nothing(root, tmp_path, monkeypatch):
     assert (folder / "meta.json").is_file()
 
 
+@pytest.mark.parametrize("damage", ["no meta", "bad index", "short"])
+def test_a_damaged_cache_is_moved_aside_and_rebuilt(root, tmp_path, damage):
+    folder = MTLDataset(root, "train", image_size=42).use_cache(tmp_path, progress=False)
+    if damage == "no meta":
+        (folder / "meta.json").unlink()
+    elif damage == "bad index":
+        (folder / "index.npy").write_bytes(b"not numpy")
+    else:  # a cache of fewer items than the dataset has
+        index = np.load(folder / "index.npy")
+        np.save(folder / "index.npy", index[:-1])
+    with pytest.warns(UserWarning, match="damaged data cache.*moved to"):
+        again = MTLDataset(root, "train", image_size=42).use_cache(tmp_path, progress=False)
+    assert again == folder
+    aside = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].name.startswith(folder.name)  # kept, not deleted
+    plain, cached = _pair(root, tmp_path, image_size=42)
+    _same_items(plain, cached)
+
+
 @pytest.mark.parametrize("augment", [True, False])
 def test_training_with_the_cache_equals_training_without(tmp_path, augment):
     common = dict(image_size=56, synthetic_n_train=16, synthetic_n_test=6, batch_size=4, epochs=2, progress=False,

@@ -19,7 +19,7 @@ the ignore index fit, else int32), ``index.npy`` (per item: image offset, height
 the data's content fingerprint (:meth:`MTLDataset.fingerprint`: every file's bytes and the side files), the cache
 kind, the image size, resize mode and ignore index (resized caches), the raw-to-train id map, this cache format and
 the versions of endoarss, torch, torchvision and Pillow (decoding and resizing). Changed data, another size or
-another library version get a new folder; old folders are never reused for them (delete them to free the disk).
+another library version get a new folder; old folders are never reused for them (remove them yourself to free the disk).
 
 A cache is built into a hidden temporary folder beside its final one and renamed into place when complete, under a
 file lock, so concurrent builders (``torchrun`` ranks, sweep jobs) build it once and no reader sees half of one. The
@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -195,8 +196,8 @@ class ImageCache:
             self.meta = json.loads((self.folder / META).read_text())
             self.index = np.load(self.folder / INDEX)
         except (OSError, ValueError) as exc:
-            raise DataError(f"{self.folder}: damaged data cache ({exc}); delete the folder, it is rebuilt on the next "
-                            f"use") from None
+            raise DataError(f"{self.folder}: damaged data cache ({exc}); open it with open_cache(), which moves a "
+                            f"damaged cache aside and rebuilds it") from None
         self.resized = self.meta["key"]["kind"] == "resized"
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
@@ -225,21 +226,37 @@ class ImageCache:
         return f"ImageCache({len(self)} items, {kind}, {str(self.folder)!r})"
 
 
-def open_cache(dataset, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ImageCache:
-    """The cache of ``dataset`` under ``cache_dir`` (default :func:`default_cache_dir`), built first if missing."""
-    final = cache_folder(dataset, cache_dir)
+def _valid(final: Path, n_items: int) -> str | None:
+    """Why the cache folder ``final`` cannot serve a dataset of ``n_items`` items (None: it can)."""
     if not (final / META).is_file():
+        return f"no {META} (not written by this library, or its build was interrupted)"
+    try:
+        cache = ImageCache(final)
+    except DataError as exc:
+        return str(exc)
+    if len(cache) != n_items:
+        return f"holds {len(cache)} items, the dataset has {n_items}"
+    return None
+
+
+def open_cache(dataset, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ImageCache:
+    """The cache of ``dataset`` under ``cache_dir`` (default :func:`default_cache_dir`), built first if missing.
+
+    A damaged folder in the cache's place (no ``meta.json``, unreadable index, another item count) is never used and
+    never deleted: it is renamed to ``<name>.damaged-<id>`` beside it (a warning says where) and the cache is rebuilt.
+    """
+    final = cache_folder(dataset, cache_dir)
+    if _valid(final, len(dataset)) is not None:
         final.parent.mkdir(parents=True, exist_ok=True)
         with _lock(final):
-            if final.exists() and not (final / META).is_file():
-                raise DataError(f"{final}: a data cache folder without its {META} (not written by this library, "
-                                f"or damaged); delete it and it is rebuilt")
+            problem = _valid(final, len(dataset)) if final.exists() else None
+            if problem is not None:
+                aside = final.with_name(f"{final.name}.damaged-{uuid.uuid4().hex[:8]}")
+                final.rename(aside)
+                warnings.warn(f"{final}: damaged data cache ({problem}); moved to {aside} (kept for you to inspect) "
+                              f"and rebuilt", stacklevel=2)
             if not final.exists():
                 for stale in final.parent.glob(f".{final.name}.*.building"):  # left by a killed builder
                     shutil.rmtree(stale, ignore_errors=True)
                 _build(dataset, final, cache_key(dataset), progress)
-    cache = ImageCache(final)
-    if len(cache) != len(dataset):
-        raise DataError(f"{final}: holds {len(cache)} items, the dataset has {len(dataset)}; delete the folder, it "
-                        f"is rebuilt on the next use")
-    return cache
+    return ImageCache(final)

@@ -323,10 +323,16 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         """Running statistics of groups ``ids`` from ``xg`` (N', G' * C, H, W), groups along the channels."""
         c = self.num_features
         with torch.no_grad():
+            self._update_groups(xg.mean(dim=(0, 2, 3)).view(len(ids), c),
+                                xg.var(dim=(0, 2, 3), unbiased=True).view(len(ids), c), ids)
+
+    def _update_groups(self, mean: torch.Tensor, var: torch.Tensor, ids: list[int]) -> None:
+        """Momentum update of groups ``ids``' running statistics from their batch ``mean`` and unbiased ``var``
+        (len(ids), C); the plain running statistics become the groups' average."""
+        with torch.no_grad():
             self.num_batches_tracked += 1
             m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-            mean = xg.mean(dim=(0, 2, 3)).view(len(ids), c)
-            var = xg.var(dim=(0, 2, 3), unbiased=True).view(len(ids), c)
+            mean, var = mean.to(self.group_running_mean.dtype), var.to(self.group_running_var.dtype)
             self.group_running_mean[ids] = self.group_running_mean[ids] * (1 - m) + mean * m
             self.group_running_var[ids] = self.group_running_var[ids] * (1 - m) + var * m
             self.running_mean.copy_(self.group_running_mean.mean(0))
