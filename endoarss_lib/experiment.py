@@ -147,8 +147,11 @@ class Experiment:
         return configs
 
     # -- running and reporting -------------------------------------------------------------------------------------
-    def run(self, configs: Mapping[str, TrainConfig], jobs: int = 1) -> pd.DataFrame:
-        """Fit every config (finished runs are reused) and return the result rows (column ``name`` first)."""
+    def run(self, configs: Mapping[str, TrainConfig], jobs: int = 0) -> pd.DataFrame:
+        """Fit every config (finished runs are reused) and return the result rows (column ``name`` first).
+
+        ``jobs``: runs trained at once in worker processes (0: one per CPU core, or one per GPU; 1: one after the
+        other in this process)."""
         from .runner import run_grid
 
         return run_grid(configs, jobs=jobs, progress=False)

@@ -109,3 +109,15 @@ def test_run_grid_isolates_a_failed_configuration(tmp_path, monkeypatch):
     assert rows.loc[1, "status"] == "ok" and np.isfinite(rows.loc[1, "test_cls_accuracy"])
     with pytest.raises(RuntimeError, match="1 of 2 run"):
         run_grid({"bad": bad, "good": good}, progress=False)
+
+
+def test_auto_jobs_one_per_core_or_per_gpu(monkeypatch):
+    from endoarss_lib import runner
+
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 2)
+    assert runner.auto_jobs(5, ["cpu"], gpus=[]) == 2          # one run per core on a CPU
+    assert runner.auto_jobs(1, ["cpu"], gpus=[]) == 1          # never more workers than runs
+    assert runner.auto_jobs(5, ["cuda"], gpus=["0", "1", "2"]) == 3  # one per GPU for CUDA runs
+    assert runner.auto_jobs(5, ["cpu"], gpus=["0"]) == 2       # CPU runs ignore the GPUs
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 64)
+    assert runner.auto_jobs(100, ["cpu"], gpus=[]) == 8        # capped (memory)
