@@ -211,12 +211,15 @@ def compare(rows: pd.DataFrame, by: str, a, b, metric: str, seed: str = "seed") 
     if va.empty or vb.empty:
         return f"{label}: no values for {a if va.empty else b}."
     diff = float(va.mean() - vb.mean())
+    if abs(diff) <= 1e-12 * max(1.0, abs(float(va.mean()))):  # equal up to the rounding of the means
+        diff = 0.0
     ahead, behind = (a, b) if (diff > 0) == higher else (b, a)
     n = min(len(va), len(vb))
     if diff == 0:
         text = f"{a} and {b} have the same {label} ({va.mean():.3f})"
     else:
-        text = f"{ahead} is ahead of {behind} on {label}: {va.mean():.3f} vs {vb.mean():.3f} ({diff:+.3f})"
+        first, second = (va.mean(), vb.mean()) if ahead == a else (vb.mean(), va.mean())
+        text = f"{ahead} is ahead of {behind} on {label}: {first:.3f} vs {second:.3f} (by {abs(diff):.3f})"
     if n < 2:
         return text + "; one seed, so the seed-to-seed noise cannot be judged."
     common = va.index.intersection(vb.index)

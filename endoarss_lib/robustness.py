@@ -54,7 +54,7 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     Columns: ``model, data (synthetic|real), dataset, image_size, corruption, group, severity`` (0 and group
     ``clean`` for the clean reference), ``n_images``, the metrics of :func:`endoarss_lib.engine.evaluate` (``cls_*``,
     ``seg_*``, correct and ``compat_``; boundary distances and SSIM only with ``distances=True``),
-    ``random_init_backbone``, ``seed``, ``model_key`` and ``cached`` (True when the row came from the cache).
+    ``random_init_backbone``, ``synthetic_pretrained_backbone``, ``seed``, ``model_key`` and ``cached`` (True when the row came from the cache).
     """
     from .engine import resolve_device
     from .inference import load_run_model
@@ -122,6 +122,8 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
                      "corruption": name, "group": CLEAN if name == CLEAN else GROUP_OF[name],
                      "severity": int(severity), "n_images": entry["n_images"], **entry["metrics"],
                      "random_init_backbone": bool(getattr(net, "pretrained_random_init", False)),
+                     "synthetic_pretrained_backbone": str((getattr(net, "weights", None) or {}).get("name")
+                                                          or "").startswith("synth"),
                      "seed": int(seed), "model_key": key, "cached": cached})
     return pd.DataFrame(rows)
 

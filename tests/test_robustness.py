@@ -259,6 +259,11 @@ def test_frame_shape_labels_and_cache(tiny_root, tmp_path, monkeypatch):
         ["clean", 0, "clean"], ["gaussian_noise", 1, "noise"], ["gaussian_noise", 3, "noise"],
         ["elastic_transform", 1, "digital"], ["elastic_transform", 3, "digital"]]
     assert (frame["data"] == "synthetic").all() and frame["random_init_backbone"].all()
+    assert not frame["synthetic_pretrained_backbone"].any()
+    model.weights = {"name": "synthdino_vit_mini14", "sha256": "0" * 64}  # the bundled stand-in is labelled
+    relabelled = evaluate_corruptions(model, tiny_root, tmp_path, **kw)
+    assert relabelled["synthetic_pretrained_backbone"].all() and relabelled["cached"].all()
+    del model.weights
     assert (frame["model"] == "tiny").all() and (frame["n_images"] == 6).all() and not frame["cached"].any()
     for column in ("cls_accuracy", "cls_macro_f1", "cls_compat_ac", "seg_miou", "seg_miou_fg", "seg_dice",
                    "seg_compat_miou"):

@@ -63,3 +63,23 @@ def test_atomic_files_get_umask_permissions(tmp_path):
     os.umask(umask)
     path = write_json_atomic(tmp_path / "p.json", {})
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_compare_sentence_names_the_better_configuration_with_its_own_value():
+    import pandas as pd
+
+    from endoarss_lib.results import compare
+
+    rows = pd.DataFrame({"arch": ["tesla", "mmoe"], "seed": [0, 0], "test_cls_accuracy": [0.771, 0.854],
+                         "test_seg_hd95": [3.0, 5.0]})
+    text = compare(rows, "arch", "tesla", "mmoe", "test_cls_accuracy")
+    assert text.startswith("mmoe is ahead of tesla on cls_accuracy: 0.854 vs 0.771 (by 0.083)")
+    assert "one seed" in text
+    text = compare(rows, "arch", "mmoe", "tesla", "test_seg_hd95")  # lower is better for HD
+    assert text.startswith("tesla is ahead of mmoe on seg_hd95: 3.000 vs 5.000 (by 2.000)")
+    two = pd.DataFrame({"arch": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "m": [0.5, 0.7, 0.4, 0.8]})
+    # paired differences 0.1 and -0.1: mean 0, std 0.141 -> the same mean, "same" sentence
+    assert compare(two, "arch", "a", "b", "m").startswith("a and b have the same m")
+    three = pd.DataFrame({"arch": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "m": [0.50, 0.70, 0.45, 0.60]})
+    # paired differences 0.05 and 0.10: mean 0.075 > std 0.0354 -> more than the noise
+    assert "more than the noise" in compare(three, "arch", "a", "b", "m")
