@@ -54,7 +54,8 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     Columns: ``model, data (synthetic|real), dataset, image_size, corruption, group, severity`` (0 and group
     ``clean`` for the clean reference), ``n_images``, the metrics of :func:`endoarss_lib.engine.evaluate` (``cls_*``,
     ``seg_*``, correct and ``compat_``; boundary distances and SSIM only with ``distances=True``),
-    ``random_init_backbone``, ``synthetic_pretrained_backbone``, ``seed``, ``model_key`` and ``cached`` (True when the row came from the cache).
+    ``random_init_backbone``, ``synthetic_pretrained_backbone``, ``seed``, ``model_key`` and ``cached`` (True when
+    the row came from the cache).
     """
     from .engine import resolve_device
     from .inference import load_run_model
