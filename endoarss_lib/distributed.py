@@ -148,21 +148,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 class GlobalGroupBatchNorm2d(GroupBatchNorm2d):
     """GroupBatchNorm2d (per task group statistics, TESLA's ResNet) over the global batch of all ranks."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        ids = [self.forced_group] if self.forced_group is not None else list(range(self.groups))
-        g = len(ids)
+    def _normalise_groups(self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, ids: list[int]) -> Tensor:
         if not _syncs(self):
-            return super().forward(x)
-        n, c, h, w = x.shape
-        if n % g:
-            raise ValueError(f"batch {n} is not a multiple of the {g} task groups (task-major concatenation)")
-        xg = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
-        weight = self.weight.repeat(g) if self.affine else None
-        bias = self.bias.repeat(g) if self.affine else None
+            return super()._normalise_groups(xg, weight, bias, ids)
         y, mean, var = _global_batch_norm(self, xg, weight, bias)
         if self.training and self.track_running_stats:
-            self._update_groups(mean.view(g, c), var.view(g, c), ids)
-        return y.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+            self._update_groups(mean.view(len(ids), -1), var.view(len(ids), -1), ids)
+        return y
 
 
 def convert_batchnorm(model: nn.Module) -> int:

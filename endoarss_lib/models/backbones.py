@@ -319,13 +319,6 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             new.register_buffer("group_running_var", bn.running_var.detach().clone().repeat(groups, 1))
         return new
 
-    def _update(self, xg: torch.Tensor, ids: list[int]) -> None:
-        """Running statistics of groups ``ids`` from ``xg`` (N', G' * C, H, W), groups along the channels."""
-        c = self.num_features
-        with torch.no_grad():
-            self._update_groups(xg.mean(dim=(0, 2, 3)).view(len(ids), c),
-                                xg.var(dim=(0, 2, 3), unbiased=True).view(len(ids), c), ids)
-
     def _update_groups(self, mean: torch.Tensor, var: torch.Tensor, ids: list[int]) -> None:
         """Momentum update of groups ``ids``' running statistics from their batch ``mean`` and unbiased ``var``
         (len(ids), C); the plain running statistics become the groups' average."""
@@ -338,23 +331,31 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.copy_(self.group_running_mean.mean(0))
             self.running_var.copy_(self.group_running_var.mean(0))
 
+    def _normalise_groups(self, xg: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          ids: list[int]) -> torch.Tensor:
+        """BatchNorm of ``xg`` (N', G' * C, H, W: groups ``ids`` along the channels), updating their running
+        statistics in training. Data parallel overrides this (global-batch statistics); the grouping stays here."""
+        if self.training or not self.track_running_stats:
+            y = F.batch_norm(xg, None, None, weight, bias, True, 0.0, self.eps)
+            if self.track_running_stats and self.training:
+                with torch.no_grad():
+                    c = self.num_features
+                    self._update_groups(xg.mean(dim=(0, 2, 3)).view(len(ids), c),
+                                        xg.var(dim=(0, 2, 3), unbiased=True).view(len(ids), c), ids)
+            return y
+        return F.batch_norm(xg, self.group_running_mean[ids].reshape(-1), self.group_running_var[ids].reshape(-1),
+                            weight, bias, False, 0.0, self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = [self.forced_group] if self.forced_group is not None else list(range(self.groups))
         g = len(ids)
-        batch_stats = self.training or not self.track_running_stats
         n, c, h, w = x.shape
         if n % g:
             raise ValueError(f"batch {n} is not a multiple of the {g} task groups (task-major concatenation)")
         xg = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
-        wt = self.weight.repeat(g) if self.affine else None
-        bs = self.bias.repeat(g) if self.affine else None
-        if batch_stats:
-            y = F.batch_norm(xg, None, None, wt, bs, True, 0.0, self.eps)
-            if self.track_running_stats and self.training:
-                self._update(xg, ids)
-        else:
-            y = F.batch_norm(xg, self.group_running_mean[ids].reshape(-1), self.group_running_var[ids].reshape(-1),
-                             wt, bs, False, 0.0, self.eps)
+        weight = self.weight.repeat(g) if self.affine else None
+        bias = self.bias.repeat(g) if self.affine else None
+        y = self._normalise_groups(xg, weight, bias, ids)
         return y.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 
