@@ -226,17 +226,15 @@ class ImageCache:
         return f"ImageCache({len(self)} items, {kind}, {str(self.folder)!r})"
 
 
-def _valid(final: Path, n_items: int) -> str | None:
-    """Why the cache folder ``final`` cannot serve a dataset of ``n_items`` items (None: it can)."""
+def _opened(final: Path, n_items: int) -> ImageCache | str:
+    """The cache in folder ``final`` if it can serve a dataset of ``n_items`` items, else why not."""
     if not (final / META).is_file():
         return f"no {META} (not written by this library, or its build was interrupted)"
     try:
         cache = ImageCache(final)
     except DataError as exc:
         return str(exc)
-    if len(cache) != n_items:
-        return f"holds {len(cache)} items, the dataset has {n_items}"
-    return None
+    return cache if len(cache) == n_items else f"holds {len(cache)} items, the dataset has {n_items}"
 
 
 def open_cache(dataset, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> ImageCache:
@@ -246,17 +244,20 @@ def open_cache(dataset, cache_dir: str | os.PathLike | None = None, progress: bo
     never deleted: it is renamed to ``<name>.damaged-<id>`` beside it (a warning says where) and the cache is rebuilt.
     """
     final = cache_folder(dataset, cache_dir)
-    if _valid(final, len(dataset)) is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(final):
-            problem = _valid(final, len(dataset)) if final.exists() else None
-            if problem is not None:
-                aside = final.with_name(f"{final.name}.damaged-{uuid.uuid4().hex[:8]}")
-                final.rename(aside)
-                warnings.warn(f"{final}: damaged data cache ({problem}); moved to {aside} (kept for you to inspect) "
-                              f"and rebuilt", stacklevel=2)
-            if not final.exists():
-                for stale in final.parent.glob(f".{final.name}.*.building"):  # left by a killed builder
-                    shutil.rmtree(stale, ignore_errors=True)
-                _build(dataset, final, cache_key(dataset), progress)
+    cache = _opened(final, len(dataset))
+    if isinstance(cache, ImageCache):
+        return cache
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final):
+        if final.exists():  # damaged, or built by another process while this one waited for the lock
+            cache = _opened(final, len(dataset))
+            if isinstance(cache, ImageCache):
+                return cache
+            aside = final.with_name(f"{final.name}.damaged-{uuid.uuid4().hex[:8]}")
+            final.rename(aside)
+            warnings.warn(f"{final}: damaged data cache ({cache}); moved to {aside} (kept for you to inspect) "
+                          f"and rebuilt", stacklevel=2)
+        for stale in final.parent.glob(f".{final.name}.*.building"):  # left by a killed builder
+            shutil.rmtree(stale, ignore_errors=True)
+        _build(dataset, final, cache_key(dataset), progress)
     return ImageCache(final)
