@@ -38,6 +38,7 @@ from .diagnostics import conflict_record, task_gradient_matrix
 from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_ddp
 from .losses import make_cls_loss, task_losses
 from .models import build_model_from_config
+from .models.pretrained import is_synthetic_pretrained
 from .tasks import get_task, higher_is_better
 from .version import __version__, git_commit
 from .weighting import get_weighting
@@ -623,7 +624,7 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path, fingerpr
                                                        Path(str(weights.get("source"))).name),
             "weights_sha256": weights.get("sha256"),
             "random_init_backbone": bool(model.pretrained_random_init),
-            "synthetic_pretrained_backbone": str(weights.get("name") or "").startswith("synth"),
+            "synthetic_pretrained_backbone": is_synthetic_pretrained(weights),
             "seed": cfg.seed, "preset": cfg.preset, "image_size": cfg.image_size, "epochs": cfg.epochs,
             "best_epoch": state["best_epoch"], "select_on": cfg.select_on, "compat_eval_size": COMPAT_SIZE,
             **{f"test_{k}": v for k, v in test.items()},

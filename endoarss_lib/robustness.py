@@ -27,6 +27,7 @@ import torch
 from .atomic import write_json_atomic
 from .corrupted_sets import CLEAN, DONE_NAME, build_corrupted_set, clean_cell
 from .corruptions import CORRUPTIONS, GROUP_OF, SEVERITIES, check_names, check_severities
+from .models.pretrained import is_synthetic_pretrained
 
 __all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key"]
 
@@ -123,8 +124,7 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
                      "corruption": name, "group": CLEAN if name == CLEAN else GROUP_OF[name],
                      "severity": int(severity), "n_images": entry["n_images"], **entry["metrics"],
                      "random_init_backbone": bool(getattr(net, "pretrained_random_init", False)),
-                     "synthetic_pretrained_backbone": str((getattr(net, "weights", None) or {}).get("name")
-                                                          or "").startswith("synth"),
+                     "synthetic_pretrained_backbone": is_synthetic_pretrained(getattr(net, "weights", None)),
                      "seed": int(seed), "model_key": key, "cached": cached})
     return pd.DataFrame(rows)
 

@@ -22,7 +22,7 @@ from typing import Any
 from .weights import WeightsError, file_sha256
 
 __all__ = ["PretrainedWeights", "list_pretrained", "get_pretrained", "weights_dir", "is_pretrained_name",
-           "verified_file", "DEFAULT_PRETRAINED"]
+           "is_synthetic_pretrained", "verified_file", "DEFAULT_PRETRAINED"]
 
 DEFAULT_PRETRAINED = "synthdino_vit_mini14"
 
@@ -80,6 +80,12 @@ def list_pretrained() -> list[str]:
 def is_pretrained_name(value: Any) -> bool:
     """True when ``value`` names a bundled weight record (not a file path)."""
     return isinstance(value, str) and value in _records()
+
+
+def is_synthetic_pretrained(weights: dict | None) -> bool:
+    """True when a model's weights provenance (``model.weights``) names the project's synthetic-pretrained stand-in
+    (the bundled ``synth*`` records), which result rows and captions must label as such."""
+    return str((weights or {}).get("name") or "").startswith("synth")
 
 
 def get_pretrained(name: str) -> PretrainedWeights:
