@@ -26,7 +26,7 @@ from .data.registry import get_spec, list_datasets
 from .models.build import ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
-           "data_home", "synthetic_root", "CUDA_NUM_WORKERS",
+           "data_home", "synthetic_root", "CUDA_NUM_WORKERS", "HASH_STABLE_DEFAULTS",
            "ConfigError", "config_help", "DEFAULT_MODEL"]
 
 
@@ -60,6 +60,11 @@ DEFAULT_MODEL = {"backbone": "vit_mini_patch14", "pretrained": "synthdino_vit_mi
 # Fields that never change a run's results (paths, workers, progress bars): left out of the results hash.
 _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_epochs", "device", "pin_memory",
                 "persistent_workers", "keep_last", "data_cache", "cache_dir", "tensorboard")
+
+# Fields added after the run store's hash was fixed, with the value every older config implicitly had: a field at that
+# value is left out of the results hash, so the runs of unchanged configurations keep their folders and results
+# (``TrainConfig`` fields by name, model options as ``model.<option>``). Add every new result-changing field here.
+HASH_STABLE_DEFAULTS: dict[str, Any] = {}
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
 # GPU's work.
@@ -282,6 +287,12 @@ class TrainConfig:
         (``model.pretrained=NAME``) enter by their recorded sha256, so a new version of them makes new run folders
         instead of reusing results of the old one."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_HASH}
+        for key, default in HASH_STABLE_DEFAULTS.items():
+            if key.startswith("model."):
+                if data["model"].get(key[len("model."):], default) == default:
+                    data["model"].pop(key[len("model."):], None)
+            elif data.get(key, default) == default:
+                data.pop(key, None)
         from .models.pretrained import get_pretrained, is_pretrained_name
 
         if is_pretrained_name(self.model.pretrained):

@@ -85,3 +85,15 @@ def test_block_of_names():
     assert block_of("backbone.vit.blocks.10.attn.qkv.lora_B.0") == "block10"
     assert block_of("backbone.sma.ema.conv1x1.weight") == "sma"
     assert block_of("heads.seg.aspp.0.weight") == "heads"
+
+
+def test_results_hash_of_unchanged_configurations_is_stable():
+    """The run store keys finished runs by this hash: a new field must not move existing runs (values pinned when
+    the hash was fixed; a field added later enters the hash only away from its HASH_STABLE_DEFAULTS value)."""
+    from endoarss_lib.config import HASH_STABLE_DEFAULTS
+
+    assert preset("smoke").results_hash() == "b784a92a459f"
+    assert preset("paper", data_root="/x").results_hash() == "0fb24a1f21e3"
+    assert preset("smoke", model={"arch": "hps"}, seed=3, epochs=8).results_hash() == "e39102a2f48d"
+    for key, default in HASH_STABLE_DEFAULTS.items():
+        assert key.startswith("model.") or key in preset("smoke").to_dict(), key
