@@ -41,8 +41,11 @@ def data_home() -> Path:
 
 def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_size: int) -> Path:
     """Where the synthetic stand-in of ``dataset`` with these sizes lives: ``<data home>/synthetic_<dataset>_s<seed>_
-    <n_train>-<n_test>_<size>px`` (the one place this name is made)."""
-    return data_home() / f"synthetic_{dataset}_s{seed}_{n_train}-{n_test}_{image_size}px"
+    <n_train>-<n_test>_<size>px_v<generator version>`` (the one place this name is made; a new generator version gets
+    new folders, so the runs on older data keep theirs)."""
+    from .data.synthetic import GENERATOR_VERSION
+
+    return data_home() / f"synthetic_{dataset}_s{seed}_{n_train}-{n_test}_{image_size}px_v{GENERATOR_VERSION}"
 
 
 def _f(default, help: str, choices: tuple | None = None, **kw):
@@ -64,7 +67,9 @@ _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_ep
 # Fields added after the run store's hash was fixed, with the value every older config implicitly had: a field at that
 # value is left out of the results hash, so the runs of unchanged configurations keep their folders and results
 # (``TrainConfig`` fields by name, model options as ``model.<option>``). Add every new result-changing field here.
-HASH_STABLE_DEFAULTS: dict[str, Any] = {}
+HASH_STABLE_DEFAULTS: dict[str, Any] = {
+    "synthetic_generator": "1.0",  # not a field: the synthetic generator's version, for synthetic=true runs
+}
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
 # GPU's work.
@@ -287,6 +292,10 @@ class TrainConfig:
         (``model.pretrained=NAME``) enter by their recorded sha256, so a new version of them makes new run folders
         instead of reusing results of the old one."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_HASH}
+        if self.synthetic and self.data_root is None:
+            from .data.synthetic import GENERATOR_VERSION
+
+            data["synthetic_generator"] = GENERATOR_VERSION  # new synthetic pixels: new run folders
         for key, default in HASH_STABLE_DEFAULTS.items():
             if key.startswith("model."):
                 if data["model"].get(key[len("model."):], default) == default:

@@ -55,7 +55,7 @@ def test_layout_and_card(esd_root):
     assert card["dataset"] == "synthetic_mtlesd" and card["preset"] == "mtlesd" and card["synthetic"] is True
     assert card["seed"] == 3 and card["image_size"] == SIZE and card["generator_version"] == syn.GENERATOR_VERSION
     assert card["activities"] == list(spec.activities) and card["seg_classes"] == list(spec.seg_classes)
-    assert card["look_alike_pairs"] == [["injection_needle", "electrosurgical_knife"]]
+    assert card["look_alike_pairs"] == [["injection_needle", "electrosurgical_knife"], ["fluid_bleb", "exposed_submucosa"]]
     assert "synthetic" in card["note"] and "nothing" in card["note"]
     assert set(card["counts"]) == {"train", "test"}
     for split, counts in card["counts"].items():

@@ -27,14 +27,15 @@ from .registry import DATASETS, SYNTHETIC_PRESETS, DatasetSpec
 __all__ = ["make_synthetic", "render_sample", "sample_rng", "activity_counts", "preset_activities", "preset_classes",
            "LOOK_ALIKE_PAIRS", "GENERATOR_VERSION", "DEFAULT_COUNTS", "MIN_IMAGE_SIZE", "CARD_NAME"]
 
-GENERATOR_VERSION = "1.0"  # bump whenever the pixels or the card change for the same parameters
+GENERATOR_VERSION = "1.1"  # 1.1: fluid bleb and exposed submucosa drawn alike (dye); bump whenever the pixels or the card change for the same parameters
 CARD_NAME = "dataset_card.json"
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096
 SPLITS = ("train", "test")
 DEFAULT_COUNTS = {"mtlesd": (120, 30), "mtlendovis": (240, 60), "mtlendovis_gen": (0, 48)}  # (train, test)
 LOOK_ALIKE_PAIRS: dict[str, list[tuple[str, str]]] = {
-    "mtlesd": [("injection_needle", "electrosurgical_knife")],
+    # mtlesd: the instruments (one shaft style) and the dye-stained regions (one drawing function, _draw_stained)
+    "mtlesd": [("injection_needle", "electrosurgical_knife"), ("fluid_bleb", "exposed_submucosa")],
     "mtlendovis": [("bipolar_forceps", "prograsp_forceps")],
     "mtlendovis_gen": [("bipolar_forceps", "prograsp_forceps")],
 }
@@ -590,36 +591,34 @@ def _draw_spots(cv: _Canvas, points, radius: float) -> None:
         cv.label(sl, inside, "marking_spot")
 
 
-def _draw_bleb(cv: _Canvas, cx, cy) -> None:
-    """Injected fluid lifting the mucosa: a translucent bluish dome with a highlight (class fluid_bleb)."""
+def _draw_stained(cv: _Canvas, cx, cy, angle, name: str) -> None:
+    """A region stained by the injected dye (indigo carmine): the fluid bleb lifted by the injection and the
+    submucosa exposed by the dissection look alike in real ESD, so both classes are drawn by this one function with
+    the same parameter distributions (size, shape, dye colour, opacity, fibres); only the activity context (the
+    needle or the knife, bleeding at the cut) tells them apart. The same random draws happen for either class."""
     rng = cv.rng
-    rx = rng.uniform(0.15, 0.28)
-    found = _blob(cv, cx, cy, rx, rx * rng.uniform(0.7, 1.0), rng.uniform(0, np.pi), wobble=0.05)
+    rx = rng.uniform(0.15, 0.26)
+    ry = rx * rng.uniform(0.65, 1.0)
+    found = _blob(cv, cx, cy, rx, ry, angle + rng.normal(0.0, 0.3), wobble=0.15)
     if found is None:
         return
     sl, inside, rn = found
     dome = np.sqrt(np.clip(1.0 - rn * rn, 0.0, 1.0))
-    cv.blend(sl, (0.4 + 0.35 * dome) * inside, (0.42, 0.58, 0.92))
-    cv.label(sl, inside, "fluid_bleb")
-
-
-def _draw_submucosa(cv: _Canvas, cx, cy, angle) -> None:
-    """The cut-open submucosa: opaque whitish-blue with fibres, dark cut rim, maybe bleeding."""
-    rng = cv.rng
-    rx, ry = rng.uniform(0.15, 0.26), rng.uniform(0.1, 0.17)
-    found = _blob(cv, cx, cy, rx, ry, angle, wobble=0.3)
-    if found is None:
-        return
-    sl, inside, rn = found
-    cv.blend(sl, 1.0 * ((rn >= 1.0) & (rn < 1.15)), (0.45, 0.08, 0.08))  # cut mucosal edge
     x, y = cv.xs[None, sl[1]], cv.xs[sl[0], None]
-    fibres = 0.86 + 0.14 * np.sin(70 * (x * np.cos(angle) + y * np.sin(angle)) + 4 * cv.shape[sl])
-    rgb = _col(0.78, 0.82, 0.93) * fibres
-    cv.blend(sl, 1.0 * inside, rgb)
-    cv.label(sl, inside, "exposed_submucosa")
+    fibre_angle = rng.uniform(0, np.pi)
+    fibres = 0.9 + 0.1 * np.sin(rng.uniform(50, 80) * (x * np.cos(fibre_angle) + y * np.sin(fibre_angle))
+                                 + 4 * cv.shape[sl])
+    dye = _col(0.42, 0.58, 0.92) * rng.uniform(0.92, 1.08)
+    cv.blend(sl, np.clip((rng.uniform(0.5, 0.65) + 0.3 * dome) * fibres, 0.0, 1.0) * inside, dye)
+    cv.label(sl, inside, name)
+
+
+def _draw_bleeding(cv: _Canvas, cx, cy, reach: float) -> None:
+    """Blood oozing at the cut (class bleeding): 1-3 small dark-red blobs near (cx, cy), in 60 % of dissections."""
+    rng = cv.rng
     for _ in range(int(rng.integers(1, 4)) if rng.random() < 0.6 else 0):
         a = rng.uniform(0, 2 * np.pi)
-        bx, by = cx + rx * np.cos(a), cy + ry * np.sin(a)
+        bx, by = cx + reach * np.cos(a), cy + reach * np.sin(a)
         blood = _blob(cv, bx, by, rng.uniform(0.02, 0.05), rng.uniform(0.015, 0.035), a, wobble=0.3)
         if blood is not None:
             bsl, bin_, _ = blood
@@ -642,11 +641,11 @@ def _esd_scene(cv: _Canvas, activity: str) -> list[_Tool]:
             _draw_spots(cv, ring, spot_r)
         a = rng.uniform(0, 2 * np.pi)
         edge = (cx + r * np.cos(a), cy + r * np.sin(a))
+        _draw_stained(cv, edge[0], edge[1], a, "fluid_bleb" if activity == "injection" else "exposed_submucosa")
         if activity == "injection":
-            _draw_bleb(cv, *edge)
             target, tool = edge, "injection_needle"
         else:
-            _draw_submucosa(cv, edge[0], edge[1], a)
+            _draw_bleeding(cv, edge[0], edge[1], rng.uniform(0.12, 0.22))
             target, tool = edge, "electrosurgical_knife"
     return [_sample_tool(rng, tool, target, rng.uniform(0.2 * np.pi, 0.8 * np.pi), entry_radius=1.3)]
 
