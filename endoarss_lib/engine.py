@@ -45,7 +45,7 @@ from .weighting import get_weighting
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
            "build_run_model", "checkpoint_info", "COMPAT_SIZE",
-           "resolve_device", "autocast", "load_checkpoint", "read_checkpoint", "CheckpointMismatch", "RunError",
+           "resolve_device", "autocast", "native_bf16", "load_checkpoint", "read_checkpoint", "CheckpointMismatch", "RunError",
            "selection_score", "read_run_config", "weights_digest"]
 
 CHECKPOINT_VERSION = 2
@@ -76,6 +76,19 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: CUDA is not available on this machine (use device=cpu or auto)")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast on ``device``: CUDA, or a CPU with AVX512-BF16 / AMX-BF16 instructions. On other
+    CPUs PyTorch emulates bf16 and it is several times slower than fp32 (measured 3-5x on an AVX2 EPYC)."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device: torch.device, amp: str):

@@ -91,7 +91,8 @@ class PretrainConfig:
     steps: int = 1400  # optimisation steps (0: as many as fit in ``minutes``; a step count reproduces, a time budget
     #                    depends on the machine)
     minutes: float = 50.0  # time budget when steps == 0 (the schedules follow the elapsed time)
-    amp: str = "bf16"  # bf16 autocast (CPU with AVX512-BF16 / CUDA) or "off"; master weights stay fp32
+    amp: str = "auto"  # bf16 autocast: "auto" (where bf16 is native: CUDA, CPUs with AVX512-BF16 / AMX), "bf16" or
+    #                    "off"; master weights stay fp32 (the record's training.amp says what was used)
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch threads on CPU (0: leave torch's default)
@@ -116,8 +117,8 @@ class PretrainConfig:
                              "the patch size 14")
         if self.centering not in ("sinkhorn", "ema"):
             raise ValueError(f"pretrain centering={self.centering!r}: expected 'sinkhorn' or 'ema'")
-        if self.amp not in ("bf16", "off"):
-            raise ValueError(f"pretrain amp={self.amp!r}: expected 'bf16' or 'off'")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"pretrain amp={self.amp!r}: expected 'auto', 'bf16' or 'off'")
         if self.steps < 0 or (self.steps == 0 and self.minutes <= 0):
             raise ValueError("pretrain: give steps >= 1 or minutes > 0")
 
@@ -488,6 +489,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
     images = render_pool(cfg, progress=progress) if pool is None else pool
     render_s = time.perf_counter() - t_render
     model = SelfDistillation(cfg).to(device)
+    from .engine import native_bf16
+
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(device))
     groups = _param_groups(model.student)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     crops = MultiCrop(cfg)
@@ -520,7 +524,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
                 g["weight_decay"] = sch["wd"]
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
         views = [v.to(device, non_blocking=True) for v in crops(images[idx], gen)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model(views, sch["teacher_temp"], gen)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -559,6 +563,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
                  "seed_key": f"SeedSequence([{PRETRAIN_TAG:#x}, data_seed={cfg.data_seed}, preset id, index])",
                  "labels_used": False, "views_seen": step * cfg.batch_size},
         "training": {"steps": step, "wall_time_s": round(elapsed, 1), "render_time_s": round(render_s, 1),
+                     "amp": "bf16" if use_bf16 else "off",
                      "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "python": platform.python_version(), "final": history[-1] if history else {}},
         "history": history,
