@@ -69,6 +69,7 @@ _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_ep
 # (``TrainConfig`` fields by name, model options as ``model.<option>``). Add every new result-changing field here.
 HASH_STABLE_DEFAULTS: dict[str, Any] = {
     "synthetic_generator": "1.0",  # not a field: the synthetic generator's version, for synthetic=true runs
+    "patience": 0,
 }
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
@@ -109,7 +110,9 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy losses")
     ignore_index: int = _f(255, "mask value that no loss or metric counts")
     # optimisation
-    epochs: int = _f(3, "training epochs")
+    epochs: int = _f(3, "training epochs (with patience: the most epochs)")
+    patience: int = _f(0, "early stopping: stop once the selection score has not improved for this many epochs "
+                          "(0: train every epoch); the selected epoch is the best one either way")
     batch_size: int = _f(8, "images per step")
     lr: float = _f(3e-3, "Adam learning rate")
     weight_decay: float = _f(0.0, "Adam weight decay (L2, as torch.optim.Adam)")
@@ -203,6 +206,7 @@ class TrainConfig:
                   ("gamma", self.gamma > 0, "> 0"), ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                   ("val_fraction", 0 < self.val_fraction < 1, "a fraction in (0, 1): selection needs validation"),
                   ("diagnostics_every", self.diagnostics_every >= 0, "an int >= 0"),
+                  ("patience", self.patience >= 0, "an int >= 0 (0: no early stopping)"),
                   ("num_workers", self.num_workers is None or self.num_workers >= 0, "null or an int >= 0"),
                   ("synthetic_n_train", self.synthetic_n_train >= 0, "an int >= 0"),
                   ("synthetic_n_test", self.synthetic_n_test >= 1, "an int >= 1"),

@@ -46,7 +46,8 @@ from .weighting import get_weighting
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
            "build_run_model", "checkpoint_info", "COMPAT_SIZE",
            "resolve_device", "autocast", "native_bf16", "load_checkpoint", "read_checkpoint", "CheckpointMismatch", "RunError",
-           "selection_score", "read_run_config", "weights_digest"]
+           "selection_score", "read_run_config", "weights_digest", "read_per_image", "write_per_image",
+           "PER_IMAGE_FILE"]
 
 CHECKPOINT_VERSION = 2
 
@@ -248,9 +249,37 @@ class Evaluation(dict):
     correct or not, foreground IoU, per-class IoU), so per-class, per-activity and per-image results reuse one pass.
     """
 
-    def __init__(self, metrics: dict, meters: dict, values: dict, images: list[dict] | None = None):
+    def __init__(self, metrics: dict, meters: dict, values: dict, images: list[dict] | None = None,
+                 arrays: dict | None = None):
         super().__init__(metrics)
         self.meters, self.values, self.images = meters, values, images or []
+        self.arrays = arrays or {}
+
+
+def _per_image_outcomes(out: dict, batch: dict, tasks, ignore_index: int) -> dict[str, np.ndarray]:
+    """Per-image outcomes of one batch, by the shape of each task's output and target (no task is named): one label
+    per image -> ``<task>_true`` / ``<task>_pred`` (and ``<task>_prob``, the softmax); one label per pixel ->
+    ``<task>_confusion`` (B, K, K), rows true, columns predicted, ignored pixels left out; a score per class
+    (multi-label) -> ``<task>_true`` and ``<task>_score`` (sigmoid)."""
+    arrays = {}
+    for t in tasks:
+        logits, target = out[t].float().detach().cpu(), batch[get_task(t).target].cpu()
+        k = logits.shape[1]
+        if target.ndim == logits.ndim:  # multi-label: a 0/1 target per class
+            arrays[f"{t}_true"], arrays[f"{t}_score"] = target.numpy(), logits.sigmoid().numpy()
+        elif logits.ndim == 2:
+            arrays[f"{t}_true"], arrays[f"{t}_pred"] = target.numpy(), logits.argmax(1).numpy()
+            arrays[f"{t}_prob"] = logits.softmax(1).numpy().astype(np.float32)
+        else:
+            pred = logits.argmax(1).reshape(len(target), -1)
+            truth = target.reshape(len(target), -1).long()
+            valid = (truth != ignore_index) & (truth >= 0) & (truth < k)
+            conf = np.zeros((len(target), k, k), np.int64)
+            for i in range(len(target)):
+                idx = truth[i][valid[i]] * k + pred[i][valid[i]]
+                conf[i] = torch.bincount(idx, minlength=k * k).reshape(k, k).numpy()
+            arrays[f"{t}_confusion"] = conf
+    return arrays
 
 
 def _image_records(out: dict, batch: dict, num_seg_classes: int | None, ignore_index: int) -> list[dict]:
@@ -282,11 +311,13 @@ def _image_records(out: dict, batch: dict, num_seg_classes: int | None, ignore_i
 @torch.no_grad()
 def evaluate(model, loader, device, tasks, num_activities: int | None = None, num_seg_classes: int | None = None,
              distances: bool = True, amp: str = "auto", ignore_index: int = 255, progress: bool = False,
-             per_image: bool = False, compat_size: int | None = None) -> Evaluation:
+             per_image: bool = False, compat_size: int | None = None, per_image_arrays: bool = False) -> Evaluation:
     """Metrics of ``model`` over a whole loader: every metric the task registry declares, keys ``<task>_<metric>``.
 
     ``compat_size``: side of the label maps the ``compat_`` segmentation metrics are computed on (the released
     evaluation uses 244 x 244, nearest resizing of predictions and masks); None computes them at the input size.
+    ``per_image_arrays``: also keep every image's outcome (:func:`_per_image_outcomes`, plus ``path``) in
+    ``Evaluation.arrays``, in loader order (``fit`` writes them for the test split: ``test_per_image.npz``).
     """
     from tqdm.auto import tqdm
 
@@ -295,6 +326,7 @@ def evaluate(model, loader, device, tasks, num_activities: int | None = None, nu
     meters = {t: get_task(t).make_meter(classes[t], ignore_index=ignore_index, distances=distances,
                                         compat_size=compat_size) for t in tasks}
     images: list[dict] = []
+    chunks: list[dict] = []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         with autocast(device, amp):
             out = model(batch["image"].to(device))
@@ -302,11 +334,15 @@ def evaluate(model, loader, device, tasks, num_activities: int | None = None, nu
             get_task(t).update_meter(meter, out[t], batch)
         if per_image:
             images += _image_records(out, batch, num_seg_classes, ignore_index)
+        if per_image_arrays:
+            chunks.append(_per_image_outcomes(out, batch, tasks, ignore_index))
+            chunks[-1]["path"] = np.array([str(p) for p in batch.get("path", [""] * len(batch["image"]))])
     values = {t: meter.compute() for t, meter in meters.items()}
+    arrays = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
     metrics = {}
     for t in tasks:
         metrics.update(get_task(t).result_values(values[t]))
-    return Evaluation(metrics, meters, values, images)
+    return Evaluation(metrics, meters, values, images, arrays)
 
 
 def selection_score(metrics: dict, key: str) -> float:
@@ -567,7 +603,7 @@ def fit(cfg: TrainConfig) -> dict:
         warnings.warn("select_on='test': the epoch is chosen on the TEST split (the released protocol). The reported "
                       "test numbers are then optimistic; use it only to measure that effect", stacklevel=2)
     select_loader = _loader(datasets[select_split], cfg, shuffle=False)
-    while state["epoch"] < cfg.epochs:
+    while state["epoch"] < cfg.epochs and not _patience_spent(state, cfg):
         if cfg.stop_after_epochs is not None and state["epoch"] >= cfg.stop_after_epochs:
             if state.get("tensorboard") is not None:
                 state["tensorboard"].close()
@@ -600,15 +636,43 @@ def fit(cfg: TrainConfig) -> dict:
             dist.barrier()  # the other ranks read best.pt / last.pt only once rank 0 has written them
     load_checkpoint(folder / "best.pt", state["raw_model"], state["config_hash"], weights_digest(state["raw_model"]))
     test = evaluate(state["model"], _loader(datasets["test"], cfg, shuffle=False), distances=True,
-                    compat_size=COMPAT_SIZE, **eval_kw)
+                    compat_size=COMPAT_SIZE, per_image_arrays=True, **eval_kw)
     row = _result_row(cfg, state, datasets, test, device, folder, fingerprints)
     if state.get("tensorboard") is not None:
         state["tensorboard"].test(test, state["best_epoch"])
         state["tensorboard"].close()
     if rank == 0:
+        write_per_image(folder / PER_IMAGE_FILE, test.arrays)  # before result.json: a finished run has both
         write_json_atomic(result_path, row)
         _finish_run_folder(folder, cfg.keep_last)
     return row
+
+
+def _patience_spent(state: dict, cfg: TrainConfig) -> bool:
+    """Early stopping: the selection score has not improved for ``cfg.patience`` epochs (a function of the saved
+    state only, so a resumed run stops where an uninterrupted one does)."""
+    return bool(cfg.patience) and state["best_epoch"] > 0 and state["epoch"] - state["best_epoch"] >= cfg.patience
+
+
+PER_IMAGE_FILE = "test_per_image.npz"
+
+
+def write_per_image(path: Path, arrays: dict) -> None:
+    """The test split's per-image outcomes (:attr:`Evaluation.arrays`) as a compressed ``.npz``, written atomically:
+    what paired bootstrap intervals over test images and per-image analyses need, without the model."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def read_per_image(folder: str | Path) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_per_image` wrote for a run folder (RunError naming the file when absent)."""
+    path = Path(folder) / PER_IMAGE_FILE
+    if not path.is_file():
+        raise RunError(f"{path}: no per-image test outcomes (runs finished before they were recorded have none); "
+                       "rerun the config under another out_dir to get them")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
 
 
 def _finish_run_folder(folder: Path, keep_last: bool) -> None:
@@ -639,7 +703,8 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path, fingerpr
             "random_init_backbone": bool(model.pretrained_random_init),
             "synthetic_pretrained_backbone": is_synthetic_pretrained(weights),
             "seed": cfg.seed, "preset": cfg.preset, "image_size": cfg.image_size, "epochs": cfg.epochs,
-            "best_epoch": state["best_epoch"], "select_on": cfg.select_on, "compat_eval_size": COMPAT_SIZE,
+            "best_epoch": state["best_epoch"], "epochs_trained": state["epoch"], "patience": cfg.patience,
+            "select_on": cfg.select_on, "compat_eval_size": COMPAT_SIZE,
             **{f"test_{k}": v for k, v in test.items()},
             **{k: v for k, v in best.items() if k.startswith("val_")},
             "params_total": report.get("total", {}).get("total"),

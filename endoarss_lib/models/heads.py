@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["default_aspp_rates", "ConvBNReLU", "ASPP", "SegmentationHead", "ClassificationHead"]
+__all__ = ["default_aspp_rates", "ConvBNReLU", "ASPP", "DetailStem", "SegmentationHead", "ClassificationHead"]
 
 
 def default_aspp_rates(feature_size: int) -> tuple[int, int, int]:
@@ -96,8 +96,27 @@ def _check_positive(**kwargs: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
+class DetailStem(nn.Sequential):
+    """The image at output stride 4 for the decoder: two stride-2 3x3 conv-BN-ReLU (3 -> channels / 2 -> channels)."""
+
+    def __init__(self, channels: int):
+        half = max(channels // 2, 1)
+        super().__init__(
+            nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+
 class SegmentationHead(nn.Module):
-    """DeepLab-V3 head: ASPP -> 3x3 conv-BN-ReLU -> 1x1 to num_classes -> bilinear upsampling to out_size."""
+    """DeepLab-V3 head: ASPP -> 3x3 conv-BN-ReLU -> 1x1 to num_classes -> bilinear upsampling to out_size.
+
+    ``detail_channels > 0`` adds a DeepLab-V3+ style decoder (Chen et al., ECCV 2018) whose low-level features come
+    from the image itself, since a ViT has no stride-4 stage: a small trainable stem (:class:`DetailStem`) gives the
+    image at output stride 4; the ASPP output, reduced to ``decoder_channels`` by a 1x1 conv-BN-ReLU, is upsampled to
+    that size, concatenated with it, and a 3x3 conv-BN-ReLU and the 1x1 classifier work there. Objects smaller than
+    a patch (14 px), which a 16 x 16 token grid cannot place, can then be drawn. ``forward`` needs ``image=``.
+    """
 
     def __init__(
         self,
@@ -107,20 +126,40 @@ class SegmentationHead(nn.Module):
         rates: Sequence[int] | None = None,
         feature_size: int = 16,
         dropout: float = 0.5,
+        detail_channels: int = 0,
+        decoder_channels: int = 48,
     ):
         super().__init__()
         _check_positive(in_channels=in_channels, num_classes=num_classes, channels=channels)
+        if isinstance(detail_channels, bool) or not isinstance(detail_channels, int) or detail_channels < 0:
+            raise ValueError(f"detail_channels must be an int >= 0, got {detail_channels!r}")
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.detail_channels = detail_channels
         self.aspp = ASPP(in_channels, channels, default_aspp_rates(feature_size) if rates is None else rates, dropout)
         self.conv = ConvBNReLU(channels, channels, 3)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        if detail_channels:
+            _check_positive(decoder_channels=decoder_channels)
+            self.stem = DetailStem(detail_channels)
+            self.reduce = ConvBNReLU(channels, decoder_channels, 1)
+            self.fuse = ConvBNReLU(decoder_channels + detail_channels, decoder_channels, 3)
+            self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+        else:
+            self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, features: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, out_size: tuple[int, int], image: torch.Tensor | None = None
+                ) -> torch.Tensor:
         _check_features(features, self.in_channels)
         if len(out_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in out_size):
             raise ValueError(f"out_size must be two positive ints (H, W), got {out_size!r}")
-        logits = self.classifier(self.conv(self.aspp(features)))
+        y = self.conv(self.aspp(features))
+        if self.detail_channels:
+            if image is None:
+                raise ValueError("image is required: the head was built with detail_channels > 0")
+            detail = self.stem(image)
+            y = F.interpolate(self.reduce(y), size=detail.shape[-2:], mode="bilinear", align_corners=False)
+            y = self.fuse(torch.cat([y, detail], dim=1))
+        logits = self.classifier(y)
         return F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
 
 

@@ -1,0 +1,59 @@
+"""The two scales every notebook runs at: ``test`` checks code paths, ``demonstration`` decides claims.
+
+* ``test`` (the notebooks' default, what CI and nbval run): a few dozen small synthetic images, a few epochs, one
+  seed. It exercises every code path and claims nothing: every caption says TEST SCALE, every verdict is
+  ``not decided (test scale)``.
+* ``demonstration`` (``make executed``; the committed executed notebooks, the book, ``results/tables/claims.csv``
+  and the README's numbers): 240 training and 96 test synthetic images at 224 px (the paper's 16 x 16 token grid at
+  patch 14), up to ``epochs`` epochs with early stopping on the validation score, three seeds; verdicts are computed
+  from the seeds and the test images (:mod:`.claims`).
+
+A notebook parameter left at ``None`` takes its scale's value; one given explicitly wins (and is recorded).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["Scale", "SCALES", "get_scale"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    image_size: int
+    n_train: int  # synthetic training images (the validation split is carved from them)
+    n_test: int
+    epochs: int  # the most epochs
+    patience: int  # early stopping on the validation score (0: off)
+    seeds: tuple[int, ...]
+    diagnostics_every: int  # task-gradient conflict every k steps (the same for every run of a scale: runs are shared)
+    decides: bool  # whether verdicts are computed (False: "not decided (test scale)")
+    purpose: str
+
+    def caption(self) -> str:
+        """What a table at this scale is (every caption starts with it)."""
+        if not self.decides:
+            return (f"TEST SCALE (checks the code; not evidence: {self.n_train} / {self.n_test} images at "
+                    f"{self.image_size} px, {self.epochs} epochs, seed(s) {list(self.seeds)})")
+        return (f"DEMONSTRATION SCALE ({self.n_train} / {self.n_test} images at {self.image_size} px, up to "
+                f"{self.epochs} epochs with early stopping (patience {self.patience}), seeds {list(self.seeds)})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SCALES: dict[str, Scale] = {
+    "test": Scale("test", image_size=56, n_train=48, n_test=24, epochs=4, patience=0, seeds=(0,), diagnostics_every=2,
+                  decides=False, purpose="checks every code path in minutes (CI, nbval); claims nothing"),
+    "demonstration": Scale("demonstration", image_size=224, n_train=240, n_test=96, epochs=24, patience=4,
+                           seeds=(0, 1, 2), diagnostics_every=10, decides=True,
+                           purpose="decides the claims: 3 seeds, the paper's 16 x 16 token grid, early stopping"),
+}
+
+
+def get_scale(name: str) -> Scale:
+    """The scale ``name`` (ValueError listing the scales)."""
+    if name not in SCALES:
+        raise ValueError(f"scale={name!r}: expected one of {list(SCALES)} (test: checks the code, claims nothing; "
+                         "demonstration: decides the claims)")
+    return SCALES[name]
