@@ -86,8 +86,25 @@ class Experiment:
                  n_test: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int = 0, device: str = "cpu", out_dir: str | os.PathLike | None = None,
                  runs_dir: str | os.PathLike = RUNS_DIR, model: str | Mapping | None = None,
-                 weights: Mapping[str, str] | None = None, **fields: Any):
+                 weights: Mapping[str, str] | None = None, scale: str | None = None,
+                 seeds: Sequence[int] | None = None, **fields: Any):
         self.name = name
+        self.scale = None
+        if scale is not None:  # the scale fills every parameter left at None (see endoarss_lib.evidence.scales)
+            from .evidence.scales import get_scale
+
+            try:
+                self.scale = get_scale(scale)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: bad parameter: {exc}") from None
+            sc = self.scale
+            image_size = sc.image_size if image_size is None else image_size
+            epochs = sc.epochs if epochs is None else epochs
+            n_train = sc.n_train if n_train is None else n_train
+            n_test = sc.n_test if n_test is None else n_test
+            fields.setdefault("patience", sc.patience)
+            fields.setdefault("diagnostics_every", sc.diagnostics_every)
+        self.seeds = list(seeds) if seeds is not None else list(self.scale.seeds if self.scale else [seed])
         self.out = project_path(out_dir if out_dir not in (None, "") else Path("results") / name)
         self.runs = project_path(runs_dir)
         self.weights = dict(weights or {})
@@ -157,9 +174,11 @@ class Experiment:
         return run_grid(configs, jobs=jobs, progress=False)
 
     def note(self, rows: pd.DataFrame | None = None, extra: str = "") -> str:
-        """The caption of a table of these rows: data and backbone provenance, degenerate models, ``extra``."""
-        return caption(rows if rows is not None else pd.DataFrame([{"data": "synthetic" if self.base.synthetic
+        """The caption of a table of these rows: the scale (TEST SCALE: not evidence), data and backbone provenance,
+        degenerate models, ``extra``."""
+        text = caption(rows if rows is not None else pd.DataFrame([{"data": "synthetic" if self.base.synthetic
                                                                     else "real"}]), extra)
+        return f"{self.scale.caption()}; {text}" if self.scale is not None else text
 
     def write_table(self, df: pd.DataFrame, name: str, note: str | None = None) -> tuple[Path, Path]:
         """``<out>/<name>.csv`` and ``.md`` (the full table, with its caption)."""
@@ -168,7 +187,8 @@ class Experiment:
     def save_rows(self, rows: pd.DataFrame | Sequence[dict]) -> Path:
         """``<out>/rows.json`` (tagged with the experiment name) for the sweep's aggregation."""
         records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
-        return save_rows(records, self.out, self.name)
+        scale = self.scale.name if self.scale is not None else "custom"
+        return save_rows([{**r, "scale": scale} for r in records], self.out, self.name)
 
     @property
     def data_root(self) -> Path:
@@ -200,6 +220,58 @@ class Experiment:
         root = synthetic_root(target, b.synthetic_seed, 0, n, b.image_size)
         make_synthetic(root, target, seed=b.synthetic_seed, n_train=0, n_test=n, image_size=b.image_size)
         return MTLDataset(root, "test", dataset=target, image_size=b.image_size, normalize=b.normalize)
+
+    # -- claims ----------------------------------------------------------------------------------------------------
+    def decide(self, rows: pd.DataFrame, claims: Sequence | None = None, by: str = "variant",
+               outcomes: Mapping | None = None, values: Mapping | None = None) -> list:
+        """Verdicts of ``claims`` (default: this notebook's, :func:`endoarss_lib.evidence.claims_for`) from result
+        rows with a ``by`` column naming the variant and a ``seed`` column: each run's per-image test outcomes
+        (``test_per_image.npz``) are read from its ``run_dir``; ``outcomes`` / ``values`` (``{(side, seed): ...}``)
+        add or replace sides (other evaluations, non-image metrics). At the test scale nothing is decided. Writes
+        ``<out>/claims.csv``."""
+        from .data import get_spec
+        from .engine import read_per_image
+        from .evidence.claims import claims_for, claims_frame, decide
+
+        claims = claims_for(self.name) if claims is None else claims
+        own = {}
+        for _, r in rows.iterrows():
+            try:
+                own[(r[by], int(r["seed"]))] = read_per_image(r["run_dir"])
+            except Exception:  # a run without outcomes: decided on its values only
+                pass
+        own.update(outcomes or {})
+        scale = self.scale.name if self.scale is not None else "custom"
+        decides = self.scale.decides if self.scale is not None else len(self.seeds) >= 2
+        names = get_spec(self.base.dataset).seg_classes
+        verdicts = []
+        for claim in claims:
+            sides = {claim.better, claim.worse}
+            outs = {k: v for k, v in own.items() if k[0] in sides}
+            vals = dict(values or {})
+            if claim.per_image is False or not outs:
+                key = f"test_{claim.metric}" if f"test_{claim.metric}" in rows else claim.metric
+                if key in rows:
+                    vals.update({(r[by], int(r["seed"])): float(r[key]) for _, r in rows.iterrows()
+                                 if r[by] in sides})
+            if not outs and not vals:
+                continue
+            verdicts.append(decide(claim, values=vals or None, outcomes=outs or None, class_names=names,
+                                   scale=scale, decides=decides))
+        frame = claims_frame(verdicts)
+        if len(frame):
+            frame.to_csv(self.out / "claims.csv", index=False)
+        return verdicts
+
+    @staticmethod
+    def committed_claims(notebook: str | None = None) -> pd.DataFrame:
+        """The verdicts decided at the demonstration scale and committed (``results/tables/claims.csv``; made by
+        ``make executed``), of one notebook or all; empty when none are committed."""
+        path = project_path("results/tables/claims.csv")
+        if not path.is_file():
+            return pd.DataFrame()
+        frame = pd.read_csv(path)
+        return frame[frame["notebook"] == notebook].reset_index(drop=True) if notebook else frame
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, dataset={self.base.dataset!r}, out={str(self.out)!r})"

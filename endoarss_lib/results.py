@@ -246,3 +246,30 @@ def read_run_logs(rows: pd.DataFrame, name: str = "log.csv", columns: Sequence[s
                 frame.insert(position, column, row[column])
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def demonstration_table(rows: Sequence[Mapping]) -> pd.DataFrame:
+    """One row per run for ``results/tables/demonstration.csv``: its configuration name (``variant``), seed, whether it
+    is the featured configuration, the test metrics, and the test IoU of every segmentation class by name
+    (``test_seg_iou_<class>``, from the run's per-image outcomes)."""
+    from .data import get_spec
+    from .engine import RunError, read_per_image
+    from .evidence.outcomes import outcome_value
+    from .evidence.variants import FEATURED
+
+    out = []
+    for row in rows:
+        record = {"variant": row.get("variant", row.get("name")), "seed": row.get("seed"),
+                  "featured": row.get("variant") == FEATURED, "dataset": row.get("dataset"),
+                  "run": Path(str(row["run_dir"])).name}
+        record.update({k: v for k, v in row.items() if k.startswith("test_") and not isinstance(v, (dict, list))})
+        try:
+            arrays = read_per_image(row["run_dir"])
+        except RunError:
+            arrays = {}
+        if "seg_confusion" in arrays:
+            names = get_spec(row["dataset"]).seg_classes
+            record.update({f"test_seg_iou_{n}": outcome_value(arrays, f"seg_iou_{n}", class_names=names)
+                           for n in names})
+        out.append(record)
+    return pd.DataFrame(out)

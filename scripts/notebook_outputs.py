@@ -1,12 +1,19 @@
-"""Executed notebooks for reading without running, and a static HTML book of them.
+"""Executed notebooks for reading without running, the demonstration results they decide, and a static book.
 
-    python scripts/notebook_outputs.py execute [NAME ...]   # -> results/executed/<name>.ipynb (make executed)
-    python scripts/notebook_outputs.py book                 # -> results/book/index.html + one page each (make book)
+    python scripts/notebook_outputs.py execute [NAME ...] [--scale demonstration|test]   # make executed
+    python scripts/notebook_outputs.py collect                                          # (execute ends with it)
+    python scripts/notebook_outputs.py check [PATH ...]                                 # whole outputs?
+    python scripts/notebook_outputs.py book                                             # make book
 
-``execute`` runs each notebook of ``notebooks/`` with its default parameters (papermill, working directory
-``notebooks/``, as Jupyter does), keeps the outputs small (embedded PNGs palette-quantised, widget state dropped, long
-text cut) and stamps the notebook's metadata with the commit, the parameters and the date that made it. ``book``
-renders the executed notebooks with nbconvert into self-contained HTML pages and an index.
+``execute`` runs each notebook of ``notebooks/`` with ``scale`` (default ``demonstration``; every other parameter
+at its default, which the scale fills in) through papermill (working directory ``notebooks/``, as Jupyter does),
+writes it to ``results/executed/`` with its outputs whole (embedded PNGs palette-quantised, widget state dropped,
+nothing cut) and stamps its metadata with the commit, whether the tree had uncommitted changes, the scale, the
+parameters and the wall time. Trainings are cached in the run store (``results/runs``): an interrupted ``execute``
+resumes where it stopped. At the demonstration scale it then ``collect``\s: every run the notebooks used is copied
+(``config.json``, ``result.json``, ``test_per_image.npz``; never a checkpoint) to ``results/demonstration/<run>/``,
+one row per run goes to ``results/tables/demonstration.csv`` and every notebook's claims to
+``results/tables/claims.csv``.
 """
 from __future__ import annotations
 
@@ -14,15 +21,19 @@ import argparse
 import base64
 import datetime as dt
 import html
+import html.parser
 import io
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS, EXECUTED, BOOK = ROOT / "notebooks", ROOT / "results" / "executed", ROOT / "results" / "book"
-MAX_TEXT = 6000  # characters kept per text output
+DEMONSTRATION, TABLES = ROOT / "results" / "demonstration", ROOT / "results" / "tables"
 PNG_COLOURS = 128
+_TABLE_TAGS = ("table", "thead", "tbody", "tr", "td", "th")
 
 
 def _small_png(data: str) -> str:
@@ -36,7 +47,7 @@ def _small_png(data: str) -> str:
 
 
 def shrink(nb) -> None:
-    """Outputs small enough to commit: PNGs quantised, widget views replaced by their text, long text cut."""
+    """Outputs small enough to commit without losing any: PNGs quantised, widget views replaced by their text."""
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         for out in cell.get("outputs", []):
@@ -44,36 +55,144 @@ def shrink(nb) -> None:
             if "image/png" in data:
                 data["image/png"] = _small_png(data["image/png"])
             data.pop("application/vnd.jupyter.widget-view+json", None)
-            for key in ("text/plain", "text/html"):
-                if key in data and len(data[key]) > MAX_TEXT:
-                    data[key] = data[key][:MAX_TEXT] + "\n... (cut)"
-            if out.get("output_type") == "stream" and len(out.get("text", "")) > MAX_TEXT:
-                out["text"] = out["text"][:MAX_TEXT] + "\n... (cut)"
 
 
-def execute(names: list[str]) -> None:
+class _TagBalance(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.depth = {t: 0 for t in _TABLE_TAGS}
+        self.problems: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.depth:
+            self.depth[tag] += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.depth:
+            self.depth[tag] -= 1
+            if self.depth[tag] < 0:
+                self.problems.append(f"</{tag}> without <{tag}>")
+                self.depth[tag] = 0
+
+
+def output_problems(nb) -> list[str]:
+    """Where an executed notebook's outputs are not whole: a cut marker, an HTML table whose tags do not balance, a
+    pandas table shortened with '...' rows or columns."""
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            texts = [out.get("text", "")] if out.get("output_type") == "stream" else []
+            data = out.get("data", {})
+            texts += [data.get("text/plain", ""), data.get("text/html", "")]
+            for text in texts:
+                text = "".join(text) if isinstance(text, list) else text
+                if "... (cut)" in text:
+                    problems.append(f"cell {i}: an output was cut")
+            markup = data.get("text/html", "")
+            markup = "".join(markup) if isinstance(markup, list) else markup
+            if markup:
+                parser = _TagBalance()
+                parser.feed(markup)
+                parser.close()
+                problems += [f"cell {i}: {p}" for p in parser.problems]
+                problems += [f"cell {i}: <{t}> opened {d} more time(s) than closed" for t, d in parser.depth.items()
+                             if d > 0]
+                if "<td>...</td>" in markup or "<th>...</th>" in markup:
+                    problems.append(f"cell {i}: a pandas table shortened with '...'")
+    return problems
+
+
+def _stamp(nb, scale: str, started: dt.datetime, parameters: dict) -> None:
+    from endoarss_lib.version import __version__, git_commit
+
+    params = next((c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), "")
+    nb.metadata["endoarss"] = {
+        "commit": git_commit(), "dirty": _dirty(), "library_version": __version__, "scale": scale,
+        "executed": started.isoformat(timespec="seconds"),
+        "seconds": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds()),
+        "parameters": parameters, "parameters_cell": params}
+
+
+def _dirty() -> bool | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def execute(names: list[str], scale: str = "demonstration") -> None:
     import nbformat
     import papermill as pm
-
-    from endoarss_lib.version import __version__, git_commit
 
     EXECUTED.mkdir(parents=True, exist_ok=True)
     paths = [NOTEBOOKS / f"{n.removesuffix('.ipynb')}.ipynb" for n in names] if names else sorted(
         NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     for path in paths:
         target = EXECUTED / path.name
-        print(f"executing {path.name} ...", flush=True)
+        print(f"executing {path.name} at the {scale} scale ...", flush=True)
         started = dt.datetime.now(dt.timezone.utc)
-        pm.execute_notebook(str(path), str(target), cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-        nb = nbformat.read(target, as_version=4)
+        parameters = {"scale": scale}
+        tmp = target.with_name(f".{target.name}.partial")
+        pm.execute_notebook(str(path), str(tmp), parameters=parameters, cwd=str(NOTEBOOKS), progress_bar=False,
+                            kernel_name="python3")
+        nb = nbformat.read(tmp, as_version=4)
         shrink(nb)
-        params = next((c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])), "")
-        nb.metadata["endoarss"] = {"commit": git_commit(), "library_version": __version__,
-                                   "executed": started.isoformat(timespec="seconds"),
-                                   "seconds": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds()),
-                                   "parameters": "defaults of the parameters cell", "parameters_cell": params}
-        nbformat.write(nb, target)
-        print(f"  -> {target.relative_to(ROOT)} ({target.stat().st_size // 1024} KiB)", flush=True)
+        _stamp(nb, scale, started, parameters)
+        problems = output_problems(nb)
+        if problems:
+            raise SystemExit(f"{path.name}: outputs not whole: {problems[:5]}")
+        nbformat.write(nb, tmp)
+        os.replace(tmp, target)
+        print(f"  -> {target.relative_to(ROOT)} ({target.stat().st_size // 1024} KiB, "
+              f"{nb.metadata['endoarss']['seconds']} s)", flush=True)
+    if scale == "demonstration" and not names:
+        collect()
+
+
+_SMALL_FILES = ("config.json", "result.json", "test_per_image.npz")
+
+
+def collect() -> None:
+    """The demonstration's small outputs: run folders' config / result / per-image outcomes, demonstration.csv,
+    claims.csv (from each notebook's output folder, written at the demonstration scale)."""
+    import pandas as pd
+
+    from endoarss_lib.results import demonstration_table
+
+    rows, claims = [], []
+    for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
+        out = ROOT / "results" / path.stem
+        if (out / "rows.json").is_file():
+            rows += [r for r in json.loads((out / "rows.json").read_text()) if r.get("scale") == "demonstration"]
+        if (out / "claims.csv").is_file():
+            frame = pd.read_csv(out / "claims.csv")
+            claims.append(frame[frame["scale"] == "demonstration"])
+    if not rows:
+        raise SystemExit("no demonstration rows under results/<notebook>/rows.json: run `make executed` first")
+    seen = {}
+    for r in rows:
+        seen.setdefault(r["run_dir"], r)
+    DEMONSTRATION.mkdir(parents=True, exist_ok=True)
+    for run_dir in seen:
+        folder = Path(run_dir)
+        folder = folder if folder.is_absolute() else ROOT / folder
+        target = DEMONSTRATION / folder.name
+        target.mkdir(exist_ok=True)
+        for name in _SMALL_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, target / name)
+    TABLES.mkdir(parents=True, exist_ok=True)
+    table = demonstration_table(list(seen.values()))
+    table.to_csv(TABLES / "demonstration.csv", index=False)
+    if claims:
+        frame = pd.concat(claims, ignore_index=True).drop_duplicates("claim", keep="last")
+        frame.to_csv(TABLES / "claims.csv", index=False)
+    print(f"collect: {len(seen)} runs -> {DEMONSTRATION.relative_to(ROOT)}, "
+          f"{TABLES.relative_to(ROOT)}/demonstration.csv, claims.csv ({sum(len(c) for c in claims)} claims)")
 
 
 def book() -> Path:
@@ -108,12 +227,24 @@ def book() -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("execute", "book"))
-    p.add_argument("names", nargs="*", help="notebooks to execute (default: all)")
+    p.add_argument("what", choices=("execute", "collect", "check", "book"))
+    p.add_argument("names", nargs="*", help="execute: notebooks (default: all); check: executed notebooks")
+    p.add_argument("--scale", default="demonstration", choices=("demonstration", "test"))
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.what == "execute":
-        execute(args.names)
+        execute(args.names, args.scale)
+    elif args.what == "collect":
+        collect()
+    elif args.what == "check":
+        import nbformat
+
+        paths = [Path(n) for n in args.names] or sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb"))
+        bad = {p.name: output_problems(nbformat.read(p, as_version=4)) for p in paths}
+        bad = {k: v for k, v in bad.items() if v}
+        for name, problems in bad.items():
+            print(f"{name}: {problems}")
+        return 1 if bad else 0
     else:
         book()
     return 0

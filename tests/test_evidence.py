@@ -180,3 +180,19 @@ def test_scales():
     assert "TEST SCALE" in get_scale("test").caption()
     with pytest.raises(ValueError, match="demonstration"):
         get_scale("paper")
+
+
+def test_restricted_outcomes_compare_like_with_like():
+    from endoarss_lib.evidence.outcomes import restrict_outcomes
+    from endoarss_lib.metrics import subset_metrics
+
+    arrays, masks, preds = _outcomes(np.random.default_rng(2))
+    kept = restrict_outcomes(arrays, labels=[0, 2], classes=[0, 1, 3])
+    rows = np.isin(arrays["cls_true"], [0, 2])
+    assert len(kept["path"]) == rows.sum() and (kept["cls_true"] != 1).all()
+    assert outcome_value(kept, "cls_accuracy") == pytest.approx(
+        accuracy_score(arrays["cls_true"][rows], arrays["cls_pred"][rows]))
+    ious = jaccard_score(masks[rows].ravel(), preds[rows].ravel(), average=None)
+    assert outcome_value(kept, "seg_miou_eval") == pytest.approx(ious[[0, 1, 3]].mean())
+    assert outcome_value(kept, "seg_miou_eval") == pytest.approx(
+        subset_metrics(kept["seg_confusion"].sum(0), [0, 1, 3])["miou"])

@@ -10,6 +10,8 @@ class or pair of classes of a dense task (names as in the dataset spec):
 
 * ``seg_iou_<class>``: the IoU of one class;
 * ``seg_pair_iou_<a>__<b>``: the mean IoU of two classes;
+* ``seg_miou_eval``: the mean IoU over a subset of classes (``seg_eval_classes`` in the outcomes, set by
+  :func:`restrict_outcomes`; IoU from the whole confusion, as :func:`~endoarss_lib.metrics.subset_metrics`);
 * ``seg_swap_<a>__<b>``: the share of the pair's found pixels given the other class of the pair: of the pixels
   whose truth is ``a`` or ``b`` and whose prediction is ``a`` or ``b``, those predicted as the other one (lower is
   better; NaN when no pixel is found).
@@ -20,9 +22,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..metrics import _classification_from_confusion, _segmentation_from_confusion
+from ..metrics import _classification_from_confusion, _segmentation_from_confusion, subset_metrics
 
-__all__ = ["outcome_value", "outcome_higher_is_better", "swap_rate", "pair_names", "OutcomeKeyError"]
+__all__ = ["outcome_value", "outcome_higher_is_better", "swap_rate", "pair_names", "OutcomeKeyError",
+           "restrict_outcomes"]
 
 
 class OutcomeKeyError(KeyError):
@@ -54,10 +57,10 @@ def _split(key: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, str]:
     for prefix in ("test_",):
         if key.startswith(prefix):
             key = key[len(prefix):]
-    for name in sorted({k.rsplit("_", 1)[0] for k in arrays}, key=len, reverse=True):
+    for name in sorted({k.split("_", 1)[0] for k in arrays}, key=len, reverse=True):
         if key.startswith(name + "_"):
             return name, key[len(name) + 1:]
-    tasks = sorted({k.rsplit("_", 1)[0] for k in arrays if not k == "path"})
+    tasks = sorted({k.split("_", 1)[0] for k in arrays if not k == "path"})
     raise OutcomeKeyError(f"{key!r}: no per-image outcomes of its task (tasks with outcomes: {tasks})")
 
 
@@ -82,6 +85,10 @@ def outcome_value(arrays: Mapping[str, np.ndarray], key: str, idx: np.ndarray | 
         total = (conf if idx is None else conf[idx]).sum(0)
         if metric in _DENSE:
             return float(_segmentation_from_confusion(total)[metric])
+        if metric == "miou_eval":
+            if f"{task}_eval_classes" not in arrays:
+                raise OutcomeKeyError(f"{key!r}: no class subset in the outcomes (restrict_outcomes(..., classes=))")
+            return float(subset_metrics(total, arrays[f"{task}_eval_classes"].tolist())["miou"])
         if metric.startswith("iou_"):
             c = _class_index(metric[4:], class_names, key)
             return float(_segmentation_from_confusion(total)["iou_per_class"][c])
@@ -104,3 +111,19 @@ def outcome_value(arrays: Mapping[str, np.ndarray], key: str, idx: np.ndarray | 
         cm = np.bincount(true.astype(np.int64) * k + pred.astype(np.int64), minlength=k * k).reshape(k, k)
         return float(_classification_from_confusion(cm)[metric])
     raise OutcomeKeyError(f"{key!r}: task {task!r} has no per-image outcomes this module can score")
+
+
+def restrict_outcomes(arrays: Mapping[str, np.ndarray], labels: Sequence[int] | None = None, label_task: str = "cls",
+                      classes: Sequence[int] | None = None, dense_task: str = "seg") -> dict[str, np.ndarray]:
+    """Outcomes compared like with like on another test set (paper Table IV): only the images whose
+    ``label_task`` truth is in ``labels`` (every per-image array filtered alike), and ``classes`` recorded as the
+    dense task's evaluated subset (``<dense_task>_miou_eval``)."""
+    out = dict(arrays)
+    if labels is not None:
+        keep = np.isin(arrays[f"{label_task}_true"], list(labels))
+        n = len(keep)
+        out = {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == n else v)
+               for k, v in out.items()}
+    if classes is not None:
+        out[f"{dense_task}_eval_classes"] = np.asarray(list(classes), dtype=np.int64)
+    return out
