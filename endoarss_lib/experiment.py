@@ -104,6 +104,12 @@ class Experiment:
             n_test = sc.n_test if n_test is None else n_test
             fields.setdefault("patience", sc.patience)
             fields.setdefault("diagnostics_every", sc.diagnostics_every)
+            # a scaled experiment (every notebook) starts from the featured configuration, said once
+            from .evidence.variants import FEATURED_FIELDS, FEATURED_MODEL
+
+            model = dict(FEATURED_MODEL) if model is None else model
+            for key, value in FEATURED_FIELDS.items():
+                fields.setdefault(key, value)
         self.seeds = list(seeds) if seeds is not None else list(self.scale.seeds if self.scale else [seed])
         self.out = project_path(out_dir if out_dir not in (None, "") else Path("results") / name)
         self.runs = project_path(runs_dir)
