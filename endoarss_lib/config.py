@@ -64,7 +64,7 @@ _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_ep
 # Fields added after the run store's hash was fixed, with the value every older config implicitly had: a field at that
 # value is left out of the results hash, so the runs of unchanged configurations keep their folders and results
 # (``TrainConfig`` fields by name, model options as ``model.<option>``). Add every new result-changing field here.
-HASH_STABLE_DEFAULTS: dict[str, Any] = {}
+HASH_STABLE_DEFAULTS: dict[str, Any] = {"model.task_classes": {}}
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
 # GPU's work.
@@ -147,34 +147,60 @@ class TrainConfig:
 
     # -- model -----------------------------------------------------------------------------------------------------
     def _resolve_model(self) -> None:
-        """``model`` as a ModelConfig whose class counts and image size are the data's; contradictions refused."""
-        spec = self.spec
+        """``model`` as a ModelConfig whose class counts and image size are the data's; contradictions refused.
+
+        Every task's class count is read from the dataset spec through the task registry (``Task.classes_field``):
+        into the model option of that name where ModelConfig has one, else into ``model.task_classes``."""
+        from .tasks import TASKS, get_task
+
+        spec = self.data_spec
         given = self.model.to_dict() if isinstance(self.model, ModelConfig) else self.model
         if not isinstance(given, dict):
             raise ConfigError(f"model={self.model!r}: expected a mapping of model options (ModelConfig fields)")
         given = dict(given)
-        data_values = {"num_activities": spec.num_activities, "num_seg_classes": spec.num_seg_classes,
-                       "image_size": self.image_size}
+        valid = {f.name for f in fields(ModelConfig)}
+        own = {t.name: t.classes_field for t in TASKS.values() if t.classes_field in valid}
+        data_values = {field_name: get_task(t).num_classes(spec) for t, field_name in own.items()}
+        data_values["image_size"] = self.image_size
         for key, value in data_values.items():
             if given.get(key) is not None and given[key] != value:
                 source = "image_size" if key == "image_size" else f"dataset {self.dataset!r}"
                 raise ConfigError(f"model.{key}={given[key]!r} contradicts {source} ({value}); leave it out: it is "
                                   "taken from the data and the run")
-        valid = {f.name for f in fields(ModelConfig)}
         unknown = sorted(set(given) - valid)
         if unknown:
             raise ConfigError(f"unknown model option(s) {unknown}; valid: {sorted(valid)}")
         tasks = given.get("tasks", ModelConfig.tasks)
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        task_classes = {t: get_task(t).num_classes(spec) for t in tasks if t in TASKS and t not in own}
+        for task, value in (given.get("task_classes") or {}).items():
+            if task_classes.get(task) is not None and value != task_classes[task]:
+                raise ConfigError(f"model.task_classes[{task!r}]={value!r} contradicts dataset {self.dataset!r} "
+                                  f"({task_classes[task]}); leave it out: it is taken from the data")
+        for task in tasks:
+            if task in TASKS and get_task(task).num_classes(spec) is None:
+                raise ConfigError(f"model.tasks={list(tasks)}: task {task!r} needs the dataset's "
+                                  f"{get_task(task).classes_field}, which dataset {spec.name!r} does not declare "
+                                  f"(data/registry.py)")
         given.update(data_values)
-        if "cls" not in tasks:
-            given["num_activities"] = None
-        if "seg" not in tasks:
-            given["num_seg_classes"] = None
+        for task, field_name in own.items():
+            if task not in tasks:
+                given[field_name] = None
+        given["task_classes"] = task_classes
         try:
             self.model = ModelConfig(**given)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc) if str(exc).startswith("model.") else f"model: {exc}") from None
+
+    @property
+    def data_spec(self):
+        """The registry spec of the data the run reads: the synthetic preset's with ``synthetic=true`` (it shares the
+        real dataset's class counts), the dataset's own otherwise. Class counts come from it."""
+        from .data.registry import SYNTHETIC_PRESETS
+
+        if self.synthetic and self.dataset in SYNTHETIC_PRESETS:
+            return get_spec(SYNTHETIC_PRESETS[self.dataset])
+        return self.spec
 
     @property
     def spec(self):
@@ -223,11 +249,11 @@ class TrainConfig:
         if self.id_map is not None and not (self.id_map in ("identity", "released") or isinstance(self.id_map, dict)):
             raise ConfigError(f"id_map={self.id_map!r}: expected null, 'identity', 'released' or a mapping raw -> "
                               "train id")
-        from .tasks import TASK_NAMES
+        from .tasks import TASKS
 
-        unknown = set(self.loss_weights) - set(TASK_NAMES)
+        unknown = set(self.loss_weights) - set(TASKS)
         if unknown:
-            raise ConfigError(f"loss_weights has unknown task(s) {sorted(unknown)}; tasks: {list(TASK_NAMES)} (a "
+            raise ConfigError(f"loss_weights has unknown task(s) {sorted(unknown)}; tasks: {list(TASKS)} (a "
                               "weight of a task the model does not train is ignored)")
         self.loss_weights = {k: coerce(f"loss_weights[{k!r}]", v, float) for k, v in self.loss_weights.items()}
         self._check_weighting()
@@ -269,7 +295,7 @@ class TrainConfig:
         if task.name not in self.tasks:
             raise ConfigError(f"select_metric={self.select_metric!r} belongs to task {task.name!r}, which this model "
                               f"does not train (tasks {list(self.tasks)}); expected 'score' or one of {valid}")
-        if metric.unit == "pixels" or metric.name.endswith("ssim") or metric.name == "hd_one_sided_rate":
+        if metric.needs_distances:
             if not self.eval_distances_on_val:
                 raise ConfigError(f"select_metric={self.select_metric!r} needs boundary distances / SSIM on the "
                                   "validation split: also set eval_distances_on_val=true")
@@ -410,7 +436,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-_DERIVED_MODEL_KEYS = ("num_activities", "num_seg_classes", "image_size")  # taken from the data and the run
+_DERIVED_MODEL_KEYS = ("num_activities", "num_seg_classes", "task_classes", "image_size")  # from the data and run
 
 
 def parse_overrides(items) -> dict:

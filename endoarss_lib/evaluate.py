@@ -86,9 +86,8 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
         raise ValueError(f"the model has K={cfg.num_activities} activities and S={cfg.num_seg_classes} classes, the "
                          f"dataset {spec.name!r} at {data_root} has {spec.num_activities} and {spec.num_seg_classes}")
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    test = evaluate(model, loader, torch_device, model.tasks, num_activities=spec.num_activities,
-                    num_seg_classes=spec.num_seg_classes, distances=distances, amp=amp, progress=progress,
-                    compat_size=COMPAT_SIZE)
+    test = evaluate(model, loader, torch_device, model.tasks, spec=spec, distances=distances, amp=amp,
+                    progress=progress, compat_size=COMPAT_SIZE)
     report = model.parameter_report()
     full = cfg.embed_dim == 768 and cfg.depth == 12
     return {"model_source": MODEL_SOURCES["random" if random_init else "checkpoint"],

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .config import ConfigError, DEFAULT_MODEL, TrainConfig, preset
+from .config import _DERIVED_MODEL_KEYS, ConfigError, DEFAULT_MODEL, TrainConfig, preset
 from .models.build import ModelConfig
 from .results import caption, save_rows, write_table
 
@@ -61,8 +61,7 @@ def model_options(model: str | Mapping | ModelConfig | None = None, **options) -
     if model is None:
         out = dict(DEFAULT_MODEL)
     elif isinstance(model, ModelConfig):
-        out = {k: v for k, v in model.to_dict().items() if k not in ("num_activities", "num_seg_classes",
-                                                                       "image_size")}
+        out = {k: v for k, v in model.to_dict().items() if k not in _DERIVED_MODEL_KEYS}
     elif isinstance(model, Mapping):
         out = dict(model)
     elif isinstance(model, str):
@@ -140,8 +139,8 @@ class Experiment:
                         configs[f"{label} | {arch} | {weighting} | seed {seed}"] = self.config(
                             opts, weighting=weighting, seed=seed, **fields)
                 if single_task:
-                    for task in ("cls", "seg"):
-                        opts = model_options(backbone, arch="single", tasks=[task], **(model or {}))
+                    for task in self.config(model_options(backbone, **(model or {})), **fields).tasks:
+                        opts = {**model_options(backbone, **(model or {})), "arch": "single", "tasks": [task]}
                         configs[f"{label} | single {task} | seed {seed}"] = self.config(
                             opts, weighting="ew", seed=seed, **fields)
         return configs

@@ -40,7 +40,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.spatial.distance import directed_hausdorff
 
 __all__ = ["ClassificationMeter", "SegmentationMeter", "classification_metrics", "segmentation_metrics",
-           "delta_m", "delta_m_flat", "metric_task", "subset_metrics", "per_activity_spread", "pil_nearest_resize"]
+           "delta_m", "delta_m_flat", "subset_metrics", "per_activity_spread", "pil_nearest_resize"]
 
 COMPAT_EPS = 1e-3  # the released code's epsilon in every ratio
 SSIM_WINDOW = 7  # scikit-image's default uniform window
@@ -545,18 +545,6 @@ def _relative_gains(mtl: Mapping[str, float], single: Mapping[str, float],
     return gains
 
 
-def metric_task(key: str) -> str:
-    """The task a result key belongs to: ``test_seg_hd95`` / ``seg_hd95`` -> ``seg`` (its ``<task>_`` prefix)."""
-    for prefix in ("test_", "val_", "train_"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    task, sep, _ = key.partition("_")
-    if not sep:
-        raise ValueError(f"metric {key!r} has no <task>_ prefix (e.g. cls_accuracy, seg_miou); pass tasks=")
-    return task
-
-
 def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool],
             tasks: Mapping[str, str] | None = None) -> float:
     """Relative multi-task gain, LibMTL's ``count_improvement``: the relative gains ``+-(mtl - single) / single``
@@ -566,10 +554,12 @@ def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_bet
     names to tasks. With two activity metrics at +2 % and three segmentation metrics at -1 %, this gives +0.5 %
     (each task counts once); the flat mean over metrics (:func:`delta_m_flat`) would give +0.2 %.
     """
+    from .tasks import split_key  # the one parser of result keys (tasks imports this module: imported here)
+
     gains = _relative_gains(mtl, single, higher_is_better)
     by_task: dict[str, list[float]] = {}
     for name, gain in gains.items():
-        by_task.setdefault(tasks[name] if tasks is not None else metric_task(name), []).append(gain)
+        by_task.setdefault(tasks[name] if tasks is not None else split_key(name, registered=False)[1], []).append(gain)
     return float(np.mean([np.mean(v) for v in by_task.values()]))
 
 

@@ -87,26 +87,26 @@ def _flag(series: pd.Series) -> pd.Series:
 # ------------------------------------------------------------------------------------------------ degenerate models
 
 def degenerate(df: pd.DataFrame, metric_prefix: str = "test_") -> list[str]:
-    """Messages for rows whose model is degenerate, as a reader must be told beside the table:
+    """Messages for rows whose model is degenerate, as a reader must be told beside the table: for every registered
+    task, the first of its ``degenerate`` rules that holds (:mod:`endoarss_lib.tasks`), e.g.
 
     * a constant activity prediction (one class predicted for every test image);
     * activity accuracy at or below the majority class's share (what always answering that class scores);
     * an all-background segmentation (no foreground pixel predicted);
-    * identical results across rows that are different configurations (every test metric equal).
+
+    and identical results across rows that are different configurations (every test metric equal).
     """
+    from .tasks import TASKS
+
     p = metric_prefix
     msgs = []
     names = df["name"] if "name" in df else df.get("model_label", pd.Series(range(len(df)), index=df.index))
     for i, row in df.iterrows():
         label = str(names[i])
-        if row.get(f"{p}cls_predicted_classes") == 1:
-            msgs.append(f"{label}: predicts one activity for every image")
-        elif pd.notna(row.get(f"{p}cls_accuracy")) and pd.notna(row.get(f"{p}cls_majority_accuracy")) \
-                and row[f"{p}cls_accuracy"] <= row[f"{p}cls_majority_accuracy"]:
-            msgs.append(f"{label}: activity accuracy {row[f'{p}cls_accuracy']:.3f} is not above the majority class's "
-                        f"{row[f'{p}cls_majority_accuracy']:.3f}")
-        if pd.notna(row.get(f"{p}seg_pred_fg_fraction")) and row[f"{p}seg_pred_fg_fraction"] == 0:
-            msgs.append(f"{label}: segments everything as background")
+        for task in list(TASKS.values()):
+            message = task.degeneracy(lambda metric: row.get(f"{p}{task.name}_{metric}"))
+            if message:
+                msgs.append(f"{label}: {message}")
     metrics = [c for c in df if c.startswith(p) and pd.api.types.is_numeric_dtype(df[c])]
     if metrics and "config_hash" in df and len(df) > 1:
         filled = df[metrics].round(12).fillna(-1.0)
@@ -126,24 +126,24 @@ def caption(df: pd.DataFrame, extra: str = "") -> str:
 
 
 def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
-    """Whether a row's model beats the prior predictor on each task: activity accuracy above the majority class's
-    share (what always answering the most frequent class scores), and foreground mIoU above 0 (what predicting
-    background everywhere scores)."""
-    out = {}
-    if f"{prefix}cls_accuracy" in row:
-        out["cls"] = bool(row[f"{prefix}cls_accuracy"] > row[f"{prefix}cls_majority_accuracy"])
-    if f"{prefix}seg_miou_fg" in row:
-        out["seg"] = bool(row[f"{prefix}seg_miou_fg"] > 0)
-    return out
+    """Whether a row's model beats the prior predictor on each task it was tested on (the task's ``prior`` check:
+    activity accuracy above the majority class's share, what always answering the most frequent class scores;
+    foreground mIoU above 0, what predicting background everywhere scores)."""
+    from .tasks import TASKS
+
+    return {task.name: task.beats_prior(lambda metric, t=task.name: row.get(f"{prefix}{t}_{metric}"))
+            for task in list(TASKS.values()) if f"{prefix}{task.name}_{task.prior.metric}" in row}
 
 
 def assert_learns(row: Mapping, what: str = "the featured model") -> None:
     """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`).
     Notebooks call it on their default parameters, so their tests fail when a default run is degenerate."""
+    from .tasks import get_task
+
     failed = [t for t, ok in beats_prior(row).items() if not ok]
     if failed:
-        detail = {t: {k: row.get(k) for k in (f"test_{t}_accuracy", f"test_{t}_majority_accuracy",
-                                              f"test_{t}_miou_fg") if k in row} for t in failed}
+        detail = {t: {k: row.get(k) for k in (f"test_{t}_{m}" for m in get_task(t).prior.keys()) if k in row}
+                  for t in failed}
         raise AssertionError(f"{what} does not beat the prior predictor on {failed}: {detail}. With these "
                              "parameters the model learns too little: train longer or on more data, or set "
                              "assert_learning=False to render the tables anyway")
@@ -155,30 +155,36 @@ def delta_m_against_single(rows: pd.DataFrame, metrics: Mapping[str, bool] | Non
     """Delta_m (LibMTL's per-task mean, :func:`endoarss_lib.metrics.delta_m`) of every multi-task row against the
     single-task rows of the same backbone, SMA flag, pretrained weights and seed.
 
-    Uses the cls-only run for ``test_cls_*`` metrics and the seg-only run for ``test_seg_*``; the metrics are those
-    the task registry marks for Delta_m (:func:`endoarss_lib.tasks.delta_m_keys`) unless ``metrics`` names them.
-    Metrics that are not finite in all three runs are left out (``delta_m_metrics`` names those used). NaN where a
-    baseline is missing.
+    Each metric ``test_<task>_*`` is compared with the ``<task>``-only run (``arch`` single, ``tasks`` <task>);
+    the metrics are those the task registry marks for Delta_m (:func:`endoarss_lib.tasks.delta_m_keys`, of the
+    paper's two tasks and of any other task with test columns in ``rows``) unless ``metrics`` names them. A row uses
+    the metrics of the tasks it trains (its ``tasks`` column); those not finite in the row and its baseline are left
+    out (``delta_m_metrics`` names those used). NaN where a baseline is missing.
     """
     import numpy as np
 
     from .metrics import delta_m
-    from .tasks import delta_m_keys
+    from .tasks import DEFAULT_TASKS, TASKS, delta_m_keys, split_key
 
-    metrics = dict(metrics) if metrics is not None else delta_m_keys()
+    if metrics is None:
+        present = [t for t in TASKS if t in DEFAULT_TASKS or any(c.startswith(f"test_{t}_") for c in rows)]
+        metrics = delta_m_keys(present)
+    metrics = dict(metrics)
     values, used = [], []
     key = [k for k in ("backbone", "sma", "pretrained", "seed") if k in rows]
     singles = rows[rows["arch"] == "single"]
+    task_of = {k: split_key(k, registered=False)[1] for k in metrics}
     for _, row in rows.iterrows():
         match = singles[(singles[key] == row[key]).all(axis=1)] if key else singles
-        cls_base, seg_base = match[match["tasks"] == "cls"], match[match["tasks"] == "seg"]
-        if row["arch"] == "single" or cls_base.empty or seg_base.empty:
+        trained = set(str(row["tasks"]).split("+")) if "tasks" in row and isinstance(row["tasks"], str) else None
+        keys = [k for k in metrics if trained is None or task_of[k] in trained]
+        bases = {t: match[match["tasks"] == t] for t in dict.fromkeys(task_of[k] for k in keys)}
+        if row["arch"] == "single" or not bases or any(b.empty for b in bases.values()):
             values.append(np.nan)
             used.append("")
             continue
-        single = {k: (cls_base if "_cls_" in k else seg_base).iloc[0].get(k, np.nan) for k in metrics}
-        finite = [k for k in metrics if np.isfinite(row.get(k, np.nan)) and np.isfinite(single[k])
-                  and single[k] != 0]
+        single = {k: bases[task_of[k]].iloc[0].get(k, np.nan) for k in keys}
+        finite = [k for k in keys if np.isfinite(row.get(k, np.nan)) and np.isfinite(single[k]) and single[k] != 0]
         values.append(delta_m({k: row[k] for k in finite}, {k: single[k] for k in finite},
                               {k: metrics[k] for k in finite}) if finite else np.nan)
         used.append(",".join(k.replace("test_", "") for k in finite))

@@ -28,6 +28,7 @@ from .atomic import write_json_atomic
 from .corrupted_sets import CLEAN, DONE_NAME, build_corrupted_set, clean_cell
 from .corruptions import CORRUPTIONS, GROUP_OF, SEVERITIES, check_names, check_severities
 from .models.pretrained import is_synthetic_pretrained
+from .tasks import DEFAULT_TASKS, metric_info
 
 __all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key"]
 
@@ -94,7 +95,7 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 32:
         raise ValueError(f"image_size={image_size!r}: expected an integer >= 32 (the evaluation resolution)")
     image_size = int(image_size)
-    tasks = tuple(getattr(net, "tasks", ("cls", "seg")))
+    tasks = tuple(getattr(net, "tasks", DEFAULT_TASKS))
 
     out_dir = Path(out_dir)
     cells_dir = out_dir / _CELLS_DIR / f"{image_size}x{image_size}"
@@ -179,10 +180,9 @@ def _evaluate_cell(net, cell: Path, dataset: str, image_size: int, tasks, device
                       ignore_index=ignore_index)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     start = time.perf_counter()
-    metrics = evaluate(net, loader, device, tasks, num_activities=data.spec.num_activities,
-                       num_seg_classes=data.spec.num_seg_classes, distances=distances, amp=amp,
+    metrics = evaluate(net, loader, device, tasks, spec=data.spec, distances=distances, amp=amp,
                        ignore_index=ignore_index, compat_size=COMPAT_SIZE)
     if not distances:  # not computed: leave the NaN placeholders out of the rows
-        metrics = {k: v for k, v in metrics.items() if "hd" not in k and "ssim" not in k}
+        metrics = {k: v for k, v in metrics.items() if not metric_info(k)[1].needs_distances}
     return {"data": "synthetic" if data.synthetic else "real", "n_images": len(data), "metrics": metrics,
             "seconds": round(time.perf_counter() - start, 3)}
