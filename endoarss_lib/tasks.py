@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import ClassificationMeter, SegmentationMeter, subset_metrics
+from .metrics import ClassificationMeter, MultiLabelMeter, SegmentationMeter, subset_metrics
 
 __all__ = ["Metric", "Task", "Check", "LossOptions", "MeterOptions", "HeadSpec", "EvalSubset", "TASKS", "TASK_NAMES",
            "DEFAULT_TASKS", "get_task", "register_task", "unregister_task", "register_metric", "check_tasks",
            "metric_info", "higher_is_better", "result_keys", "split_key", "delta_m_keys", "main_keys",
            "headline_keys", "paper_columns", "add_targets", "ResultKeyError", "IMAGE_CLASSIFICATION",
            "DENSE_SEGMENTATION", "classification_head", "segmentation_head", "forward_image_head",
-           "forward_dense_head"]
+           "forward_dense_head", "presence_from_masks"]
 
 DEFAULT_TASKS = ("cls", "seg")  # the paper's two tasks: the default of every model, table and grid
 
@@ -457,6 +457,65 @@ DENSE_SEGMENTATION = dict(loss_fn=_segmentation_loss, meter_factory=_segmentatio
                           image_record=_segmentation_record, display=_segmentation_display,
                           example_target=_random_masks)
 
+# -- instrument presence: multi-label, derived from the masks ------------------------------------------------------
+
+def presence_from_masks(masks: torch.Tensor, instrument_classes) -> torch.Tensor:
+    """(B, H, W) train-id masks -> (B, C) float 0/1: is instrument class ``instrument_classes[c]`` in the image?"""
+    flat = masks.flatten(1)
+    return torch.stack([(flat == int(c)).any(1) for c in instrument_classes], 1).float()
+
+
+def _presence_target(batch, spec) -> torch.Tensor:
+    if spec.instrument_classes is None:
+        raise ValueError(f"task 'presence': dataset {spec.name!r} does not declare its instrument classes")
+    return presence_from_masks(batch["mask"], spec.instrument_classes)
+
+
+def _presence_loss(logits, target, o: LossOptions):
+    """Binary cross-entropy with logits per instrument class (label smoothing and class weights do not apply)."""
+    return F.binary_cross_entropy_with_logits(logits, target.float())
+
+
+def _presence_meter(num_classes: int, o: MeterOptions):
+    return MultiLabelMeter(num_classes)
+
+
+def _presence_progress(logits, target, ignore_index):
+    p = logits.sigmoid()
+    return (target * p + (1 - target) * (1 - p)).mean()
+
+
+def _presence_prior(train, num_classes: int) -> torch.Tensor:
+    """Every instrument scored by its share of the training images (the logit of that share)."""
+    seen = torch.zeros(num_classes)
+    for index in range(len(train)):
+        seen += _presence_target({"mask": train[index]["mask"][None]}, train.spec)[0]
+    share = (seen / max(len(train), 1)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(share) - torch.log1p(-share)
+
+
+def _presence_record(logits, target, num_classes, ignore_index) -> dict:
+    return {"presence_pred": torch.nonzero(logits.float().sigmoid() >= 0.5).flatten().tolist(),
+            "presence_true": torch.nonzero(target > 0.5).flatten().tolist()}
+
+
+def _presence_display(logits) -> dict:
+    return {"presence_probs": logits.float().sigmoid().cpu().numpy()}
+
+
+def _presence_subset(values, images, subset: EvalSubset) -> dict:
+    """mAP over the instruments among the subset's segmentation classes."""
+    if subset.spec is None or subset.spec.instrument_classes is None:
+        return {}
+    kept = [k for k, c in enumerate(subset.spec.instrument_classes) if c in subset.seg_classes]
+    ap = np.asarray(values["ap_per_class"], dtype=np.float64)[kept]
+    return {"map_eval": float(np.mean(ap[np.isfinite(ap)])) if np.isfinite(ap).any() else float("nan")}
+
+
+def _random_presence(num_classes, batch_size, image_size, device):
+    return torch.randint(0, 2, (batch_size, num_classes), device=device).float()
+
+
 TASKS: dict[str, Task] = {
     "cls": Task(
         "cls", "surgical activity recognition: one activity label per image", "num_activities", "label",
@@ -504,6 +563,23 @@ TASKS: dict[str, Task] = {
         prior=Check("miou_fg", ">", 0.0),
         degenerate=(Check("pred_fg_fraction", "==", 0, "segments everything as background"),),
         per_class="iou_per_class", subset=_segmentation_subset, **DENSE_SEGMENTATION),
+    "presence": Task(
+        "presence", "instrument presence: which instrument classes appear in the image (multi-label, from the masks)",
+        "num_instruments", "presence",
+        metrics=(
+            Metric("map", True, "mAP", delta_m=True, headline=True),
+            Metric("macro_f1", True, "F1", delta_m=True),
+            Metric("chance_map", True, "chance mAP", main=False, quality=False),
+            Metric("predicted_sets", True, "pred. sets", main=False, unit="count", quality=False),
+        ),
+        loss_fn=_presence_loss, meter_factory=_presence_meter, decode=torch.sigmoid, head_factory=classification_head,
+        forward_head=forward_image_head, progress_fn=_presence_progress,
+        prior=Check("map", ">", "chance_map"), prior_output=_presence_prior,
+        degenerate=(Check("predicted_sets", "==", 1, "predicts the same instruments for every image"),
+                    Check("map", "<=", "chance_map", "instrument mAP {value:.3f} is not above the {other:.3f} of a "
+                                                      "constant score")),
+        derive_target=_presence_target, image_record=_presence_record, display=_presence_display,
+        per_class="ap_per_class", subset=_presence_subset, example_target=_random_presence, min_classes=1),
 }
 TASK_NAMES = tuple(TASKS)  # the tasks registered when the package was imported (TASKS is the live registry)
 

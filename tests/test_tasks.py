@@ -39,19 +39,25 @@ def _batches(dataset, tasks):
 
 
 def _logits(target: torch.Tensor, num_classes: int, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Logits whose decoded prediction is the truth (``perfect``), mostly the truth (``noisy``) or constant
-    (``collapse``: class 0 everywhere, or no label for a multi-label target)."""
+    """Logits whose decoded prediction is the truth (``perfect``), the truth with every third entry wrong plus some
+    noise (``noisy``), or constant (``collapse``: class 0 everywhere, or no label for a multi-label target)."""
     if target.is_floating_point():  # multi-label (B, C) in {0, 1}
-        logits = (2 * target - 1) * 6.0
+        if kind == "collapse":
+            return torch.full_like(target, -6.0)
         if kind == "noisy":
-            logits = logits + torch.randn(logits.shape, generator=generator) * 6.0
-        return torch.full_like(logits, -6.0) if kind == "collapse" else logits
-    one_hot = F.one_hot(target.long().clamp(0, num_classes - 1), num_classes).movedim(-1, 1).float() * 4.0
+            target = target.clone()
+            target.view(-1)[::3] = 1 - target.view(-1)[::3]
+        return (2 * target - 1) * 6.0 + (torch.randn(target.shape, generator=generator) if kind == "noisy" else 0)
+    target = target.long().clamp(0, num_classes - 1)
+    if kind == "noisy":
+        target = target.clone()
+        target.view(-1)[::3] = (target.view(-1)[::3] + 1) % num_classes
+    one_hot = F.one_hot(target, num_classes).movedim(-1, 1).float() * 4.0
     if kind == "collapse":
         one_hot = torch.zeros_like(one_hot)
         one_hot[:, 0] = 1.0
     elif kind == "noisy":
-        one_hot = one_hot + torch.randn(one_hot.shape, generator=generator) * 2.5
+        one_hot = one_hot + torch.randn(one_hot.shape, generator=generator) * 0.5
     return one_hot
 
 
@@ -268,3 +274,52 @@ def test_the_toy_task_is_gone_after_the_test():
     assert "coverage" not in TASKS and set(DEFAULT_TASKS) <= set(TASKS)
     with pytest.raises(ConfigError):
         preset("smoke", model={"tasks": ["cls", "coverage"]})
+
+
+# -- instrument presence (the third registered task) ----------------------------------------------------------------
+
+def test_presence_targets_are_the_instrument_classes_in_each_mask(tiny_test_set):
+    from endoarss_lib.data import get_spec
+
+    esd = get_spec("synthetic_mtlesd")
+    assert [esd.seg_classes[c] for c in esd.instrument_classes] == ["injection_needle", "electrosurgical_knife"]
+    for name in ("mtlendovis", "mtlendovis_gen", "synthetic_mtlendovis", "synthetic_mtlendovis_gen"):
+        spec = get_spec(name)  # EndoVis: every class but background is an instrument type, in one id space
+        assert spec.instrument_classes == tuple(range(1, spec.num_seg_classes)) and spec.num_instruments == 7
+    assert get_spec("mtlesd").num_instruments is None  # the real MTLESD's categories are not named
+    batch = _batches(tiny_test_set, ("presence",))[0]
+    masks = batch["mask"].numpy()
+    expected = [[float(np.isin(c, m)) for c in esd.instrument_classes] for m in masks]
+    assert batch["presence"].tolist() == expected
+    assert batch["presence"].sum(1).min() >= 1  # every synthetic ESD scene holds its activity's instrument
+
+
+def test_presence_needs_a_dataset_that_names_its_instruments():
+    with pytest.raises(ConfigError, match="'presence' needs the dataset's num_instruments.*'mtlesd'"):
+        preset("smoke", synthetic=False, data_root="/nowhere", model={"tasks": ["cls", "presence"]})
+    assert preset("smoke", model={"tasks": ["cls", "seg", "presence"]}).model.task_classes == {"presence": 2}
+    assert preset("smoke").model.task_classes == {}  # the default stays the paper's two tasks
+
+
+PRESENCE_RUNS = [("tesla", "ew"), ("hps", "ew"), ("mmoe", "ew"), ("dselect_k", "ew"), ("single", "ew"),
+                 ("tesla", "db_mtl"), ("tesla", "aligned_mtl"), ("tesla", "moco"), ("tesla", "stch"),
+                 ("tesla", "gm_coord")]
+
+
+@pytest.mark.parametrize("arch,weighting", PRESENCE_RUNS, ids=["-".join(r) for r in PRESENCE_RUNS])
+def test_presence_trains_with_every_architecture_and_weighting(tmp_path, arch, weighting):
+    tasks = ["presence"] if arch == "single" else ["cls", "seg", "presence"]
+    cfg = preset("smoke", dataset="mtlendovis", out_dir=str(tmp_path / "runs"), epochs=1, image_size=SIZE,
+                 synthetic_n_train=24, synthetic_n_test=8, batch_size=8, progress=False, weighting=weighting,
+                 model={"backbone": "vit_tiny_patch14", "arch": arch, "tasks": tasks})
+    row = fit(cfg)
+    assert row["tasks"] == "+".join(tasks) and cfg.model.classes_of("presence") == 7
+    for key in ("test_presence_map", "test_presence_macro_f1", "test_presence_chance_map", "val_presence_map"):
+        assert math.isfinite(row[key]), key
+    assert 0 <= row["test_presence_chance_map"] <= 1 and 0 <= row["test_presence_map"] <= 1
+    if arch == "tesla":
+        from endoarss_lib.inference import load_run_model
+
+        model = load_run_model(row["run_dir"])
+        assert model.backbone.num_groups == 3 and {"presence"} <= {model._owner(n) for n, _ in
+                                                                   model.named_parameters() if ".tesla_" in n}
