@@ -64,7 +64,7 @@ _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_ep
 # Fields added after the run store's hash was fixed, with the value every older config implicitly had: a field at that
 # value is left out of the results hash, so the runs of unchanged configurations keep their folders and results
 # (``TrainConfig`` fields by name, model options as ``model.<option>``). Add every new result-changing field here.
-HASH_STABLE_DEFAULTS: dict[str, Any] = {"model.task_classes": {}}
+HASH_STABLE_DEFAULTS: dict[str, Any] = {"model.task_classes": {}, "deterministic": False}
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
 # GPU's work.
@@ -123,6 +123,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _f("auto", "bf16 autocast: auto (on CUDA), bf16, off", choices=("auto", "bf16", "off"))
     compile: bool = _f(False, "torch.compile the model")
+    deterministic: bool = _f(False, "deterministic algorithms only (torch.use_deterministic_algorithms, cuBLAS workspace "
+                                    ":4096:8, cuDNN benchmark off): the same run gives the same bits on the same "
+                                    "machine, slower on a GPU; recorded in the result row")
     num_workers: int | None = _f(None, f"DataLoader worker processes (null: {CUDA_NUM_WORKERS} on CUDA, 0 on CPU)")
     pin_memory: bool | None = _f(None, "pinned host memory for CUDA copies (null: on CUDA)")
     persistent_workers: bool | None = _f(None, "keep DataLoader workers alive between passes (null: on CUDA with "

@@ -23,6 +23,7 @@ import random
 import resource
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,13 @@ from .losses import make_cls_loss, task_losses
 from .models import build_model_from_config
 from .models.pretrained import is_synthetic_pretrained
 from .tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
-from .version import __version__, git_commit
+from .results import ResultRow, read_row
 from .weighting import get_weighting
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
            "build_run_model", "checkpoint_info", "COMPAT_SIZE",
            "resolve_device", "autocast", "load_checkpoint", "read_checkpoint", "CheckpointMismatch", "RunError",
-           "selection_score", "read_run_config", "weights_digest"]
+           "selection_score", "read_run_config", "weights_digest", "deterministic_algorithms"]
 
 CHECKPOINT_VERSION = 2
 
@@ -60,6 +61,35 @@ class RunError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+
+CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting that makes its kernels deterministic (CUDA >= 10.2)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Deterministic algorithms inside the block (``deterministic=true``): ``torch.use_deterministic_algorithms``,
+    cuDNN without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which cuBLAS reads when CUDA initialises (a
+    warning says so when CUDA was already in use: then export it before Python starts). The previous settings are
+    restored after the block (the environment variable stays). ``enabled=False`` changes nothing."""
+    if not enabled:
+        yield
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (CUBLAS_WORKSPACE, ":16:8"):
+        if torch.cuda.is_initialized():
+            warnings.warn("deterministic=true: CUDA was initialised in this process before CUBLAS_WORKSPACE_CONFIG was "
+                          f"set, so cuBLAS may stay non-deterministic; export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} "
+                          "before starting Python", stacklevel=3)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
@@ -522,6 +552,15 @@ def _check_folder(folder: Path, cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig) -> dict:
+    """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row (the
+    schema of :class:`~endoarss_lib.results.ResultRow`; a finished run's row as :func:`~endoarss_lib.results.read_row`
+    reads it). With ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`).
+    """
+    with deterministic_algorithms(cfg.deterministic):
+        return _fit(cfg)
+
+
+def _fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row."""
     rank, world = _distributed()
     if cfg.tensorboard:
@@ -547,7 +586,7 @@ def fit(cfg: TrainConfig) -> dict:
             if now is not None and now != row["weights_sha256"]:
                 raise CheckpointMismatch(f"{result_path}: this run used weights with sha256 {row['weights_sha256']},"
                                          f" but {weights} now has {now}; restore them or run under another run_name")
-        return row
+        return read_row(row)
     device = resolve_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     state = _build_state(cfg, datasets, device)
@@ -628,27 +667,23 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path, fingerpr
     weights = model.weights
     best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
     m = cfg.model
-    return {"dataset": cfg.dataset, "data": "synthetic" if datasets["test"].synthetic else "real",
-            "backbone": m.backbone, "arch": m.arch, "sma": bool(m.sma), "weighting": cfg.weighting,
-            "tasks": "+".join(cfg.tasks), "connector": m.connector or "none", "cls_loss": cfg.cls_loss,
-            "model_label": m.label, "paper_backbone": m.paper_backbone,
-            "pretrained": weights.get("sha256") or weights.get("source", "random init"),
-            "pretrained_name": weights.get("name") or (None if weights.get("sha256") is None else
-                                                       Path(str(weights.get("source"))).name),
-            "weights_sha256": weights.get("sha256"),
-            "random_init_backbone": bool(model.pretrained_random_init),
-            "synthetic_pretrained_backbone": is_synthetic_pretrained(weights),
-            "seed": cfg.seed, "preset": cfg.preset, "image_size": cfg.image_size, "epochs": cfg.epochs,
-            "best_epoch": state["best_epoch"], "select_on": cfg.select_on, "compat_eval_size": COMPAT_SIZE,
-            **{f"test_{k}": v for k, v in test.items()},
-            **{k: v for k, v in best.items() if k.startswith("val_")},
-            "params_total": report.get("total", {}).get("total"),
-            "params_trainable": report.get("total", {}).get("trainable"),
-            "wall_time_s": round(state["wall_time_s"], 2), "device": str(device),
-            "peak_memory_mib": round(_peak_memory_mib(device), 1),
-            "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-            "library_version": __version__, "git_commit": git_commit(), "config_hash": cfg.results_hash(),
-            "data_fingerprint": fingerprints, "run_dir": str(folder)}
+    return ResultRow.with_provenance(
+        device, source="train", dataset=cfg.dataset, data="synthetic" if datasets["test"].synthetic else "real",
+        backbone=m.backbone, arch=m.arch, sma=bool(m.sma), weighting=cfg.weighting, tasks="+".join(cfg.tasks),
+        connector=m.connector or "none", cls_loss=cfg.cls_loss, model_label=m.label, paper_backbone=m.paper_backbone,
+        pretrained=weights.get("sha256") or weights.get("source", "random init"),
+        pretrained_name=weights.get("name") or (None if weights.get("sha256") is None else
+                                                Path(str(weights.get("source"))).name),
+        weights_sha256=weights.get("sha256"), random_init_backbone=bool(model.pretrained_random_init),
+        synthetic_pretrained_backbone=is_synthetic_pretrained(weights), seed=cfg.seed, preset=cfg.preset,
+        image_size=cfg.image_size, epochs=cfg.epochs, best_epoch=state["best_epoch"], select_on=cfg.select_on,
+        compat_eval_size=COMPAT_SIZE,
+        metrics={**{f"test_{k}": v for k, v in test.items()}, **{k: v for k, v in best.items() if k.startswith("val_")}},
+        params_total=report.get("total", {}).get("total"), params_trainable=report.get("total", {}).get("trainable"),
+        wall_time_s=round(state["wall_time_s"], 2), peak_memory_mib=round(_peak_memory_mib(device), 1),
+        peak_memory_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        deterministic=cfg.deterministic, config_hash=cfg.results_hash(), data_fingerprint=fingerprints,
+        run_dir=str(folder)).to_dict()
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:

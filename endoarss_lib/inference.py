@@ -19,6 +19,7 @@ from .data.dataset import to_uint8_image
 from .engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
                      read_run_config, resolve_device, seed_everything, weights_digest)
 from .metrics import per_activity_spread
+from .results import ResultRow
 from .tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
@@ -140,10 +141,13 @@ def prior_predictor(train: MTLDataset, test: MTLDataset, compat_size: int | None
         batch = add_targets({k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}, tasks, test.spec)
         for t, meter in meters.items():
             get_task(t).update_meter(meter, outputs[t][None], batch)
-    row = {"name": "prior predictor", "data": "synthetic" if test.synthetic else "real"}
+    metrics = {}
     for t, meter in meters.items():
-        row.update({f"test_{k}": v for k, v in get_task(t).result_values(meter.compute()).items()})
-    return row
+        metrics.update({f"test_{k}": v for k, v in get_task(t).result_values(meter.compute()).items()})
+    return ResultRow.with_provenance(
+        source="prior", dataset=test.spec.name, data="synthetic" if test.synthetic else "real", tasks="+".join(tasks),
+        image_size=test.image_size, compat_eval_size=compat_size, metrics=metrics,
+        extra={"name": "prior predictor"}).to_dict()
 
 
 def _subset_view(ev: Evaluation, activities, classes, spec=None) -> dict:
@@ -163,17 +167,31 @@ def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu"):
     classes = list(spec.eval_seg_classes or range(spec.num_seg_classes))
     records = []
     for _, row in rows.iterrows():
-        base = {k: row.get(k) for k in ("name", "model_label", "backbone", "sma", "arch", "weighting", "seed",
-                                         "data", "synthetic_pretrained_backbone", "random_init_backbone",
-                                         "config_hash")}
         for label, ev in (("in-domain", evaluate_run(row["run_dir"], "test", device, distances=False,
                                                      per_image=True)),
                           ("shifted", evaluate_run_on(row["run_dir"], shifted.root, spec.name, shifted.image_size,
                                                       device=device, distances=False, per_image=True))):
             metrics = {f"test_{k}": v for k, v in ev.items() if isinstance(v, float)}
-            records.append({**base, "test set": label, **metrics,
-                            **{f"test_{k}": v for k, v in _subset_view(ev, activities, classes, spec).items()}})
+            metrics.update({f"test_{k}": v for k, v in _subset_view(ev, activities, classes, spec).items()})
+            records.append(_evaluation_row(row, ev, metrics, device, {"name": row.get("name"), "test set": label}))
     return pd.DataFrame(records)
+
+
+_RUN_FIELDS = ("backbone", "arch", "sma", "weighting", "tasks", "connector", "cls_loss", "model_label",
+               "paper_backbone", "pretrained", "pretrained_name", "weights_sha256", "random_init_backbone",
+               "synthetic_pretrained_backbone", "seed", "preset", "image_size", "epochs", "best_epoch", "select_on",
+               "config_hash", "run_dir")
+
+
+def _evaluation_row(run_row, ev: Evaluation, metrics: dict, device: str, extra: dict) -> dict:
+    """A result row (source ``evaluate``) of a finished run evaluated again: the run's model fields (from its own
+    row), the evaluated dataset, the metrics and this process's provenance."""
+    fields = {k: run_row.get(k) for k in _RUN_FIELDS}
+    fields = {k: (v.item() if hasattr(v, "item") else v) for k, v in fields.items()}  # numpy scalars from frames
+    return ResultRow.with_provenance(
+        resolve_device(device), source="evaluate", dataset=ev.get("dataset", run_row.get("dataset")),
+        data=ev.get("data", run_row.get("data")), compat_eval_size=COMPAT_SIZE, metrics=metrics,
+        deterministic=torch.are_deterministic_algorithms_enabled(), **fields, extra=extra).to_dict()
 
 
 def group_recalls(folder: str | Path, groups, split: str = "test", device: str = "cpu") -> dict:
