@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,21 +21,13 @@ from typing import Any
 import yaml
 
 from .coerce import ConfigError, YAMLLoader, check_fields, coerce, field_help, parse_text
+from .data.io import data_home  # noqa: F401 - where generated data go (defined in data/, re-exported here)
 from .data.registry import get_spec, list_datasets
 from .models.build import ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
            "data_home", "synthetic_root", "CUDA_NUM_WORKERS", "HASH_STABLE_DEFAULTS",
            "ConfigError", "config_help", "DEFAULT_MODEL"]
-
-
-def data_home() -> Path:
-    """Where generated data go: ``$ENDOARSS_DATA``, else a per-user cache (``$XDG_CACHE_HOME/endoarss/data``, by
-    default ``~/.cache/endoarss/data``), never inside the installed package."""
-    if os.environ.get("ENDOARSS_DATA"):
-        return Path(os.environ["ENDOARSS_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "endoarss" / "data"
 
 
 def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_size: int) -> Path:
@@ -88,8 +79,10 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "share of the training split held out for model selection")
     split_seed: int = _f(0, "seed of the stratified validation split")
     augment: bool = _f(True, "random scale-crop, flip and colour jitter on training images")
-    normalize: str = _f("imagenet", "input normalisation: ImageNet mean/std, or 'unit' (pixels / 255 only, as the "
-                                    "released code)", choices=("imagenet", "unit"))
+    normalize: str | None = _f(None, "input normalisation: null (what the backbone's weights expect: their record's "
+                                     "mean/std, ImageNet's for DINOv2 files and random init), 'imagenet' (ImageNet "
+                                     "mean/std) or 'unit' (pixels / 255 only, as the released code)",
+                               choices=(None, "imagenet", "unit"))
     id_map: Any = _f(None, "raw mask value -> train id: null (the dataset's), 'identity', 'released' (raw k -> k-1) "
                            "or a mapping")
     # model
@@ -316,6 +309,8 @@ class TrainConfig:
         (``model.pretrained=NAME``) enter by their recorded sha256, so a new version of them makes new run folders
         instead of reusing results of the old one."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_HASH}
+        normalization = self.input_normalization()  # the normalisation used, however it was asked for
+        data["normalize"] = normalization if isinstance(normalization, str) else [list(v) for v in normalization]
         for key, default in HASH_STABLE_DEFAULTS.items():
             if key.startswith("model."):
                 if data["model"].get(key[len("model."):], default) == default:
@@ -327,6 +322,16 @@ class TrainConfig:
         if is_pretrained_name(self.model.pretrained):
             data["pretrained_sha256"] = get_pretrained(self.model.pretrained).sha256
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def input_normalization(self):
+        """What the data pipeline normalises inputs with: ``normalize`` when set, else what ``model.pretrained``
+        expects (:func:`endoarss_lib.models.pretrained.weights_transforms`): ``"imagenet"``, ``"unit"`` or a
+        ``(mean, std)`` pair."""
+        if self.normalize is not None:
+            return self.normalize
+        from .models.pretrained import weights_transforms
+
+        return weights_transforms(self.model.pretrained, self.model.backbone).normalize
 
     def runtime_settings(self, cuda: bool) -> dict:
         """The loader and data-cache settings of a run on CUDA (``cuda=True``) or on the CPU: each field left null
@@ -375,7 +380,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         "augment": "paper: no augmentation stated",
         "weighting": "paper Tables II/III: the headline rows use DB-MTL (MTLESD) and STCH (MTLEndovis)",
         "model": "paper Sec. III: frozen DINOv2 ViT-B/14 + SMA + TESLA (LoRA rank 4, Table VI)",
-        "normalize": "ours (the paper states none): ImageNet mean/std, DINOv2's convention",
+        "normalize": "ours (the paper states none): what the weights expect (DINOv2: ImageNet mean/std)",
         "select_on": "ours (the paper states none): a validation split carved from train"},
     "released": {
         "image_size": "ds_train.py resizes to 244 and the encoder to 224: the model sees 224 (compat_ metrics are "
@@ -396,7 +401,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
 PRESETS: dict[str, dict] = {
     "smoke": dict(synthetic=True, image_size=112, epochs=3, batch_size=8, lr=3e-3, model=dict(DEFAULT_MODEL)),
     "paper": dict(synthetic=False, image_size=224, epochs=200, batch_size=16, lr=1e-4, scheduler="none",
-                  weight_decay=0.0, augment=False, normalize="imagenet", model=dict(_PAPER_MODEL),
+                  weight_decay=0.0, augment=False, normalize=None, model=dict(_PAPER_MODEL),
                   weighting="db_mtl", select_on="val"),
     "released": dict(synthetic=False, image_size=224, epochs=150, batch_size=32, lr=1.1e-3,
                      scheduler="step", step_size=100, gamma=0.5, weight_decay=1e-4, augment=False, normalize="unit",

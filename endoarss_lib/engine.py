@@ -130,7 +130,7 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
                        n_test=cfg.synthetic_n_test, image_size=cfg.image_size)
     common = dict(dataset=cfg.dataset, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
                   split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
-                  normalize=cfg.normalize)
+                  normalize=cfg.input_normalization())
     datasets = {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
     if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
         for dataset in datasets.values():

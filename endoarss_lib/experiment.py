@@ -286,7 +286,7 @@ class Experiment:
         n = b.synthetic_n_test if n_test is None else n_test
         root = synthetic_root(target, b.synthetic_seed, 0, n, b.image_size)
         make_synthetic(root, target, seed=b.synthetic_seed, n_train=0, n_test=n, image_size=b.image_size)
-        return MTLDataset(root, "test", dataset=target, image_size=b.image_size, normalize=b.normalize)
+        return MTLDataset(root, "test", dataset=target, image_size=b.image_size, normalize=b.input_normalization())
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, dataset={self.base.dataset!r}, out={str(self.out)!r})"

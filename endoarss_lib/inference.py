@@ -112,7 +112,7 @@ def evaluate_run_on(folder: str | Path, data_root: str | Path, dataset: str, ima
     cfg = read_run_config(folder)
     model = load_run_model(folder, device=device)
     data = MTLDataset(data_root, split, dataset=dataset, image_size=image_size or cfg.image_size,
-                      normalize=cfg.normalize, ignore_index=cfg.ignore_index)
+                      normalize=cfg.input_normalization(), ignore_index=cfg.ignore_index)
     ev = _evaluate(model, data, cfg.tasks, device, batch_size, distances, per_image, cfg.amp)
     spec = data.spec
     ev.update(_subset_metrics(ev, cfg.tasks, EvalSubset.of(spec)))
