@@ -466,6 +466,9 @@ def presence_from_masks(masks: torch.Tensor, instrument_classes) -> torch.Tensor
 
 
 def _presence_target(batch, spec) -> torch.Tensor:
+    if spec is None:
+        raise ValueError("task 'presence' derives its targets from the masks and the dataset's instrument classes: "
+                         "pass spec= (the dataset's .spec)")
     if spec.instrument_classes is None:
         raise ValueError(f"task 'presence': dataset {spec.name!r} does not declare its instrument classes")
     return presence_from_masks(batch["mask"], spec.instrument_classes)
@@ -644,8 +647,8 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 def add_targets(batch: Mapping[str, Any], tasks: Sequence[str], spec=None) -> Mapping[str, Any]:
     """The batch with every task's target: a task whose ``target`` key the batch lacks gets it from its
-    ``derive_target(batch, spec)`` (e.g. instrument presence from the masks and the spec's instrument classes).
-    Returns ``batch`` itself when nothing is missing."""
+    ``derive_target(batch, spec)`` (e.g. instrument presence from the masks and ``spec``'s instrument classes: the
+    dataset's ``.spec``). Returns ``batch`` itself when nothing is missing."""
     missing = [get_task(t) for t in tasks if get_task(t).target not in batch]
     if not missing:
         return batch
@@ -654,9 +657,6 @@ def add_targets(batch: Mapping[str, Any], tasks: Sequence[str], spec=None) -> Ma
         if task.derive_target is None:
             raise KeyError(f"the batch has no {task.target!r} (the target of task {task.name!r}); keys: "
                            f"{sorted(batch)}")
-        if spec is None:
-            raise ValueError(f"task {task.name!r} derives its target {task.target!r} from the batch with the dataset "
-                             "spec: pass spec= (the dataset's .spec)")
         out[task.target] = task.derive_target(out, spec)
     return out
 

@@ -323,3 +323,25 @@ def test_presence_trains_with_every_architecture_and_weighting(tmp_path, arch, w
         model = load_run_model(row["run_dir"])
         assert model.backbone.num_groups == 3 and {"presence"} <= {model._owner(n) for n, _ in
                                                                    model.named_parameters() if ".tesla_" in n}
+
+
+def test_the_example_in_docs_tasks_md_registers_a_working_task():
+    text = (ROOT / "docs" / "tasks.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(code, "docs/tasks.md", "exec"), {})
+        task = get_task("coverage")
+        mask = torch.zeros(2, 10, 10, dtype=torch.long)
+        mask[0, :2, :2] = 3  # 4 % foreground
+        mask[1, 0, :2] = 1  # 2 % foreground
+        assert add_targets({"mask": mask}, ("coverage",), spec=None)["coverage"].tolist() == [1, 0]
+        cfg = preset("smoke", model={"backbone": "vit_tiny_patch14", "tasks": ["cls", "seg", "coverage"]})
+        assert cfg.model.task_classes == {"coverage": 2} and "test_coverage_accuracy" in main_keys(cfg.tasks)
+    finally:
+        if "coverage" in TASKS:
+            unregister_task("coverage")
+
+
+def test_presence_without_a_spec_says_what_to_pass():
+    with pytest.raises(ValueError, match="pass spec="):
+        add_targets({"mask": torch.zeros(1, 4, 4, dtype=torch.long)}, ("presence",))
