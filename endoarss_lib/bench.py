@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from .engine import autocast, resolve_device, train_step
+from .tasks import get_task
 from .weighting import get_weighting
 
 __all__ = ["measure_inference", "measure_training", "achieved_tflops", "paper_comparison", "MEMORY_DEFINITIONS",
@@ -206,10 +207,9 @@ def measure_inference(model: torch.nn.Module, image_size: int, batch_size: int =
 def _random_batch(model, image_size: int, batch_size: int, device: torch.device) -> dict:
     config, batch = model.config, {}
     batch["image"] = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    if "cls" in model.tasks:
-        batch["label"] = torch.randint(0, config.num_activities, (batch_size,), device=device)
-    if "seg" in model.tasks:
-        batch["mask"] = torch.randint(0, config.num_seg_classes, (batch_size, image_size, image_size), device=device)
+    for t in model.tasks:  # each task's random target (the activity's labels, the masks, ...)
+        task = get_task(t)
+        batch[task.target] = task.example_target(config.classes_of(t), batch_size, image_size, device)
     return batch
 
 

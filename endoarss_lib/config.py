@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,21 +21,13 @@ from typing import Any
 import yaml
 
 from .coerce import ConfigError, YAMLLoader, check_fields, coerce, field_help, parse_text
+from .data.io import data_home  # noqa: F401 - where generated data go (defined in data/, re-exported here)
 from .data.registry import get_spec, list_datasets
 from .models.build import ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
            "data_home", "synthetic_root", "CUDA_NUM_WORKERS", "HASH_STABLE_DEFAULTS",
            "ConfigError", "config_help", "DEFAULT_MODEL"]
-
-
-def data_home() -> Path:
-    """Where generated data go: ``$ENDOARSS_DATA``, else a per-user cache (``$XDG_CACHE_HOME/endoarss/data``, by
-    default ``~/.cache/endoarss/data``), never inside the installed package."""
-    if os.environ.get("ENDOARSS_DATA"):
-        return Path(os.environ["ENDOARSS_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "endoarss" / "data"
 
 
 def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_size: int) -> Path:
@@ -70,6 +61,8 @@ _NOT_IN_HASH = ("out_dir", "run_name", "num_workers", "progress", "stop_after_ep
 HASH_STABLE_DEFAULTS: dict[str, Any] = {
     "synthetic_generator": "1.0",  # not a field: the synthetic generator's version, for synthetic=true runs
     "patience": 0,
+    "model.task_classes": {},
+    "deterministic": False,
 }
 
 # Loader defaults on CUDA (fields left null): DataLoader workers per process, so decoding and augmentation overlap the
@@ -94,8 +87,10 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "share of the training split held out for model selection")
     split_seed: int = _f(0, "seed of the stratified validation split")
     augment: bool = _f(True, "random scale-crop, flip and colour jitter on training images")
-    normalize: str = _f("imagenet", "input normalisation: ImageNet mean/std, or 'unit' (pixels / 255 only, as the "
-                                    "released code)", choices=("imagenet", "unit"))
+    normalize: str | None = _f(None, "input normalisation: null (what the backbone's weights expect: their record's "
+                                     "mean/std, ImageNet's for DINOv2 files and random init), 'imagenet' (ImageNet "
+                                     "mean/std) or 'unit' (pixels / 255 only, as the released code)",
+                               choices=(None, "imagenet", "unit"))
     id_map: Any = _f(None, "raw mask value -> train id: null (the dataset's), 'identity', 'released' (raw k -> k-1) "
                            "or a mapping")
     # model
@@ -131,6 +126,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _f("auto", "bf16 autocast: auto (on CUDA), bf16, off", choices=("auto", "bf16", "off"))
     compile: bool = _f(False, "torch.compile the model")
+    deterministic: bool = _f(False, "deterministic algorithms only (torch.use_deterministic_algorithms, cuBLAS workspace "
+                                    ":4096:8, cuDNN benchmark off): the same run gives the same bits on the same "
+                                    "machine, slower on a GPU; recorded in the result row")
     num_workers: int | None = _f(None, f"DataLoader worker processes (null: {CUDA_NUM_WORKERS} on CUDA, 0 on CPU)")
     pin_memory: bool | None = _f(None, "pinned host memory for CUDA copies (null: on CUDA)")
     persistent_workers: bool | None = _f(None, "keep DataLoader workers alive between passes (null: on CUDA with "
@@ -155,34 +153,60 @@ class TrainConfig:
 
     # -- model -----------------------------------------------------------------------------------------------------
     def _resolve_model(self) -> None:
-        """``model`` as a ModelConfig whose class counts and image size are the data's; contradictions refused."""
-        spec = self.spec
+        """``model`` as a ModelConfig whose class counts and image size are the data's; contradictions refused.
+
+        Every task's class count is read from the dataset spec through the task registry (``Task.classes_field``):
+        into the model option of that name where ModelConfig has one, else into ``model.task_classes``."""
+        from .tasks import TASKS, get_task
+
+        spec = self.data_spec
         given = self.model.to_dict() if isinstance(self.model, ModelConfig) else self.model
         if not isinstance(given, dict):
             raise ConfigError(f"model={self.model!r}: expected a mapping of model options (ModelConfig fields)")
         given = dict(given)
-        data_values = {"num_activities": spec.num_activities, "num_seg_classes": spec.num_seg_classes,
-                       "image_size": self.image_size}
+        valid = {f.name for f in fields(ModelConfig)}
+        own = {t.name: t.classes_field for t in TASKS.values() if t.classes_field in valid}
+        data_values = {field_name: get_task(t).num_classes(spec) for t, field_name in own.items()}
+        data_values["image_size"] = self.image_size
         for key, value in data_values.items():
             if given.get(key) is not None and given[key] != value:
                 source = "image_size" if key == "image_size" else f"dataset {self.dataset!r}"
                 raise ConfigError(f"model.{key}={given[key]!r} contradicts {source} ({value}); leave it out: it is "
                                   "taken from the data and the run")
-        valid = {f.name for f in fields(ModelConfig)}
         unknown = sorted(set(given) - valid)
         if unknown:
             raise ConfigError(f"unknown model option(s) {unknown}; valid: {sorted(valid)}")
         tasks = given.get("tasks", ModelConfig.tasks)
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        task_classes = {t: get_task(t).num_classes(spec) for t in tasks if t in TASKS and t not in own}
+        for task, value in (given.get("task_classes") or {}).items():
+            if task_classes.get(task) is not None and value != task_classes[task]:
+                raise ConfigError(f"model.task_classes[{task!r}]={value!r} contradicts dataset {self.dataset!r} "
+                                  f"({task_classes[task]}); leave it out: it is taken from the data")
+        for task in tasks:
+            if task in TASKS and get_task(task).num_classes(spec) is None:
+                raise ConfigError(f"model.tasks={list(tasks)}: task {task!r} needs the dataset's "
+                                  f"{get_task(task).classes_field}, which dataset {spec.name!r} does not declare "
+                                  f"(data/registry.py)")
         given.update(data_values)
-        if "cls" not in tasks:
-            given["num_activities"] = None
-        if "seg" not in tasks:
-            given["num_seg_classes"] = None
+        for task, field_name in own.items():
+            if task not in tasks:
+                given[field_name] = None
+        given["task_classes"] = task_classes
         try:
             self.model = ModelConfig(**given)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc) if str(exc).startswith("model.") else f"model: {exc}") from None
+
+    @property
+    def data_spec(self):
+        """The registry spec of the data the run reads: the synthetic preset's with ``synthetic=true`` (it shares the
+        real dataset's class counts), the dataset's own otherwise. Class counts come from it."""
+        from .data.registry import SYNTHETIC_PRESETS
+
+        if self.synthetic and self.dataset in SYNTHETIC_PRESETS:
+            return get_spec(SYNTHETIC_PRESETS[self.dataset])
+        return self.spec
 
     @property
     def spec(self):
@@ -232,11 +256,11 @@ class TrainConfig:
         if self.id_map is not None and not (self.id_map in ("identity", "released") or isinstance(self.id_map, dict)):
             raise ConfigError(f"id_map={self.id_map!r}: expected null, 'identity', 'released' or a mapping raw -> "
                               "train id")
-        from .tasks import TASK_NAMES
+        from .tasks import TASKS
 
-        unknown = set(self.loss_weights) - set(TASK_NAMES)
+        unknown = set(self.loss_weights) - set(TASKS)
         if unknown:
-            raise ConfigError(f"loss_weights has unknown task(s) {sorted(unknown)}; tasks: {list(TASK_NAMES)} (a "
+            raise ConfigError(f"loss_weights has unknown task(s) {sorted(unknown)}; tasks: {list(TASKS)} (a "
                               "weight of a task the model does not train is ignored)")
         self.loss_weights = {k: coerce(f"loss_weights[{k!r}]", v, float) for k, v in self.loss_weights.items()}
         self._check_weighting()
@@ -278,7 +302,7 @@ class TrainConfig:
         if task.name not in self.tasks:
             raise ConfigError(f"select_metric={self.select_metric!r} belongs to task {task.name!r}, which this model "
                               f"does not train (tasks {list(self.tasks)}); expected 'score' or one of {valid}")
-        if metric.unit == "pixels" or metric.name.endswith("ssim") or metric.name == "hd_one_sided_rate":
+        if metric.needs_distances:
             if not self.eval_distances_on_val:
                 raise ConfigError(f"select_metric={self.select_metric!r} needs boundary distances / SSIM on the "
                                   "validation split: also set eval_distances_on_val=true")
@@ -300,6 +324,8 @@ class TrainConfig:
             from .data.synthetic import GENERATOR_VERSION
 
             data["synthetic_generator"] = GENERATOR_VERSION  # new synthetic pixels: new run folders
+        normalization = self.input_normalization()  # the normalisation used, however it was asked for
+        data["normalize"] = normalization if isinstance(normalization, str) else [list(v) for v in normalization]
         for key, default in HASH_STABLE_DEFAULTS.items():
             if key.startswith("model."):
                 if data["model"].get(key[len("model."):], default) == default:
@@ -311,6 +337,16 @@ class TrainConfig:
         if is_pretrained_name(self.model.pretrained):
             data["pretrained_sha256"] = get_pretrained(self.model.pretrained).sha256
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def input_normalization(self):
+        """What the data pipeline normalises inputs with: ``normalize`` when set, else what ``model.pretrained``
+        expects (:func:`endoarss_lib.models.pretrained.weights_transforms`): ``"imagenet"``, ``"unit"`` or a
+        ``(mean, std)`` pair."""
+        if self.normalize is not None:
+            return self.normalize
+        from .models.pretrained import weights_transforms
+
+        return weights_transforms(self.model.pretrained, self.model.backbone).normalize
 
     def runtime_settings(self, cuda: bool) -> dict:
         """The loader and data-cache settings of a run on CUDA (``cuda=True``) or on the CPU: each field left null
@@ -359,7 +395,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         "augment": "paper: no augmentation stated",
         "weighting": "paper Tables II/III: the headline rows use DB-MTL (MTLESD) and STCH (MTLEndovis)",
         "model": "paper Sec. III: frozen DINOv2 ViT-B/14 + SMA + TESLA (LoRA rank 4, Table VI)",
-        "normalize": "ours (the paper states none): ImageNet mean/std, DINOv2's convention",
+        "normalize": "ours (the paper states none): what the weights expect (DINOv2: ImageNet mean/std)",
         "select_on": "ours (the paper states none): a validation split carved from train"},
     "released": {
         "image_size": "ds_train.py resizes to 244 and the encoder to 224: the model sees 224 (compat_ metrics are "
@@ -380,7 +416,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
 PRESETS: dict[str, dict] = {
     "smoke": dict(synthetic=True, image_size=112, epochs=3, batch_size=8, lr=3e-3, model=dict(DEFAULT_MODEL)),
     "paper": dict(synthetic=False, image_size=224, epochs=200, batch_size=16, lr=1e-4, scheduler="none",
-                  weight_decay=0.0, augment=False, normalize="imagenet", model=dict(_PAPER_MODEL),
+                  weight_decay=0.0, augment=False, normalize=None, model=dict(_PAPER_MODEL),
                   weighting="db_mtl", select_on="val"),
     "released": dict(synthetic=False, image_size=224, epochs=150, batch_size=32, lr=1.1e-3,
                      scheduler="step", step_size=100, gamma=0.5, weight_decay=1e-4, augment=False, normalize="unit",
@@ -423,7 +459,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-_DERIVED_MODEL_KEYS = ("num_activities", "num_seg_classes", "image_size")  # taken from the data and the run
+_DERIVED_MODEL_KEYS = ("num_activities", "num_seg_classes", "task_classes", "image_size")  # from the data and run
 
 
 def parse_overrides(items) -> dict:

@@ -23,6 +23,7 @@ import random
 import resource
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,15 @@ from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_
 from .losses import make_cls_loss, task_losses
 from .models import build_model_from_config
 from .models.pretrained import is_synthetic_pretrained
-from .tasks import get_task, higher_is_better
-from .version import __version__, git_commit
+from .tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
+from .results import ResultRow, read_row
 from .weighting import get_weighting
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
            "build_run_model", "checkpoint_info", "COMPAT_SIZE",
-           "resolve_device", "autocast", "native_bf16", "load_checkpoint", "read_checkpoint", "CheckpointMismatch", "RunError",
-           "selection_score", "read_run_config", "weights_digest", "read_per_image", "write_per_image",
-           "PER_IMAGE_FILE"]
+           "resolve_device", "autocast", "native_bf16", "load_checkpoint", "read_checkpoint", "CheckpointMismatch",
+           "RunError", "selection_score", "read_run_config", "weights_digest", "deterministic_algorithms",
+           "read_per_image", "write_per_image", "PER_IMAGE_FILE"]
 
 CHECKPOINT_VERSION = 2
 
@@ -61,6 +62,35 @@ class RunError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+
+CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting that makes its kernels deterministic (CUDA >= 10.2)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Deterministic algorithms inside the block (``deterministic=true``): ``torch.use_deterministic_algorithms``,
+    cuDNN without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which cuBLAS reads when CUDA initialises (a
+    warning says so when CUDA was already in use: then export it before Python starts). The previous settings are
+    restored after the block (the environment variable stays). ``enabled=False`` changes nothing."""
+    if not enabled:
+        yield
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (CUBLAS_WORKSPACE, ":16:8"):
+        if torch.cuda.is_initialized():
+            warnings.warn("deterministic=true: CUDA was initialised in this process before CUBLAS_WORKSPACE_CONFIG was "
+                          f"set, so cuBLAS may stay non-deterministic; export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} "
+                          "before starting Python", stacklevel=3)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
@@ -114,7 +144,7 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
                        n_test=cfg.synthetic_n_test, image_size=cfg.image_size)
     common = dict(dataset=cfg.dataset, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
                   split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
-                  normalize=cfg.normalize)
+                  normalize=cfg.input_normalization())
     datasets = {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
     if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
         for dataset in datasets.values():
@@ -282,47 +312,55 @@ def _per_image_outcomes(out: dict, batch: dict, tasks, ignore_index: int) -> dic
     return arrays
 
 
-def _image_records(out: dict, batch: dict, num_seg_classes: int | None, ignore_index: int) -> list[dict]:
+def _image_records(out: dict, batch: dict, num_classes: dict, ignore_index: int) -> list[dict]:
+    """One record per image: path, activity label, and each task's per-image values (its ``image_record``)."""
     records = []
     n = batch["image"].shape[0]
+    tasks = [get_task(t) for t in out if get_task(t).image_record is not None]
     for i in range(n):
         rec = {"path": batch.get("path", [None] * n)[i], "label": int(batch["label"][i])}
-        if "cls" in out:
-            rec["pred_label"] = int(out["cls"][i].float().argmax())
-            rec["correct"] = rec["pred_label"] == rec["label"]
-        if "seg" in out:
-            pred = out["seg"][i].float().argmax(0).cpu()
-            truth = batch["mask"][i].cpu()
-            valid = truth != ignore_index
-            p_fg, t_fg = (pred > 0) & valid, (truth > 0) & valid  # ignored pixels are neither
-            union, inter = int((p_fg | t_fg).sum()), int((p_fg & t_fg).sum())
-            rec["fg_inter"], rec["fg_union"] = inter, union
-            rec["fg_iou"] = inter / union if union else float("nan")
-            ious = []
-            for c in range(num_seg_classes or 0):
-                pc, tc = (pred == c) & valid, (truth == c) & valid
-                u = int((pc | tc).sum())
-                ious.append(int((pc & tc).sum()) / u if u else float("nan"))
-            rec["iou_per_class"] = ious
+        for task in tasks:
+            rec.update(task.image_record(out[task.name][i], batch[task.target][i], num_classes.get(task.name),
+                                         ignore_index))
         records.append(rec)
     return records
+
+
+def task_classes(tasks, spec=None, num_classes: dict | None = None, **counts) -> dict[str, int | None]:
+    """``{task: class count}``: from ``num_classes``, else a count named by the task's ``classes_field``
+    (``num_activities=``, ``num_seg_classes=``), else the dataset ``spec``."""
+    out = {}
+    for t in tasks:
+        task = get_task(t)
+        value = (num_classes or {}).get(t)
+        if value is None:
+            value = counts.get(task.classes_field)
+        if value is None and spec is not None:
+            value = task.num_classes(spec)
+        out[t] = value
+    return out
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, tasks, num_activities: int | None = None, num_seg_classes: int | None = None,
              distances: bool = True, amp: str = "auto", ignore_index: int = 255, progress: bool = False,
-             per_image: bool = False, compat_size: int | None = None, per_image_arrays: bool = False) -> Evaluation:
+             per_image: bool = False, compat_size: int | None = None, spec=None,
+             num_classes: dict | None = None, per_image_arrays: bool = False) -> Evaluation:
     """Metrics of ``model`` over a whole loader: every metric the task registry declares, keys ``<task>_<metric>``.
 
-    ``compat_size``: side of the label maps the ``compat_`` segmentation metrics are computed on (the released
-    evaluation uses 244 x 244, nearest resizing of predictions and masks); None computes them at the input size.
-    ``per_image_arrays``: also keep every image's outcome (:func:`_per_image_outcomes`, plus ``path``) in
-    ``Evaluation.arrays``, in loader order (``fit`` writes them for the test split: ``test_per_image.npz``).
+    Class counts come from ``num_classes`` (``{task: count}``), the legacy ``num_activities`` /
+    ``num_seg_classes``, or the dataset ``spec`` (default: the loader's dataset's), which also derives targets the
+    batches do not hold (:func:`endoarss_lib.tasks.add_targets`). ``compat_size``: side of the label maps the
+    ``compat_`` segmentation metrics are computed on (the released evaluation uses 244 x 244, nearest resizing of
+    predictions and masks); None computes them at the input size. ``per_image_arrays``: also keep every image's
+    outcome (:func:`_per_image_outcomes`, plus ``path``) in ``Evaluation.arrays``, in loader order (``fit`` writes
+    them for the test split: ``test_per_image.npz``).
     """
     from tqdm.auto import tqdm
 
     model.eval()
-    classes = {"cls": num_activities, "seg": num_seg_classes}
+    spec = spec if spec is not None else getattr(getattr(loader, "dataset", None), "spec", None)
+    classes = task_classes(tasks, spec, num_classes, num_activities=num_activities, num_seg_classes=num_seg_classes)
     meters = {t: get_task(t).make_meter(classes[t], ignore_index=ignore_index, distances=distances,
                                         compat_size=compat_size) for t in tasks}
     images: list[dict] = []
@@ -330,10 +368,11 @@ def evaluate(model, loader, device, tasks, num_activities: int | None = None, nu
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         with autocast(device, amp):
             out = model(batch["image"].to(device))
+        batch = add_targets(batch, tasks, spec)
         for t, meter in meters.items():
             get_task(t).update_meter(meter, out[t], batch)
         if per_image:
-            images += _image_records(out, batch, num_seg_classes, ignore_index)
+            images += _image_records({t: out[t] for t in tasks}, batch, classes, ignore_index)
         if per_image_arrays:
             chunks.append(_per_image_outcomes(out, batch, tasks, ignore_index))
             chunks[-1]["path"] = np.array([str(p) for p in batch.get("path", [""] * len(batch["image"]))])
@@ -346,10 +385,10 @@ def evaluate(model, loader, device, tasks, num_activities: int | None = None, nu
 
 
 def selection_score(metrics: dict, key: str) -> float:
-    """The number model selection maximises: 'score' = mean of accuracy and mIoU present; any other result key is
-    signed by its direction (HD: lower is better, so its negative is maximised)."""
+    """The number model selection maximises: 'score' = mean of the trained tasks' headline metrics (accuracy and
+    mIoU); any other result key is signed by its direction (HD: lower is better, so its negative is maximised)."""
     if key == "score":
-        parts = [metrics[k] for k in ("cls_accuracy", "seg_miou") if k in metrics]
+        parts = [metrics[k] for k in headline_keys(TASKS) if k in metrics]
         value = float(np.mean(parts))
     else:
         value = float(metrics[key])
@@ -367,22 +406,26 @@ def _peak_memory_mib(device: torch.device) -> float:
 
 def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = "off",
                loss_weights: dict | None = None, grad_accum: int = 1, cls_loss=None, label_smoothing: float = 0.0,
-               ignore_index: int = 255, shared=None, task_params=None, diagnostics: bool = False) -> dict:
+               ignore_index: int = 255, shared=None, task_params=None, diagnostics: bool = False, spec=None,
+               loss_fns: dict | None = None) -> dict:
     """One forward and the weighted backward of one batch (the optimiser step is the caller's).
 
     The weighting method sees the batch's outputs first (:meth:`Weighting.observe`), the model's regulariser
     (DSelect-k) is backpropagated, then ``weighting.backward`` combines the task losses (scaled by ``loss_weights``
     and ``1 / grad_accum``) into the gradients of the trainable shared parameters and the tasks' own parameters.
+    ``spec``: the dataset spec, for tasks whose target is derived from the batch (:func:`~endoarss_lib.tasks.
+    add_targets`); ``loss_fns``: ``{task: loss callable}`` replacing a task's own loss (``cls_loss``: the activity's).
     Returns ``{"losses": {task: float raw loss}, "weights": the method's task weights (detached), "outputs": ...,
     "diagnostics": conflict record or None}``.
     """
     raw_model = unwrap(model)  # the model inside torch.compile / DistributedDataParallel
     device = device or next(raw_model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = add_targets(batch, tasks, spec)
     loss_weights = loss_weights or {}
     with autocast(device, amp):
         out = model(batch["image"])
-    raw = task_losses(out, batch, tasks, ignore_index, label_smoothing, cls_loss=cls_loss)
+    raw = task_losses(out, batch, tasks, ignore_index, label_smoothing, cls_loss=cls_loss, loss_fns=loss_fns)
     losses = torch.stack([raw[t] * loss_weights.get(t, 1.0) / grad_accum for t in tasks])
     record = None
     if diagnostics and len(tasks) > 1:
@@ -418,7 +461,7 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
         result = train_step(model, batch, weighting, tasks, device=state["device"], amp=cfg.amp,
                             loss_weights=cfg.loss_weights, grad_accum=cfg.grad_accum, cls_loss=state.get("cls_loss"),
                             label_smoothing=cfg.label_smoothing, ignore_index=cfg.ignore_index, shared=shared,
-                            task_params=heads, diagnostics=diag)
+                            task_params=heads, diagnostics=diag, spec=state.get("spec"))
         if result["diagnostics"] is not None:
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
         if state.get("tensorboard") is not None:
@@ -472,6 +515,7 @@ def _build_state(cfg: TrainConfig, datasets: dict, device: torch.device) -> dict
                              seed=cfg.seed * 1_000_003 + 7, **cfg.cls_loss_hparams)
     return {"raw_model": raw_model, "model": model, "optimizer": optimizer, "scheduler": scheduler,
             "weighting": weighting, "cls_loss": cls_loss, "device": device, "epoch": 0, "global_step": 0,
+            "spec": getattr(datasets.get("train"), "spec", None),  # derives targets the batches do not hold
             "best_score": -float("inf"), "best_epoch": -1, "history": [], "diagnostics": [], "routing": [],
             "wall_time_s": 0.0}
 
@@ -557,6 +601,15 @@ def _check_folder(folder: Path, cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig) -> dict:
+    """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row (the
+    schema of :class:`~endoarss_lib.results.ResultRow`; a finished run's row as :func:`~endoarss_lib.results.read_row`
+    reads it). With ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`).
+    """
+    with deterministic_algorithms(cfg.deterministic):
+        return _fit(cfg)
+
+
+def _fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row."""
     rank, world = _distributed()
     if cfg.tensorboard:
@@ -582,7 +635,7 @@ def fit(cfg: TrainConfig) -> dict:
             if now is not None and now != row["weights_sha256"]:
                 raise CheckpointMismatch(f"{result_path}: this run used weights with sha256 {row['weights_sha256']},"
                                          f" but {weights} now has {now}; restore them or run under another run_name")
-        return row
+        return read_row(row)
     device = resolve_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     state = _build_state(cfg, datasets, device)
@@ -595,9 +648,8 @@ def fit(cfg: TrainConfig) -> dict:
         from .tblog import TensorBoardLog
 
         state["tensorboard"] = TensorBoardLog(folder, cfg.tasks)
-    spec = datasets["train"].spec
-    eval_kw = dict(device=device, tasks=cfg.tasks, num_activities=spec.num_activities,
-                   num_seg_classes=spec.num_seg_classes, amp=cfg.amp, ignore_index=cfg.ignore_index)
+    eval_kw = dict(device=device, tasks=cfg.tasks, spec=datasets["train"].spec, amp=cfg.amp,
+                   ignore_index=cfg.ignore_index)
     select_split = "test" if cfg.select_on == "test" else "val"
     if cfg.select_on == "test":
         warnings.warn("select_on='test': the epoch is chosen on the TEST split (the released protocol). The reported "
@@ -692,28 +744,24 @@ def _result_row(cfg, state, datasets, test: dict, device, folder: Path, fingerpr
     weights = model.weights
     best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
     m = cfg.model
-    return {"dataset": cfg.dataset, "data": "synthetic" if datasets["test"].synthetic else "real",
-            "backbone": m.backbone, "arch": m.arch, "sma": bool(m.sma), "weighting": cfg.weighting,
-            "tasks": "+".join(cfg.tasks), "connector": m.connector or "none", "cls_loss": cfg.cls_loss,
-            "model_label": m.label, "paper_backbone": m.paper_backbone,
-            "pretrained": weights.get("sha256") or weights.get("source", "random init"),
-            "pretrained_name": weights.get("name") or (None if weights.get("sha256") is None else
-                                                       Path(str(weights.get("source"))).name),
-            "weights_sha256": weights.get("sha256"),
-            "random_init_backbone": bool(model.pretrained_random_init),
-            "synthetic_pretrained_backbone": is_synthetic_pretrained(weights),
-            "seed": cfg.seed, "preset": cfg.preset, "image_size": cfg.image_size, "epochs": cfg.epochs,
-            "best_epoch": state["best_epoch"], "epochs_trained": state["epoch"], "patience": cfg.patience,
-            "select_on": cfg.select_on, "compat_eval_size": COMPAT_SIZE,
-            **{f"test_{k}": v for k, v in test.items()},
-            **{k: v for k, v in best.items() if k.startswith("val_")},
-            "params_total": report.get("total", {}).get("total"),
-            "params_trainable": report.get("total", {}).get("trainable"),
-            "wall_time_s": round(state["wall_time_s"], 2), "device": str(device),
-            "peak_memory_mib": round(_peak_memory_mib(device), 1),
-            "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-            "library_version": __version__, "git_commit": git_commit(), "config_hash": cfg.results_hash(),
-            "data_fingerprint": fingerprints, "run_dir": str(folder)}
+    return ResultRow.with_provenance(
+        device, source="train", dataset=cfg.dataset, data="synthetic" if datasets["test"].synthetic else "real",
+        backbone=m.backbone, arch=m.arch, sma=bool(m.sma), weighting=cfg.weighting, tasks="+".join(cfg.tasks),
+        connector=m.connector or "none", cls_loss=cfg.cls_loss, model_label=m.label, paper_backbone=m.paper_backbone,
+        pretrained=weights.get("sha256") or weights.get("source", "random init"),
+        pretrained_name=weights.get("name") or (None if weights.get("sha256") is None else
+                                                Path(str(weights.get("source"))).name),
+        weights_sha256=weights.get("sha256"), random_init_backbone=bool(model.pretrained_random_init),
+        synthetic_pretrained_backbone=is_synthetic_pretrained(weights), seed=cfg.seed, preset=cfg.preset,
+        image_size=cfg.image_size, epochs=cfg.epochs, best_epoch=state["best_epoch"], epochs_trained=state["epoch"],
+        patience=cfg.patience, select_on=cfg.select_on,
+        compat_eval_size=COMPAT_SIZE,
+        metrics={**{f"test_{k}": v for k, v in test.items()}, **{k: v for k, v in best.items() if k.startswith("val_")}},
+        params_total=report.get("total", {}).get("total"), params_trainable=report.get("total", {}).get("trainable"),
+        wall_time_s=round(state["wall_time_s"], 2), peak_memory_mib=round(_peak_memory_mib(device), 1),
+        peak_memory_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        deterministic=cfg.deterministic, config_hash=cfg.results_hash(), data_fingerprint=fingerprints,
+        run_dir=str(folder)).to_dict()
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:

@@ -7,8 +7,10 @@
 The checkpoint is loaded strictly into the released architecture (``endoarss_lib.models.released``), the test split
 is read with ``MTLDataset`` (resized once to ``--image-size``, 244 as released, ImageNet-normalised; the model undoes
 the normalisation, so it sees pixel / 255 as the released code does) and ``engine.evaluate`` computes every metric
-(boundary distances and SSIM included) in fp32. The result row has the fields of a trained run's ``result.json``
-plus ``model_source``, ``checkpoint``, ``checkpoint_sha256``, ``id_map`` and ``n_test_images``.
+(boundary distances and SSIM included) in fp32. The result row has the schema of every result row
+(:class:`endoarss_lib.results.ResultRow`, ``source`` "released"; fields of training such as ``epochs`` are None) plus
+``model_source``, ``checkpoint``, ``checkpoint_sha256``, ``id_map``, ``n_test_images``, ``released_config`` and
+``input_convention``.
 
 Masks: the released model's class ``c`` was trained against ``max(raw - 1, 0)`` (raw 0 and raw 1 both background),
 so ``--id-map released`` is the default; pass ``identity`` or a JSON file only if you know your masks match the
@@ -69,10 +71,9 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
                       amp: str = "off", arch: dict | None = None, progress: bool = False) -> dict:
     """Evaluate the released model (``checkpoint``, or random weights with ``random_init=True``) on the test split
     of ``data_root``; returns the result row (see the module docstring)."""
-    from .version import __version__
     from .data import MTLDataset
     from .engine import COMPAT_SIZE, _peak_memory_mib, evaluate, resolve_device
-    from .version import git_commit
+    from .results import ResultRow
 
     if (checkpoint is None) == (not random_init):
         raise ValueError("pass exactly one of a checkpoint (--released PATH) or random_init=True (--random-init)")
@@ -86,31 +87,29 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
         raise ValueError(f"the model has K={cfg.num_activities} activities and S={cfg.num_seg_classes} classes, the "
                          f"dataset {spec.name!r} at {data_root} has {spec.num_activities} and {spec.num_seg_classes}")
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    test = evaluate(model, loader, torch_device, model.tasks, num_activities=spec.num_activities,
-                    num_seg_classes=spec.num_seg_classes, distances=distances, amp=amp, progress=progress,
-                    compat_size=COMPAT_SIZE)
+    test = evaluate(model, loader, torch_device, model.tasks, spec=spec, distances=distances, amp=amp,
+                    progress=progress, compat_size=COMPAT_SIZE)
     report = model.parameter_report()
     full = cfg.embed_dim == 768 and cfg.depth == 12
-    return {"model_source": MODEL_SOURCES["random" if random_init else "checkpoint"],
-            "checkpoint": None if checkpoint is None else str(checkpoint),
-            "checkpoint_sha256": model.weights.get("sha256"),
-            "dataset": dataset, "data": "synthetic" if data.synthetic else "real",
-            "backbone": "released_dinov2_vitb14" if full else f"released_vit_d{cfg.depth}_c{cfg.embed_dim}",
-            "arch": "released (MOLA: hard parameter sharing)", "sma": True,
-            "weighting": _weighting_from_name(None if checkpoint is None else str(checkpoint)),
-            "tasks": "+".join(model.tasks), "connector": "none", "cls_loss": "ce",
-            "pretrained": model.weights.get("sha256") or "random init",
-            "random_init_backbone": bool(model.pretrained_random_init),
-            "seed": seed if random_init else None, "preset": "released", "image_size": image_size,
-            "epochs": None, "best_epoch": None, "id_map": id_map if isinstance(id_map, str) or id_map is None
-            else "custom", "n_test_images": len(data),
-            **{f"test_{k}": v for k, v in test.items()},
-            "params_total": report["total"]["total"], "params_trainable": report["total"]["trainable"],
-            "wall_time_s": round(time.perf_counter() - start, 2), "device": str(torch_device),
-            "peak_memory_mib": round(_peak_memory_mib(torch_device), 1),
-            "peak_memory_kind": "cuda max allocated" if torch_device.type == "cuda" else "process peak RSS",
-            "library_version": __version__, "git_commit": git_commit(), "config_hash": None, "run_dir": None,
-            "released_config": cfg.to_dict(), "input_convention": model.preprocessing}
+    return ResultRow.with_provenance(
+        torch_device, source="released", dataset=dataset, data="synthetic" if data.synthetic else "real",
+        backbone="released_dinov2_vitb14" if full else f"released_vit_d{cfg.depth}_c{cfg.embed_dim}",
+        arch="released (MOLA: hard parameter sharing)", sma=True,
+        weighting=_weighting_from_name(None if checkpoint is None else str(checkpoint)), tasks="+".join(model.tasks),
+        connector="none", cls_loss="ce", pretrained=model.weights.get("sha256") or "random init",
+        weights_sha256=model.weights.get("sha256"), random_init_backbone=bool(model.pretrained_random_init),
+        synthetic_pretrained_backbone=False, seed=seed if random_init else None, preset="released",
+        image_size=image_size, compat_eval_size=COMPAT_SIZE, metrics={f"test_{k}": v for k, v in test.items()},
+        params_total=report["total"]["total"], params_trainable=report["total"]["trainable"],
+        wall_time_s=round(time.perf_counter() - start, 2), peak_memory_mib=round(_peak_memory_mib(torch_device), 1),
+        peak_memory_kind="cuda max allocated" if torch_device.type == "cuda" else "process peak RSS",
+        deterministic=torch.are_deterministic_algorithms_enabled(), data_fingerprint={"test": data.fingerprint()},
+        extra={"model_source": MODEL_SOURCES["random" if random_init else "checkpoint"],
+               "checkpoint": None if checkpoint is None else str(checkpoint),
+               "checkpoint_sha256": model.weights.get("sha256"),
+               "id_map": id_map if isinstance(id_map, str) or id_map is None else "custom",
+               "n_test_images": len(data), "released_config": cfg.to_dict(),
+               "input_convention": model.preprocessing}).to_dict()
 
 
 def _arch_option(text: str) -> tuple[str, object]:

@@ -4,10 +4,13 @@
 parameters at once (a bad dataset, image size or epoch count fails here with a message naming the parameter), makes
 the output folder, and then
 
-* ``exp.config(model=..., weighting=..., seed=...)`` gives one :class:`~endoarss_lib.config.TrainConfig`;
-* ``exp.grid(backbones=[...], archs=[...], weightings=[...])`` the named configs of a grid, with single-task
-  baselines for every (backbone, seed);
-* ``exp.run(configs)`` fits them (:func:`endoarss_lib.runner.run_grid`) and returns the result rows;
+* ``exp.config(model=..., weighting=..., seed=...)`` gives one :class:`~endoarss_lib.config.TrainConfig` (``model``
+  options are merged into the experiment's model, as ``TrainConfig.replace`` merges them);
+* ``exp.variants({name: options}, seeds=[...], **fields)`` the configs of named variants x seeds and
+  ``exp.grid(backbones=[...], archs=[...], weightings=[...])`` those of a grid, with single-task baselines for every
+  (backbone, seed), both keyed by :class:`RunKey` (a name with its ``variant`` and ``seed``);
+* ``exp.run(configs)`` fits them (:func:`endoarss_lib.runner.run_grid`) and returns the result rows, with ``variant``
+  and ``seed`` columns for RunKey-keyed configs (no run name is built or parsed by hand);
 * ``exp.note(rows)`` is the caption every table carries (data, backbone provenance, degenerate models);
 * ``exp.write_table(df, name)`` writes ``<out_dir>/<name>.csv|md`` with that caption; ``exp.save_rows(rows)``.
 
@@ -17,16 +20,17 @@ optionally ``+sma`` (``"vit_mini_patch14+sma"``), or a dict of model options.
 from __future__ import annotations
 
 import os
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .config import ConfigError, DEFAULT_MODEL, TrainConfig, preset
+from .config import _DERIVED_MODEL_KEYS, ConfigError, DEFAULT_MODEL, TrainConfig, _merge_model, preset
 from .models.build import ModelConfig
 from .results import caption, save_rows, write_table
 
-__all__ = ["Experiment", "model_options", "project_path", "RUNS_DIR"]
+__all__ = ["Experiment", "RunKey", "model_options", "project_path", "RUNS_DIR"]
 
 RUNS_DIR = "results/runs"  # one run store for every notebook: a configuration trained once is reused everywhere
 
@@ -61,8 +65,7 @@ def model_options(model: str | Mapping | ModelConfig | None = None, **options) -
     if model is None:
         out = dict(DEFAULT_MODEL)
     elif isinstance(model, ModelConfig):
-        out = {k: v for k, v in model.to_dict().items() if k not in ("num_activities", "num_seg_classes",
-                                                                       "image_size")}
+        out = {k: v for k, v in model.to_dict().items() if k not in _DERIVED_MODEL_KEYS}
     elif isinstance(model, Mapping):
         out = dict(model)
     elif isinstance(model, str):
@@ -76,6 +79,31 @@ def model_options(model: str | Mapping | ModelConfig | None = None, **options) -
         raise ConfigError(f"model={model!r}: expected a backbone label, a dict of model options or a ModelConfig")
     out.update(options)
     return out
+
+
+class RunKey(str):
+    """The name of one run in a set of configs, with its parts: ``key.variant`` and ``key.seed``.
+
+    It is the string ``"<variant> | seed <seed>"`` (so ``configs["hps | seed 0"]`` and older hand-made names still
+    work), and :meth:`Experiment.run` turns its parts into the rows' ``variant`` and ``seed`` columns."""
+
+    variant: str
+    seed: int
+
+    def __new__(cls, variant: str, seed: int):
+        key = super().__new__(cls, f"{variant} | seed {int(seed)}")
+        key.variant, key.seed = str(variant), int(seed)
+        return key
+
+    def __reduce__(self):
+        return RunKey, (self.variant, self.seed)
+
+    def __repr__(self) -> str:
+        return f"RunKey({self.variant!r}, seed={self.seed})"
+
+
+_MODEL_OPTIONS = frozenset(f.name for f in dataclass_fields(ModelConfig))
+_RUN_FIELDS = frozenset(f.name for f in dataclass_fields(TrainConfig)) - {"model", "seed"}
 
 
 class Experiment:
@@ -136,9 +164,19 @@ class Experiment:
 
     # -- configs ---------------------------------------------------------------------------------------------------
     def config(self, model: str | Mapping | ModelConfig | None = None, **fields) -> TrainConfig:
-        """One run config: this experiment's fields, ``model`` (label, dict or ModelConfig; default the experiment's
-        model) and any other TrainConfig fields (``weighting``, ``seed``, ``cls_loss``, ...)."""
-        options = model_options(model) if model is not None else dict(self.default_model)
+        """One run config: this experiment's fields, ``model`` and any other TrainConfig fields (``weighting``,
+        ``seed``, ``cls_loss``, ...).
+
+        ``model``: model options merged into the experiment's model as ``TrainConfig.replace`` merges them
+        (``{"arch": "hps"}`` changes the architecture only; a new ``backbone`` without ``pretrained`` drops the
+        experiment's weights, which belong to its backbone), a backbone label (``"resnet_tiny"``,
+        ``"dinov2_vitb14+sma"``) or a whole ModelConfig (used as it is)."""
+        if model is None:
+            options = dict(self.default_model)
+        elif isinstance(model, ModelConfig):
+            options = model_options(model)
+        else:
+            options = _merge_model(self.default_model, model_options(model))
         base = options.get("backbone", "").partition("+")[0]
         if base in self.weights and "pretrained" not in (model if isinstance(model, Mapping) else {}):
             options["pretrained"] = self.weights[base]
@@ -147,37 +185,86 @@ class Experiment:
         except ConfigError as exc:
             raise ConfigError(f"{self.name}: {self._parameter_words(str(exc))}") from None
 
+    def variants(self, variants: Mapping[str, Mapping | str | ModelConfig | None], seeds: Iterable[int] | None = None,
+                 **fields) -> dict[RunKey, TrainConfig]:
+        """Configs of named variants x seeds, keyed by :class:`RunKey` (variant, seed), in that order;
+        ``exp.run(...)`` returns their rows with ``variant`` and ``seed`` columns.
+
+        A variant's options are model options (merged into the experiment's model, as :meth:`config` does), run
+        fields (``weighting``, ``select_on``, ``cls_loss``, ...) or both, told apart by name; a ``"model"`` key holds
+        model options explicitly, and a label string or ModelConfig is a model. ``fields`` apply to every variant
+        (a variant's own value wins); seeds come from ``seeds`` (default the experiment's seed)."""
+        seeds = [self.base.seed] if seeds is None else list(seeds)
+        configs: dict[RunKey, TrainConfig] = {}
+        for name, options in variants.items():
+            model, run_fields = self._variant_options(name, options)
+            for seed in seeds:
+                configs[RunKey(name, seed)] = self.config(model, **{**fields, **run_fields, "seed": seed})
+        return configs
+
+    def _variant_options(self, name: str, options) -> tuple[Any, dict]:
+        """(model options, run fields) of one variant."""
+        if options is None or isinstance(options, (str, ModelConfig)):
+            return options, {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{self.name}: variant {name!r}: expected model options / run fields as a dict, a "
+                              f"backbone label or a ModelConfig, got {type(options).__name__}")
+        model, run_fields = dict(options.get("model") or {}), {}
+        for key, value in options.items():
+            if key == "model":
+                continue
+            if key == "seed":
+                raise ConfigError(f"{self.name}: variant {name!r} sets seed: seeds come from variants(seeds=[...])")
+            if key in _RUN_FIELDS:
+                run_fields[key] = value
+            elif key in _MODEL_OPTIONS:
+                model[key] = value
+            else:
+                raise ConfigError(f"{self.name}: variant {name!r}: {key!r} is neither a model option nor a run field")
+        return model, run_fields
+
     def grid(self, backbones: Iterable, archs: Iterable[str], weightings: Iterable[str] = ("ew",),
              seeds: Iterable[int] | None = None, single_task: bool = True, model: Mapping | None = None,
-             **fields) -> dict[str, TrainConfig]:
-        """Named configs of a backbone x arch x weighting x seed grid (``model``: extra model options for all), plus
-        a cls-only and a seg-only baseline per (backbone, seed) when ``single_task``."""
+             **fields) -> dict[RunKey, TrainConfig]:
+        """Configs of a backbone x arch x weighting x seed grid (``model``: extra model options for all), plus a
+        single-task baseline per task of the model and (backbone, seed) when ``single_task``; keyed by
+        :class:`RunKey` (variants ``"<backbone> | <arch> | <weighting>"`` and ``"<backbone> | single <task>"``)."""
         seeds = [self.base.seed] if seeds is None else list(seeds)
-        configs: dict[str, TrainConfig] = {}
+        configs: dict[RunKey, TrainConfig] = {}
         for backbone in backbones:
             label = backbone if isinstance(backbone, str) else model_options(backbone).get("backbone")
             for seed in seeds:
                 for arch in archs:
                     for weighting in weightings:
                         opts = model_options(backbone, arch=arch, **(model or {}))
-                        configs[f"{label} | {arch} | {weighting} | seed {seed}"] = self.config(
+                        configs[RunKey(f"{label} | {arch} | {weighting}", seed)] = self.config(
                             opts, weighting=weighting, seed=seed, **fields)
                 if single_task:
-                    for task in ("cls", "seg"):
-                        opts = model_options(backbone, arch="single", tasks=[task], **(model or {}))
-                        configs[f"{label} | single {task} | seed {seed}"] = self.config(
+                    for task in self.config(model_options(backbone, **(model or {})), **fields).tasks:
+                        opts = {**model_options(backbone, **(model or {})), "arch": "single", "tasks": [task]}
+                        configs[RunKey(f"{label} | single {task}", seed)] = self.config(
                             opts, weighting="ew", seed=seed, **fields)
         return configs
 
     # -- running and reporting -------------------------------------------------------------------------------------
     def run(self, configs: Mapping[str, TrainConfig], jobs: int = 0) -> pd.DataFrame:
-        """Fit every config (finished runs are reused) and return the result rows (column ``name`` first).
+        """Fit every config (finished runs are reused) and return the result rows (column ``name`` first; configs
+        keyed by :class:`RunKey`, as :meth:`variants` and :meth:`grid` make them, add ``variant`` and ``seed``).
 
         ``jobs``: runs trained at once in worker processes (0: one per CPU core, or one per GPU; 1: one after the
         other in this process)."""
         from .runner import run_grid
 
-        return run_grid(configs, jobs=jobs, progress=False)
+        rows = run_grid(configs, jobs=jobs, progress=False)
+        keys = list(configs)
+        if keys and any(isinstance(k, RunKey) for k in keys):
+            rows.insert(1, "variant", [k.variant if isinstance(k, RunKey) else None for k in keys])
+            seeds = [k.seed if isinstance(k, RunKey) else cfg.seed for k, cfg in configs.items()]
+            if "seed" in rows:
+                rows.pop("seed")
+            rows.insert(2, "seed", seeds)  # the configs' seeds (a failed run's row has none of its own)
+        rows["name"] = [str(k) for k in keys]
+        return rows
 
     def note(self, rows: pd.DataFrame | None = None, extra: str = "") -> str:
         """The caption of a table of these rows: the scale (TEST SCALE: not evidence), data and backbone provenance,
@@ -225,7 +312,7 @@ class Experiment:
         n = b.synthetic_n_test if n_test is None else n_test
         root = synthetic_root(target, b.synthetic_seed, 0, n, b.image_size)
         make_synthetic(root, target, seed=b.synthetic_seed, n_train=0, n_test=n, image_size=b.image_size)
-        return MTLDataset(root, "test", dataset=target, image_size=b.image_size, normalize=b.normalize)
+        return MTLDataset(root, "test", dataset=target, image_size=b.image_size, normalize=b.input_normalization())
 
     # -- claims ----------------------------------------------------------------------------------------------------
     def decide(self, rows: pd.DataFrame, claims: Sequence | None = None, by: str = "variant",

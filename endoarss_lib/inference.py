@@ -18,7 +18,9 @@ from .data import MTLDataset, make_loader
 from .data.dataset import to_uint8_image
 from .engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
                      read_run_config, resolve_device, seed_everything, weights_digest)
-from .metrics import per_activity_spread, subset_metrics
+from .metrics import per_activity_spread
+from .results import ResultRow
+from .tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
            "generalisation_table", "group_recalls"]
@@ -59,25 +61,34 @@ def predict(model, dataset, indices=None, device: str = "cpu") -> list[dict]:
         row = {"index": int(index), "path": item["path"],
                "image": to_uint8_image(item["image"], getattr(dataset, "normalize", "imagenet")),
                "mask": item["mask"].numpy(), "label": int(item["label"])}
-        if "seg" in result:
-            row["pred_mask"] = result["seg"][0].float().argmax(0).cpu().numpy()
-        if "cls" in result:
-            probs = result["cls"][0].float().softmax(0).cpu().numpy()
-            row["pred_label"], row["cls_probs"] = int(probs.argmax()), probs
+        for t, logits in result.items():
+            task = get_task(t)
+            if task.display is not None:
+                row.update(task.display(logits[0]))
         out.append(row)
     return out
 
 
 def _evaluate(model, dataset: MTLDataset, tasks, device: str, batch_size: int, distances: bool, per_image: bool,
               amp: str = "off") -> Evaluation:
-    spec = dataset.spec
     loader = make_loader(dataset, batch_size, shuffle=False)
-    ev = evaluate(model, loader, resolve_device(device), tasks, spec.num_activities, spec.num_seg_classes,
-                  distances=distances, amp=amp, ignore_index=dataset.ignore_index, per_image=per_image,
-                  compat_size=COMPAT_SIZE)
-    if "seg" in ev.values:
-        ev["seg_iou_per_class"] = [float(v) for v in ev.values["seg"]["iou_per_class"]]
+    ev = evaluate(model, loader, resolve_device(device), tasks, spec=dataset.spec, distances=distances, amp=amp,
+                  ignore_index=dataset.ignore_index, per_image=per_image, compat_size=COMPAT_SIZE)
+    for t in tasks:
+        key = get_task(t).per_class
+        if key is not None:
+            ev[f"{t}_{key}"] = [float(v) for v in ev.values[t][key]]
     return ev
+
+
+def _subset_metrics(ev: Evaluation, tasks, subset: EvalSubset) -> dict:
+    """Each task's metrics over an evaluated subset of a dataset (``<task>_<metric>_eval``: its ``subset`` hook)."""
+    out = {}
+    for t in tasks:
+        task = get_task(t)
+        if task.subset is not None and t in ev.values:
+            out.update({f"{t}_{k}": v for k, v in task.subset(ev.values[t], ev.images, subset).items()})
+    return out
 
 
 def evaluate_run(folder: str | Path, split: str = "test", device: str = "cpu", distances: bool = True,
@@ -94,19 +105,17 @@ def evaluate_run_on(folder: str | Path, data_root: str | Path, dataset: str, ima
                     per_image: bool = False) -> Evaluation:
     """A finished run's selected model on another dataset (e.g. MTLEndovis-Gen), with subset means.
 
-    Besides the usual keys (over every class present), ``seg_miou_eval`` / ``seg_dice_eval`` average over the
-    dataset's evaluated classes only (its registry ``eval_seg_classes``); ``dataset``, ``data`` say what it was.
+    Besides the usual keys (over every class present), ``<task>_<metric>_eval`` keys average over the dataset's
+    evaluated subset only (its registry ``eval_seg_classes`` / ``eval_activities``: ``seg_miou_eval``,
+    ``seg_dice_eval``; ``cls_accuracy_eval`` with ``per_image=True``); ``dataset``, ``data`` say what it was.
     """
     cfg = read_run_config(folder)
     model = load_run_model(folder, device=device)
     data = MTLDataset(data_root, split, dataset=dataset, image_size=image_size or cfg.image_size,
-                      normalize=cfg.normalize, ignore_index=cfg.ignore_index)
+                      normalize=cfg.input_normalization(), ignore_index=cfg.ignore_index)
     ev = _evaluate(model, data, cfg.tasks, device, batch_size, distances, per_image, cfg.amp)
     spec = data.spec
-    if "seg" in ev.values:
-        ids = spec.eval_seg_classes or range(spec.num_seg_classes)
-        sub = subset_metrics(ev.values["seg"]["confusion"], ids)
-        ev.update({"seg_miou_eval": sub["miou"], "seg_dice_eval": sub["dice"]})
+    ev.update(_subset_metrics(ev, cfg.tasks, EvalSubset.of(spec)))
     ev.update({"dataset": spec.name, "data": "synthetic" if data.synthetic else "real"})
     return ev
 
@@ -119,44 +128,31 @@ def per_class_spread(folder: str | Path, split: str = "test", device: str = "cpu
     return per_activity_spread(ev.images)
 
 
-def prior_predictor(train: MTLDataset, test: MTLDataset, compat_size: int | None = COMPAT_SIZE) -> dict:
-    """Test metrics of the floor every model must beat: always the most frequent training activity, and for every
-    pixel the class most frequent at that position in the training masks. Keys as a result row (``test_...``)."""
-    from .tasks import get_task
-
-    spec = train.spec
-    size = train.image_size
-    counts = np.zeros((spec.num_seg_classes, size, size), np.int64)
-    rows, cols = np.indices((size, size))
-    for index in range(len(train)):
-        mask = train[index]["mask"].numpy()
-        valid = mask != train.ignore_index
-        np.add.at(counts, (mask[valid], rows[valid], cols[valid]), 1)
-    prior_mask = counts.argmax(0)
-    prior_label = int(np.bincount(train.labels, minlength=spec.num_activities).argmax())
-    meters = {"cls": get_task("cls").make_meter(spec.num_activities),
-              "seg": get_task("seg").make_meter(spec.num_seg_classes, ignore_index=test.ignore_index,
-                                                compat_size=compat_size)}
+def prior_predictor(train: MTLDataset, test: MTLDataset, compat_size: int | None = COMPAT_SIZE,
+                    tasks=DEFAULT_TASKS) -> dict:
+    """Test metrics of the floor every model must beat: per task the constant prediction its ``prior_output`` learns
+    from the training split (the activity: always the most frequent training activity; segmentation: for every pixel
+    the class most frequent at that position in the training masks). Keys as a result row (``test_...``)."""
+    outputs = {t: get_task(t).prior_output(train, get_task(t).num_classes(train.spec)) for t in tasks}
+    meters = {t: get_task(t).make_meter(get_task(t).num_classes(test.spec), ignore_index=test.ignore_index,
+                                        compat_size=compat_size) for t in tasks}
     for index in range(len(test)):
         item = test[index]
-        meters["cls"].update(np.array([prior_label]), item["label"].reshape(1))
-        meters["seg"].update(prior_mask[None], item["mask"][None])
-    row = {"name": "prior predictor", "data": "synthetic" if test.synthetic else "real"}
+        batch = add_targets({k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}, tasks, test.spec)
+        for t, meter in meters.items():
+            get_task(t).update_meter(meter, outputs[t][None], batch)
+    metrics = {}
     for t, meter in meters.items():
-        row.update({f"test_{k}": v for k, v in get_task(t).result_values(meter.compute()).items()})
-    return row
+        metrics.update({f"test_{k}": v for k, v in get_task(t).result_values(meter.compute()).items()})
+    return ResultRow.with_provenance(
+        source="prior", dataset=test.spec.name, data="synthetic" if test.synthetic else "real", tasks="+".join(tasks),
+        image_size=test.image_size, compat_eval_size=compat_size, metrics=metrics,
+        extra={"name": "prior predictor"}).to_dict()
 
 
-def _subset_view(ev: Evaluation, activities, classes) -> dict:
-    """Accuracy over the images of ``activities`` and mIoU / Dice over ``classes`` of one evaluation pass."""
-    out = {}
-    if ev.images and "correct" in ev.images[0]:
-        kept = [r["correct"] for r in ev.images if r["label"] in activities]
-        out["cls_accuracy_eval"] = float(np.mean(kept)) if kept else float("nan")
-    if "seg" in ev.values:
-        sub = subset_metrics(ev.values["seg"]["confusion"], classes)
-        out["seg_miou_eval"], out["seg_dice_eval"] = sub["miou"], sub["dice"]
-    return out
+def _subset_view(ev: Evaluation, activities, classes, spec=None) -> dict:
+    """Each task's metrics over ``activities`` and segmentation ``classes`` (of dataset ``spec``) of one pass."""
+    return _subset_metrics(ev, list(ev.values), EvalSubset(frozenset(activities), tuple(classes), spec))
 
 
 def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu"):
@@ -171,17 +167,31 @@ def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu"):
     classes = list(spec.eval_seg_classes or range(spec.num_seg_classes))
     records = []
     for _, row in rows.iterrows():
-        base = {k: row.get(k) for k in ("name", "model_label", "backbone", "sma", "arch", "weighting", "seed",
-                                         "data", "synthetic_pretrained_backbone", "random_init_backbone",
-                                         "config_hash")}
         for label, ev in (("in-domain", evaluate_run(row["run_dir"], "test", device, distances=False,
                                                      per_image=True)),
                           ("shifted", evaluate_run_on(row["run_dir"], shifted.root, spec.name, shifted.image_size,
                                                       device=device, distances=False, per_image=True))):
             metrics = {f"test_{k}": v for k, v in ev.items() if isinstance(v, float)}
-            records.append({**base, "test set": label, **metrics,
-                            **{f"test_{k}": v for k, v in _subset_view(ev, activities, classes).items()}})
+            metrics.update({f"test_{k}": v for k, v in _subset_view(ev, activities, classes, spec).items()})
+            records.append(_evaluation_row(row, ev, metrics, device, {"name": row.get("name"), "test set": label}))
     return pd.DataFrame(records)
+
+
+_RUN_FIELDS = ("backbone", "arch", "sma", "weighting", "tasks", "connector", "cls_loss", "model_label",
+               "paper_backbone", "pretrained", "pretrained_name", "weights_sha256", "random_init_backbone",
+               "synthetic_pretrained_backbone", "seed", "preset", "image_size", "epochs", "best_epoch", "select_on",
+               "config_hash", "run_dir")
+
+
+def _evaluation_row(run_row, ev: Evaluation, metrics: dict, device: str, extra: dict) -> dict:
+    """A result row (source ``evaluate``) of a finished run evaluated again: the run's model fields (from its own
+    row), the evaluated dataset, the metrics and this process's provenance."""
+    fields = {k: run_row.get(k) for k in _RUN_FIELDS}
+    fields = {k: (v.item() if hasattr(v, "item") else v) for k, v in fields.items()}  # numpy scalars from frames
+    return ResultRow.with_provenance(
+        resolve_device(device), source="evaluate", dataset=ev.get("dataset", run_row.get("dataset")),
+        data=ev.get("data", run_row.get("data")), compat_eval_size=COMPAT_SIZE, metrics=metrics,
+        deterministic=torch.are_deterministic_algorithms_enabled(), **fields, extra=extra).to_dict()
 
 
 def group_recalls(folder: str | Path, groups, split: str = "test", device: str = "cpu") -> dict:

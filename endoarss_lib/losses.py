@@ -37,25 +37,32 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["task_losses", "CGLLoss", "cgl_loss", "cgl_weights", "class_groups", "progress_scores", "CLS_LOSSES",
-           "make_cls_loss"]
+           "make_cls_loss", "CLS_LOSS_TASK"]
 
 GROUPS = ("head", "medium", "tail")
 CLS_LOSSES = ("ce", "cgl")
 
 
+CLS_LOSS_TASK = "cls"  # the task whose loss TrainConfig.cls_loss (cross-entropy or CGL) chooses: the activity
+
+
 def task_losses(outputs: dict[str, torch.Tensor], batch: dict, tasks, ignore_index: int = 255,
                 label_smoothing: float = 0.0, class_weights: dict | None = None,
-                cls_loss=None) -> dict[str, torch.Tensor]:
+                cls_loss=None, loss_fns: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Raw (unweighted) loss of every task (:meth:`endoarss_lib.tasks.Task.loss`), as float32 scalars.
 
-    ``cls_loss``: an optional callable ``(logits, target) -> scalar`` used for the activity instead of
-    cross-entropy (e.g. :class:`CGLLoss`); ``label_smoothing`` and ``class_weights["cls"]`` then do not apply.
+    ``loss_fns``: ``{task: callable (logits, target) -> scalar}`` used instead of a task's own loss (LibMTL's
+    per-task ``loss_fn``); ``cls_loss`` is the activity's (:data:`CLS_LOSS_TASK`), e.g. :class:`CGLLoss`.
+    ``label_smoothing`` and ``class_weights[task]`` do not apply to a replaced loss.
     """
     from .tasks import get_task
 
     class_weights = class_weights or {}
+    replaced = dict(loss_fns or {})
+    if cls_loss is not None:
+        replaced[CLS_LOSS_TASK] = cls_loss
     return {t: get_task(t).loss(outputs[t], batch, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                weight=class_weights.get(t), loss_fn=cls_loss if t == "cls" else None)
+                                weight=class_weights.get(t), loss_fn=replaced.get(t))
             for t in tasks}
 
 

@@ -1,4 +1,5 @@
-"""Metrics for activity recognition and semantic segmentation: correct values, and the paper-compatible ones.
+"""Metrics for activity recognition, semantic segmentation and multi-label instrument presence: correct values,
+and the paper-compatible ones.
 
 Policies (``docs/metrics.md`` states them for users; this docstring is the detailed reference):
 
@@ -28,6 +29,9 @@ Policies (``docs/metrics.md`` states them for users; this docstring is the detai
 * **Inputs.** numpy arrays or torch tensors (moved to CPU). A floating ``pred`` with one axis more than ``target``
   holds scores: the class axis is axis 1 of a batch ((B, K) or (B, S, H, W)), axis 0 of a single image (S, H, W),
   and it is reduced by argmax. Otherwise ``pred`` holds labels of the same shape as ``target``.
+* **Multi-label presence.** Average precision per class as scikit-learn's ``average_precision_score`` (step-wise,
+  no interpolation; NaN for a class with no positive, left out of the mAP); F1 per class of the labels scored at
+  least 0.5, macro-averaged over the classes present in truth or prediction.
 * **compat** values reproduce the authors' released evaluation so numbers can sit beside the paper's tables; they
   are not correct metrics (see ``docs/paper_vs_code.md``). Their formulas are in the docstrings of the helpers below.
 """
@@ -39,8 +43,9 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 from scipy.spatial.distance import directed_hausdorff
 
-__all__ = ["ClassificationMeter", "SegmentationMeter", "classification_metrics", "segmentation_metrics",
-           "delta_m", "delta_m_flat", "metric_task", "subset_metrics", "per_activity_spread", "pil_nearest_resize"]
+__all__ = ["ClassificationMeter", "SegmentationMeter", "MultiLabelMeter", "average_precision",
+           "classification_metrics", "segmentation_metrics",
+           "delta_m", "delta_m_flat", "subset_metrics", "per_activity_spread", "pil_nearest_resize"]
 
 COMPAT_EPS = 1e-3  # the released code's epsilon in every ratio
 SSIM_WINDOW = 7  # scikit-image's default uniform window
@@ -232,6 +237,82 @@ def classification_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict:
     meter = ClassificationMeter(num_classes)
     meter.update(y_pred, y_true)
     return meter.compute()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-label (instrument presence)
+# ---------------------------------------------------------------------------------------------------------------
+
+def average_precision(scores: Any, target: Any) -> float:
+    """Average precision of one class: ``sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds in decreasing
+    order (no interpolation; scikit-learn's ``average_precision_score``). NaN when the class has no positive."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    target = np.asarray(target).ravel().astype(bool)
+    positives = int(target.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], target[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # the last sample at each distinct threshold
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+class MultiLabelMeter:
+    """Accumulates multi-label scores and 0/1 targets (B, C) batch by batch; ``compute()`` gives per-class average
+    precision and its mean (mAP), and per-class / macro F1 of the labels whose score is at least ``threshold``.
+
+    Scores are probabilities (or any scores where ``threshold`` means "present"). A class without a positive in the
+    whole set has an undefined AP (NaN, left out of the mAP and listed in ``absent_classes``); a class absent from both
+    truth and prediction has an undefined F1 (NaN, left out of the macro F1), as for single-label F1 above.
+    ``chance_map``: the mAP of a constant score (each class's AP is then its prevalence): the floor a model must beat.
+    """
+
+    def __init__(self, num_classes: int, threshold: float = 0.5):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        self.num_classes, self.threshold = int(num_classes), float(threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._scores: list[np.ndarray] = []
+        self._targets: list[np.ndarray] = []
+
+    def update(self, scores: Any, target: Any) -> None:
+        """Add a batch: scores (B, C) (floating) and targets (B, C) in {0, 1}."""
+        scores, target = _to_numpy(scores).astype(np.float64), _to_numpy(target)
+        if scores.ndim == 1 and target.ndim == 1:  # one sample
+            scores, target = scores[None], target[None]
+        if target.ndim != 2 or target.shape[1] != self.num_classes:
+            raise ValueError(f"target must be (B, C={self.num_classes}) 0/1 labels, got shape {target.shape}")
+        if scores.shape != target.shape:
+            raise ValueError(f"scores of shape {scores.shape} do not match target of shape {target.shape}")
+        if not np.isfinite(scores).all():
+            raise ValueError("scores contain NaN or infinite values")
+        if not np.isin(target, (0, 1)).all():
+            raise ValueError("target must hold 0/1 labels")
+        self._scores.append(scores)
+        self._targets.append(target.astype(bool))
+
+    def compute(self) -> dict:
+        """Per-class AP, mAP, per-class and macro F1 at ``threshold``, prevalence, chance mAP, predicted sets."""
+        c = self.num_classes
+        scores = np.concatenate(self._scores) if self._scores else np.zeros((0, c))
+        target = np.concatenate(self._targets) if self._targets else np.zeros((0, c), bool)
+        ap = np.array([average_precision(scores[:, k], target[:, k]) for k in range(c)])
+        pred = scores >= self.threshold
+        tp, fp, fn = (pred & target).sum(0), (pred & ~target).sum(0), (~pred & target).sum(0)
+        f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+        support = target.sum(0)
+        prevalence = _ratio(support, np.full(c, target.shape[0]))
+        has_positive = support > 0
+        return {"map": _mean(ap[has_positive]), "ap_per_class": ap, "macro_f1": _mean(f1[np.isfinite(f1)]),
+                "f1_per_class": f1, "prevalence": prevalence, "chance_map": _mean(prevalence[has_positive]),
+                "predicted_sets": float(len({row.tobytes() for row in pred})) if len(pred) else float("nan"),
+                "support": support, "absent_classes": np.flatnonzero(~has_positive).tolist(),
+                "num_samples": int(target.shape[0])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -545,18 +626,6 @@ def _relative_gains(mtl: Mapping[str, float], single: Mapping[str, float],
     return gains
 
 
-def metric_task(key: str) -> str:
-    """The task a result key belongs to: ``test_seg_hd95`` / ``seg_hd95`` -> ``seg`` (its ``<task>_`` prefix)."""
-    for prefix in ("test_", "val_", "train_"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
-    task, sep, _ = key.partition("_")
-    if not sep:
-        raise ValueError(f"metric {key!r} has no <task>_ prefix (e.g. cls_accuracy, seg_miou); pass tasks=")
-    return task
-
-
 def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool],
             tasks: Mapping[str, str] | None = None) -> float:
     """Relative multi-task gain, LibMTL's ``count_improvement``: the relative gains ``+-(mtl - single) / single``
@@ -566,10 +635,12 @@ def delta_m(mtl: Mapping[str, float], single: Mapping[str, float], higher_is_bet
     names to tasks. With two activity metrics at +2 % and three segmentation metrics at -1 %, this gives +0.5 %
     (each task counts once); the flat mean over metrics (:func:`delta_m_flat`) would give +0.2 %.
     """
+    from .tasks import split_key  # the one parser of result keys (tasks imports this module: imported here)
+
     gains = _relative_gains(mtl, single, higher_is_better)
     by_task: dict[str, list[float]] = {}
     for name, gain in gains.items():
-        by_task.setdefault(tasks[name] if tasks is not None else metric_task(name), []).append(gain)
+        by_task.setdefault(tasks[name] if tasks is not None else split_key(name, registered=False)[1], []).append(gain)
     return float(np.mean([np.mean(v) for v in by_task.values()]))
 
 

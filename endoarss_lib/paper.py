@@ -144,9 +144,12 @@ def _paper_backbone(name, sma) -> str:
 
 
 def _paper_task(tasks) -> str:
-    """'cls+seg' -> both, 'cls' -> cls, 'seg' -> seg (already-paper values pass through)."""
+    """'cls+seg' (the paper's two tasks) -> both, 'cls' -> cls, 'seg' -> seg (already-paper values and rows with
+    other tasks pass through)."""
+    from .tasks import DEFAULT_TASKS
+
     parts = set(str(tasks).split("+"))
-    return "both" if parts >= {"cls", "seg"} or tasks == "both" else str(tasks)
+    return "both" if parts == set(DEFAULT_TASKS) or tasks == "both" else str(tasks)
 
 
 def to_paper_vocabulary(rows: pd.DataFrame) -> pd.DataFrame:

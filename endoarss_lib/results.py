@@ -1,15 +1,22 @@
-"""Result rows and tables: rows from runs, saved atomically beside a notebook's outputs, aggregated into tables.
+"""Result rows and tables: one row schema, rows saved atomically beside a notebook's outputs, aggregated into tables.
 
-A *row* is the dict :func:`endoarss_lib.engine.fit` returns (dataset, synthetic or real, backbone, weights,
-architecture, weighting, seed, metrics, provenance). A notebook run saves its rows as ``<out_dir>/rows.json``; the
-sweep collects those files into paper-style tables.
+A *row* is a flat dict with the fields of :class:`ResultRow` (``schema_version`` first): what was evaluated
+(dataset, synthetic or real, tasks, backbone, weights, architecture, weighting, seed), its metrics (``test_*``,
+``val_*``), cost, and provenance (library version, git commit and dirty flag, Python, platform, torch, CUDA, cuDNN,
+GPU, the deterministic switch). Training (:func:`endoarss_lib.engine.fit`), evaluation (:mod:`endoarss_lib.inference`),
+robustness cells (:mod:`endoarss_lib.robustness`) and the released model's evaluation (:mod:`endoarss_lib.evaluate`)
+all write it (``source`` says which). :func:`read_row` reads any row back, an older one included: fields it lacks are
+None and listed in ``row.missing``, and asking it for a key it does not hold says what it holds instead of a bare
+KeyError. A notebook run saves its rows as ``<out_dir>/rows.json``; the sweep collects those files into tables.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -17,9 +24,159 @@ from .atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note",
            "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single", "compare",
-           "read_run_logs"]
+           "read_run_logs", "ResultRow", "Row", "RowKeyError", "read_row", "ROW_FIELDS", "SCHEMA_VERSION",
+           "ROW_SOURCES"]
 
 ROWS_FILE = "rows.json"
+
+# ------------------------------------------------------------------------------------------------ the row schema
+
+SCHEMA_VERSION = 1  # 1: the first versioned schema (provenance, source; older rows have no schema_version)
+ROW_SOURCES = ("train", "evaluate", "robustness", "released", "prior")
+
+
+@dataclass
+class ResultRow:
+    """The one schema of result rows (every writer fills it; :meth:`to_dict` flattens it to the stored dict).
+
+    ``source``: ``train`` (fit), ``evaluate`` (a run evaluated again, e.g. on a shifted set), ``robustness`` (one
+    corruption cell), ``released`` (the authors' checkpoint), ``prior`` (the prior predictor). ``metrics``: result
+    keys (``test_<task>_<metric>``, ``val_...``; a robustness cell's keys have no split) flattened into the row;
+    ``extra``: the source's own keys (a robustness cell's corruption and severity, the released checkpoint's file),
+    flattened too. Fields that do not apply to a source are None. ``seed``: the seed of the row's randomness (the
+    training seed; for a robustness cell the corruption seed). Provenance (``library_version`` ... ``gpu_name``):
+    :func:`endoarss_lib.version.provenance`; ``git_dirty`` is None outside a git checkout.
+    """
+
+    source: str
+    dataset: str | None = None
+    data: str | None = None  # "synthetic" | "real"
+    backbone: str | None = None
+    arch: str | None = None
+    sma: bool | None = None
+    weighting: str | None = None
+    tasks: str | None = None  # "cls+seg"
+    connector: str | None = None
+    cls_loss: str | None = None
+    model_label: str | None = None
+    paper_backbone: str | None = None
+    pretrained: str | None = None
+    pretrained_name: str | None = None
+    weights_sha256: str | None = None
+    random_init_backbone: bool | None = None
+    synthetic_pretrained_backbone: bool | None = None
+    seed: int | None = None
+    preset: str | None = None
+    image_size: int | None = None
+    epochs: int | None = None
+    best_epoch: int | None = None
+    epochs_trained: int | None = None  # fewer than ``epochs`` when early stopping (``patience``) stopped the run
+    patience: int | None = None
+    select_on: str | None = None
+    compat_eval_size: int | None = None
+    metrics: dict = field(default_factory=dict)
+    params_total: int | None = None
+    params_trainable: int | None = None
+    wall_time_s: float | None = None
+    device: str | None = None
+    peak_memory_mib: float | None = None
+    peak_memory_kind: str | None = None
+    deterministic: bool | None = None
+    library_version: str | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    python_version: str | None = None
+    platform: str | None = None
+    torch_version: str | None = None
+    cuda_version: str | None = None
+    cudnn_version: int | None = None
+    gpu_name: str | None = None
+    config_hash: str | None = None
+    data_fingerprint: dict | None = None
+    run_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.source not in ROW_SOURCES:
+            raise ValueError(f"source={self.source!r}: expected one of {ROW_SOURCES}")
+        clash = sorted((set(self.metrics) | set(self.extra)) & set(ROW_FIELDS) | set(self.metrics) & set(self.extra))
+        if clash:
+            raise ValueError(f"result row: keys {clash} appear twice (schema fields, metrics and extra keys must differ)")
+
+    @classmethod
+    def with_provenance(cls, device=None, **fields) -> "ResultRow":
+        """A row whose provenance fields are this process's (:func:`endoarss_lib.version.provenance` on
+        ``device``); ``device`` is also recorded."""
+        from .version import provenance
+
+        return cls(**{**provenance(device), "device": None if device is None else str(device), **fields})
+
+    def to_dict(self) -> "Row":
+        """The stored form: ``schema_version`` and ``source`` first, then the fields in order, ``metrics`` and
+        ``extra`` flattened in place."""
+        out = Row({"schema_version": self.schema_version, "source": self.source})
+        for f in dataclasses.fields(self):
+            if f.name in ("schema_version", "source"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("metrics", "extra"):
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
+
+
+ROW_FIELDS = ("schema_version", "source") + tuple(
+    f.name for f in dataclasses.fields(ResultRow) if f.name not in ("metrics", "extra", "schema_version", "source"))
+
+
+class RowKeyError(KeyError):
+    """A key a result row does not hold (the message says what the row holds and which schema fields it lacks)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Row(dict):
+    """A result row: a plain dict (JSON, DataFrames, ``==`` with dicts) whose ``missing`` lists the schema fields the
+    stored row lacked (an older row: they read None); a key it does not hold raises :class:`RowKeyError` saying
+    why, not a bare KeyError."""
+
+    def __init__(self, *args, missing: Sequence[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.missing = tuple(missing)
+
+    def __missing__(self, key):
+        version = dict.get(self, "schema_version")
+        parts = [f"this result row has no {key!r}"]
+        if self.missing:
+            parts.append(f"it was written with schema version {version or 0} (before {SCHEMA_VERSION}) and lacks "
+                         f"{list(self.missing)}")
+        if isinstance(key, str) and key.startswith(("test_", "val_")):
+            from .tasks import split_key
+
+            try:
+                task = split_key(key, registered=False)[1]
+            except KeyError:
+                task = None
+            tasks = str(dict.get(self, "tasks") or "")
+            if task is not None and tasks and task not in tasks.split("+"):
+                parts.append(f"its model was trained on {tasks}, not {task!r}")
+            else:
+                held = sorted(k for k in self if isinstance(k, str) and k.startswith(key.split("_", 1)[0] + "_"))
+                parts.append(f"its {key.split('_', 1)[0]} metrics: {held[:12]}{' ...' if len(held) > 12 else ''}")
+        raise RowKeyError("; ".join(parts))
+
+
+def read_row(data: Mapping) -> Row:
+    """A stored row as a :class:`Row`: every schema field present (those an older row lacks are None, listed in
+    ``row.missing``; ``schema_version`` 0 marks a row written before the schema)."""
+    missing = tuple(f for f in ROW_FIELDS if f not in data)
+    row = Row(data, missing=missing)
+    for name in missing:
+        row[name] = 0 if name == "schema_version" else None
+    return row
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, note: str) -> tuple[Path, Path]:
@@ -37,12 +194,13 @@ def save_rows(rows: Sequence[dict], out_dir: str | os.PathLike, experiment: str)
 
 
 def load_rows(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """All rows of several ``rows.json`` files (or folders holding one) as one DataFrame."""
+    """All rows of several ``rows.json`` files (or folders holding one) as one DataFrame (:func:`read_row`: the
+    schema fields an older row lacks are None)."""
     frames = []
     for path in paths:
         path = Path(path)
         path = path / ROWS_FILE if path.is_dir() else path
-        frames.append(pd.DataFrame(json.loads(path.read_text())))
+        frames.append(pd.DataFrame([read_row(r) for r in json.loads(path.read_text())]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -87,26 +245,26 @@ def _flag(series: pd.Series) -> pd.Series:
 # ------------------------------------------------------------------------------------------------ degenerate models
 
 def degenerate(df: pd.DataFrame, metric_prefix: str = "test_") -> list[str]:
-    """Messages for rows whose model is degenerate, as a reader must be told beside the table:
+    """Messages for rows whose model is degenerate, as a reader must be told beside the table: for every registered
+    task, the first of its ``degenerate`` rules that holds (:mod:`endoarss_lib.tasks`), e.g.
 
     * a constant activity prediction (one class predicted for every test image);
     * activity accuracy at or below the majority class's share (what always answering that class scores);
     * an all-background segmentation (no foreground pixel predicted);
-    * identical results across rows that are different configurations (every test metric equal).
+
+    and identical results across rows that are different configurations (every test metric equal).
     """
+    from .tasks import TASKS
+
     p = metric_prefix
     msgs = []
     names = df["name"] if "name" in df else df.get("model_label", pd.Series(range(len(df)), index=df.index))
     for i, row in df.iterrows():
         label = str(names[i])
-        if row.get(f"{p}cls_predicted_classes") == 1:
-            msgs.append(f"{label}: predicts one activity for every image")
-        elif pd.notna(row.get(f"{p}cls_accuracy")) and pd.notna(row.get(f"{p}cls_majority_accuracy")) \
-                and row[f"{p}cls_accuracy"] <= row[f"{p}cls_majority_accuracy"]:
-            msgs.append(f"{label}: activity accuracy {row[f'{p}cls_accuracy']:.3f} is not above the majority class's "
-                        f"{row[f'{p}cls_majority_accuracy']:.3f}")
-        if pd.notna(row.get(f"{p}seg_pred_fg_fraction")) and row[f"{p}seg_pred_fg_fraction"] == 0:
-            msgs.append(f"{label}: segments everything as background")
+        for task in list(TASKS.values()):
+            message = task.degeneracy(lambda metric: row.get(f"{p}{task.name}_{metric}"))
+            if message:
+                msgs.append(f"{label}: {message}")
     metrics = [c for c in df if c.startswith(p) and pd.api.types.is_numeric_dtype(df[c])]
     if metrics and "config_hash" in df and len(df) > 1:
         filled = df[metrics].round(12).fillna(-1.0)
@@ -126,24 +284,24 @@ def caption(df: pd.DataFrame, extra: str = "") -> str:
 
 
 def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
-    """Whether a row's model beats the prior predictor on each task: activity accuracy above the majority class's
-    share (what always answering the most frequent class scores), and foreground mIoU above 0 (what predicting
-    background everywhere scores)."""
-    out = {}
-    if f"{prefix}cls_accuracy" in row:
-        out["cls"] = bool(row[f"{prefix}cls_accuracy"] > row[f"{prefix}cls_majority_accuracy"])
-    if f"{prefix}seg_miou_fg" in row:
-        out["seg"] = bool(row[f"{prefix}seg_miou_fg"] > 0)
-    return out
+    """Whether a row's model beats the prior predictor on each task it was tested on (the task's ``prior`` check:
+    activity accuracy above the majority class's share, what always answering the most frequent class scores;
+    foreground mIoU above 0, what predicting background everywhere scores)."""
+    from .tasks import TASKS
+
+    return {task.name: task.beats_prior(lambda metric, t=task.name: row.get(f"{prefix}{t}_{metric}"))
+            for task in list(TASKS.values()) if f"{prefix}{task.name}_{task.prior.metric}" in row}
 
 
 def assert_learns(row: Mapping, what: str = "the featured model") -> None:
     """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`).
     Notebooks call it on their default parameters, so their tests fail when a default run is degenerate."""
+    from .tasks import get_task
+
     failed = [t for t, ok in beats_prior(row).items() if not ok]
     if failed:
-        detail = {t: {k: row.get(k) for k in (f"test_{t}_accuracy", f"test_{t}_majority_accuracy",
-                                              f"test_{t}_miou_fg") if k in row} for t in failed}
+        detail = {t: {k: row.get(k) for k in (f"test_{t}_{m}" for m in get_task(t).prior.keys()) if k in row}
+                  for t in failed}
         raise AssertionError(f"{what} does not beat the prior predictor on {failed}: {detail}. With these "
                              "parameters the model learns too little: train longer or on more data, or set "
                              "assert_learning=False to render the tables anyway")
@@ -155,30 +313,36 @@ def delta_m_against_single(rows: pd.DataFrame, metrics: Mapping[str, bool] | Non
     """Delta_m (LibMTL's per-task mean, :func:`endoarss_lib.metrics.delta_m`) of every multi-task row against the
     single-task rows of the same backbone, SMA flag, pretrained weights and seed.
 
-    Uses the cls-only run for ``test_cls_*`` metrics and the seg-only run for ``test_seg_*``; the metrics are those
-    the task registry marks for Delta_m (:func:`endoarss_lib.tasks.delta_m_keys`) unless ``metrics`` names them.
-    Metrics that are not finite in all three runs are left out (``delta_m_metrics`` names those used). NaN where a
-    baseline is missing.
+    Each metric ``test_<task>_*`` is compared with the ``<task>``-only run (``arch`` single, ``tasks`` <task>);
+    the metrics are those the task registry marks for Delta_m (:func:`endoarss_lib.tasks.delta_m_keys`, of the
+    paper's two tasks and of any other task with test columns in ``rows``) unless ``metrics`` names them. A row uses
+    the metrics of the tasks it trains (its ``tasks`` column); those not finite in the row and its baseline are left
+    out (``delta_m_metrics`` names those used). NaN where a baseline is missing.
     """
     import numpy as np
 
     from .metrics import delta_m
-    from .tasks import delta_m_keys
+    from .tasks import DEFAULT_TASKS, TASKS, delta_m_keys, split_key
 
-    metrics = dict(metrics) if metrics is not None else delta_m_keys()
+    if metrics is None:
+        present = [t for t in TASKS if t in DEFAULT_TASKS or any(c.startswith(f"test_{t}_") for c in rows)]
+        metrics = delta_m_keys(present)
+    metrics = dict(metrics)
     values, used = [], []
     key = [k for k in ("backbone", "sma", "pretrained", "seed") if k in rows]
     singles = rows[rows["arch"] == "single"]
+    task_of = {k: split_key(k, registered=False)[1] for k in metrics}
     for _, row in rows.iterrows():
         match = singles[(singles[key] == row[key]).all(axis=1)] if key else singles
-        cls_base, seg_base = match[match["tasks"] == "cls"], match[match["tasks"] == "seg"]
-        if row["arch"] == "single" or cls_base.empty or seg_base.empty:
+        trained = set(str(row["tasks"]).split("+")) if "tasks" in row and isinstance(row["tasks"], str) else None
+        keys = [k for k in metrics if trained is None or task_of[k] in trained]
+        bases = {t: match[match["tasks"] == t] for t in dict.fromkeys(task_of[k] for k in keys)}
+        if row["arch"] == "single" or not bases or any(b.empty for b in bases.values()):
             values.append(np.nan)
             used.append("")
             continue
-        single = {k: (cls_base if "_cls_" in k else seg_base).iloc[0].get(k, np.nan) for k in metrics}
-        finite = [k for k in metrics if np.isfinite(row.get(k, np.nan)) and np.isfinite(single[k])
-                  and single[k] != 0]
+        single = {k: bases[task_of[k]].iloc[0].get(k, np.nan) for k in keys}
+        finite = [k for k in keys if np.isfinite(row.get(k, np.nan)) and np.isfinite(single[k]) and single[k] != 0]
         values.append(delta_m({k: row[k] for k in finite}, {k: single[k] for k in finite},
                               {k: metrics[k] for k in finite}) if finite else np.nan)
         used.append(",".join(k.replace("test_", "") for k in finite))

@@ -28,6 +28,9 @@ from .atomic import write_json_atomic
 from .corrupted_sets import CLEAN, DONE_NAME, build_corrupted_set, clean_cell
 from .corruptions import CORRUPTIONS, GROUP_OF, SEVERITIES, check_names, check_severities
 from .models.pretrained import is_synthetic_pretrained
+from .results import ResultRow
+from .tasks import DEFAULT_TASKS, metric_info
+from .version import provenance
 
 __all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key"]
 
@@ -52,11 +55,13 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     written under ``out_dir/corrupted/<H>x<W>/<name>/<severity>`` (``workers`` processes; shared by every model
     evaluated with the same ``out_dir``) and per-cell results under ``out_dir/evals/<model key>/``.
 
-    Columns: ``model, data (synthetic|real), dataset, image_size, corruption, group, severity`` (0 and group
-    ``clean`` for the clean reference), ``n_images``, the metrics of :func:`endoarss_lib.engine.evaluate` (``cls_*``,
-    ``seg_*``, correct and ``compat_``; boundary distances and SSIM only with ``distances=True``),
-    ``random_init_backbone``, ``synthetic_pretrained_backbone``, ``seed``, ``model_key`` and ``cached`` (True when
-    the row came from the cache).
+    Rows have the schema of every result row (:class:`endoarss_lib.results.ResultRow`, ``source`` "robustness"; the
+    model's backbone, architecture, weighting and config hash where known; provenance as recorded when the cell was
+    evaluated, None for cells cached before it was recorded) and the cell's own columns: ``model, corruption, group,
+    severity`` (0 and group ``clean`` for the clean reference), ``n_images``, ``model_key`` and ``cached`` (True when
+    the row came from the cache). ``seed`` is the corruption seed. The metrics are those of
+    :func:`endoarss_lib.engine.evaluate` (``cls_*``, ``seg_*``, correct and ``compat_``; boundary distances and SSIM
+    only with ``distances=True``).
     """
     from .engine import resolve_device
     from .inference import load_run_model
@@ -94,7 +99,8 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 32:
         raise ValueError(f"image_size={image_size!r}: expected an integer >= 32 (the evaluation resolution)")
     image_size = int(image_size)
-    tasks = tuple(getattr(net, "tasks", ("cls", "seg")))
+    tasks = tuple(getattr(net, "tasks", DEFAULT_TASKS))
+    identity = _identity(net, Path(model) if isinstance(model, (str, os.PathLike)) else None)
 
     out_dir = Path(out_dir)
     cells_dir = out_dir / _CELLS_DIR / f"{image_size}x{image_size}"
@@ -120,13 +126,35 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
                                    ignore_index, distances, amp)
             entry["key"] = entry_key
             write_json_atomic(path, entry)
-        rows.append({"model": label, "data": entry["data"], "dataset": dataset, "image_size": image_size,
-                     "corruption": name, "group": CLEAN if name == CLEAN else GROUP_OF[name],
-                     "severity": int(severity), "n_images": entry["n_images"], **entry["metrics"],
-                     "random_init_backbone": bool(getattr(net, "pretrained_random_init", False)),
-                     "synthetic_pretrained_backbone": is_synthetic_pretrained(getattr(net, "weights", None)),
-                     "seed": int(seed), "model_key": key, "cached": cached})
+        recorded = {k: entry.get("provenance", {}).get(k) for k in _PROVENANCE}  # when the cell was evaluated
+        rows.append(ResultRow(
+            source="robustness", dataset=dataset, data=entry["data"], tasks="+".join(tasks), image_size=image_size,
+            random_init_backbone=bool(getattr(net, "pretrained_random_init", False)),
+            synthetic_pretrained_backbone=is_synthetic_pretrained(getattr(net, "weights", None)), seed=int(seed),
+            metrics=entry["metrics"], **identity, **recorded,
+            extra={"model": label, "corruption": name, "group": CLEAN if name == CLEAN else GROUP_OF[name],
+                   "severity": int(severity), "n_images": entry["n_images"], "model_key": key,
+                   "cached": cached}).to_dict())
     return pd.DataFrame(rows)
+
+
+_PROVENANCE = ("device", "deterministic", "library_version", "git_commit", "git_dirty", "python_version", "platform",
+               "torch_version", "cuda_version", "cudnn_version", "gpu_name")
+
+
+def _identity(net, run: Path | None) -> dict:
+    """The schema's model fields of a row: from the model's options and, for a run folder, its run config."""
+    out: dict = {}
+    options, cfg = getattr(net, "config", None), getattr(net, "run_config", None)
+    if hasattr(options, "backbone") and hasattr(options, "arch"):  # a ModelConfig
+        out.update(backbone=options.backbone, arch=options.arch, sma=bool(options.sma), model_label=options.label,
+                   paper_backbone=options.paper_backbone, connector=options.connector or "none")
+    if cfg is not None:
+        out.update(weighting=cfg.weighting, cls_loss=cfg.cls_loss, preset=cfg.preset, epochs=cfg.epochs,
+                   config_hash=cfg.results_hash())
+    if run is not None:
+        out["run_dir"] = str(run)
+    return out
 
 
 def model_key(model) -> str:
@@ -179,10 +207,11 @@ def _evaluate_cell(net, cell: Path, dataset: str, image_size: int, tasks, device
                       ignore_index=ignore_index)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     start = time.perf_counter()
-    metrics = evaluate(net, loader, device, tasks, num_activities=data.spec.num_activities,
-                       num_seg_classes=data.spec.num_seg_classes, distances=distances, amp=amp,
+    metrics = evaluate(net, loader, device, tasks, spec=data.spec, distances=distances, amp=amp,
                        ignore_index=ignore_index, compat_size=COMPAT_SIZE)
     if not distances:  # not computed: leave the NaN placeholders out of the rows
-        metrics = {k: v for k, v in metrics.items() if "hd" not in k and "ssim" not in k}
+        metrics = {k: v for k, v in metrics.items() if not metric_info(k)[1].needs_distances}
     return {"data": "synthetic" if data.synthetic else "real", "n_images": len(data), "metrics": metrics,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.perf_counter() - start, 3),
+            "provenance": {**provenance(device), "device": str(device),
+                           "deterministic": torch.are_deterministic_algorithms_enabled()}}

@@ -40,7 +40,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: flo
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def denormalize(image: torch.Tensor, normalize: str = "imagenet") -> np.ndarray:
+def denormalize(image: torch.Tensor, normalize="imagenet") -> np.ndarray:
     """A normalised (3, H, W) model input back to uint8 (H, W, 3) (:func:`endoarss_lib.data.dataset.to_uint8_image`)."""
     return to_uint8_image(image, normalize)
 
@@ -68,7 +68,7 @@ def show_samples(dataset, per_activity: int = 2, max_activities: int = 6, alpha:
     for col, activity in enumerate(activities):
         for row, index in enumerate(np.flatnonzero(labels == activity)[:per_activity]):
             item = dataset[int(index)]
-            image, mask = denormalize(item["image"]), item["mask"].numpy()
+            image, mask = denormalize(item["image"], getattr(dataset, "normalize", "imagenet")), item["mask"].numpy()
             axes[2 * row, col].imshow(image)
             axes[2 * row + 1, col].imshow(overlay(image, mask, palette, alpha))
             axes[2 * row, col].set_title(spec.activities[activity], fontsize=9)

@@ -79,6 +79,8 @@ def test_delta_m_against_single_by_hand():
 def test_experiment_grid_adds_single_task_baselines_once(tmp_path):
     exp = Experiment("t", epochs=1, image_size=56, out_dir=tmp_path)
     configs = exp.grid(["vit_tiny_patch14+sma"], ["hps", "tesla"], seeds=[0, 1], model={"sma_dim": 8})
+    assert {(k.variant, k.seed) for k in configs} >= {("vit_tiny_patch14+sma | tesla | ew", 1),
+                                                      ("vit_tiny_patch14+sma | single cls", 0)}  # typed keys
     assert len(configs) == 4 + 2 * 2  # 4 MTL runs, cls-only and seg-only per seed
     tesla = configs["vit_tiny_patch14+sma | tesla | ew | seed 1"]
     assert (tesla.model.backbone, tesla.model.arch, tesla.model.sma, tesla.model.sma_dim) == (
@@ -121,3 +123,36 @@ def test_auto_jobs_one_per_core_or_per_gpu(monkeypatch):
     assert runner.auto_jobs(5, ["cpu"], gpus=["0"]) == 2       # CPU runs ignore the GPUs
     monkeypatch.setattr(runner, "cpu_cores", lambda: 64)
     assert runner.auto_jobs(100, ["cpu"], gpus=[]) == 8        # capped (memory)
+
+
+def test_config_merges_model_options_into_the_experiments_model(tmp_path):
+    exp = Experiment("t", epochs=1, image_size=56, out_dir=tmp_path, model={**TINY, "arch": "tesla", "lora_rank": 2})
+    hps = exp.config(model={"arch": "hps"})  # only the architecture changes, as TrainConfig.replace merges
+    assert (hps.model.backbone, hps.model.arch, hps.model.lora_rank, hps.model.pretrained) == (
+        "vit_tiny_patch14", "hps", 2, False)
+    assert hps.results_hash() == exp.config().replace(model={"arch": "hps"}).results_hash()
+    # the hand-written merge of earlier notebooks gives the same config
+    assert exp.config(model={**exp.default_model, "arch": "hps"}).results_hash() == hps.results_hash()
+    other = exp.config(model="resnet_tiny")  # a new backbone drops the weights that belong to the old one
+    assert other.model.backbone == "resnet_tiny" and other.model.pretrained is False and other.model.arch == "tesla"
+
+
+def test_variants_are_typed_keys_and_rows_carry_variant_and_seed(tmp_path):
+    from endoarss_lib.experiment import RunKey
+
+    exp = Experiment("t", epochs=1, image_size=56, n_train=16, n_test=8, out_dir=tmp_path,
+                     model={**TINY, "arch": "hps"})
+    configs = exp.variants({"hps": {}, "tesla db": {"arch": "tesla", "weighting": "db_mtl"}}, seeds=[0, 1],
+                           batch_size=8)
+    assert list(configs) == [RunKey("hps", 0), RunKey("hps", 1), RunKey("tesla db", 0), RunKey("tesla db", 1)]
+    key = list(configs)[3]
+    assert (key.variant, key.seed) == ("tesla db", 1) and key == "tesla db | seed 1"  # still the old string
+    tesla = configs["tesla db | seed 1"]
+    assert (tesla.model.arch, tesla.weighting, tesla.seed, tesla.batch_size) == ("tesla", "db_mtl", 1, 8)
+    with pytest.raises(ConfigError, match="'learning_rate' is neither a model option nor a run field"):
+        exp.variants({"x": {"learning_rate": 0.1}})
+    rows = exp.run({k: v for k, v in configs.items() if k.seed == 0})
+    assert list(rows.columns[:3]) == ["name", "variant", "seed"]
+    assert rows["variant"].tolist() == ["hps", "tesla db"] and rows["seed"].tolist() == [0, 0]
+    assert rows["name"].tolist() == ["hps | seed 0", "tesla db | seed 0"]
+    assert rows.loc[1, "arch"] == "tesla" and rows.loc[1, "weighting"] == "db_mtl"

@@ -215,7 +215,7 @@ def test_per_activity_spread_against_direct_computation():
     out = {"cls": torch.nn.functional.one_hot(torch.from_numpy(pred_label), 3).float(),
            "seg": torch.nn.functional.one_hot(torch.from_numpy(pred), 3).permute(0, 3, 1, 2).float()}
     batch = {"image": torch.zeros(n, 3, 10, 10), "label": torch.from_numpy(labels), "mask": torch.from_numpy(target)}
-    records = _image_records(out, batch, 3, ignore)
+    records = _image_records(out, batch, {"cls": 3, "seg": 3}, ignore)
     got = per_activity_spread(records)
     # reference: foreground = class > 0, over valid pixels only; pooled per activity, population std
     valid = target != ignore

@@ -521,3 +521,51 @@ def test_delta_m_libmtl_convention():
 def test_delta_m_bad_input(mtl, single, higher, match):
     with pytest.raises(ValueError, match=match):
         delta_m(mtl, single, higher)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-label presence: average precision and macro F1 against scikit-learn
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_multilabel_ap_map_and_f1_match_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    from endoarss_lib.metrics import MultiLabelMeter
+
+    rng = np.random.default_rng(3)
+    n, c = 60, 5
+    target = rng.random((n, c)) < [0.1, 0.3, 0.5, 0.8, 0.0]  # class 4 never present
+    scores = np.clip(target * 0.35 + rng.random((n, c)) * 0.7, 0, 1).round(2)  # rounding makes ties
+    meter = MultiLabelMeter(c)
+    for start in range(0, n, 7):  # batches of 7: accumulation must not depend on batching
+        meter.update(torch.from_numpy(scores[start:start + 7]), torch.from_numpy(target[start:start + 7]))
+    out = meter.compute()
+    expected_ap = [average_precision_score(target[:, k], scores[:, k]) for k in range(4)]
+    np.testing.assert_allclose(out["ap_per_class"][:4], expected_ap, rtol=1e-12)
+    assert np.isnan(out["ap_per_class"][4]) and out["absent_classes"] == [4]  # no positive: undefined, left out
+    assert out["map"] == pytest.approx(np.mean(expected_ap))
+    pred = scores >= 0.5
+    f1 = f1_score(target, pred, average=None, zero_division=np.nan)
+    np.testing.assert_allclose(out["f1_per_class"], f1, equal_nan=True)
+    assert out["macro_f1"] == pytest.approx(np.nanmean(f1))
+    # a constant score's AP is the class's prevalence: the chance mAP
+    constant = [average_precision_score(target[:, k], np.full(n, 0.3)) for k in range(4)]
+    assert out["chance_map"] == pytest.approx(np.mean(constant))
+    assert out["predicted_sets"] == len({tuple(r) for r in pred})
+
+
+def test_multilabel_closed_form_cases_and_bad_input():
+    from endoarss_lib.metrics import MultiLabelMeter, average_precision
+
+    # positives ranked 1st and 3rd of 4: AP = (1/2)(1/1) + (1/2)(2/3)
+    assert average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 + 1 / 3)
+    assert average_precision([0.5, 0.5, 0.5], [1, 0, 0]) == pytest.approx(1 / 3)  # one threshold: the prevalence
+    perfect = MultiLabelMeter(2)
+    perfect.update(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([[1, 0], [0, 1]]))
+    assert perfect.compute()["map"] == 1.0 and perfect.compute()["macro_f1"] == 1.0
+    with pytest.raises(ValueError, match="0/1"):
+        MultiLabelMeter(2).update(np.zeros((1, 2)), np.array([[2, 0]]))
+    with pytest.raises(ValueError, match=r"\(B, C=3\)"):
+        MultiLabelMeter(3).update(np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        MultiLabelMeter(1).update(np.array([[np.nan]]), np.array([[1]]))

@@ -1,14 +1,23 @@
-"""Whole models at tiny sizes: every backbone x architecture x SMA builds, trains the intended parameters only."""
+"""Whole models at tiny sizes: every tiny backbone x architecture x SMA x registered task set builds and trains the
+intended parameters only (the grid iterates the registries, as timm's tests iterate ``list_models``)."""
 import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from endoarss_lib.models import ARCHITECTURES, BACKBONES, ModelConfig, build_model, count_gflops
+from endoarss_lib.tasks import DEFAULT_TASKS, TASKS, get_task
 
 VIT, RES = "vit_tiny_patch14", "resnet_tiny"
 SIZE, K, S = 42, 3, 4
+TINY_BACKBONES = [name for name in BACKBONES if "tiny" in name]  # test-size backbones (no weights to load)
+MULTI_TASK_ARCHS = [arch for arch in ARCHITECTURES if arch != "single"]
+TASK_SETS = list(dict.fromkeys([DEFAULT_TASKS, tuple(TASKS)]))  # the paper's pair, and every registered task
+
+
+def task_classes(tasks, n=K):
+    """Class counts of the tasks without a ModelConfig field of their own."""
+    return {t: n for t in tasks if get_task(t).classes_field not in ModelConfig.__dataclass_fields__}
 
 
 def tiny(backbone=VIT, arch="hps", sma=False, **kw):
@@ -17,6 +26,7 @@ def tiny(backbone=VIT, arch="hps", sma=False, **kw):
     kw.setdefault("num_activities", K)
     kw.setdefault("num_seg_classes", S)
     kw.setdefault("image_size", SIZE)
+    kw.setdefault("task_classes", task_classes(kw.get("tasks", DEFAULT_TASKS)))
     torch.manual_seed(kw.pop("seed", 0))
     return build_model(backbone, arch, sma=sma, **kw)
 
@@ -30,16 +40,16 @@ def perturb_zero_init(model, scale=0.05):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def batch(b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 3, SIZE, SIZE, generator=g)
-    y_cls = torch.randint(0, K, (b,), generator=g)
-    y_seg = torch.randint(0, S, (b, SIZE, SIZE), generator=g)
-    return x, y_cls, y_seg
+def batch(model, b=2, seed=0):
+    """Random images and each task's random target (the registry's ``example_target``)."""
+    torch.manual_seed(seed)
+    x = torch.randn(b, 3, SIZE, SIZE)
+    return x, {get_task(t).target: get_task(t).example_target(model.config.classes_of(t), b, SIZE, "cpu")
+               for t in model.tasks}
 
 
-def task_loss(out, y_cls, y_seg, task):
-    return F.cross_entropy(out["cls"], y_cls) if task == "cls" else F.cross_entropy(out["seg"], y_seg)
+def total_loss(model, out, targets):
+    return sum(get_task(t).loss(out[t], targets) for t in model.tasks)
 
 
 def expected_trainable(name, backbone, sma_trainable=True):
@@ -52,13 +62,14 @@ def expected_trainable(name, backbone, sma_trainable=True):
     return name.endswith((".lora_A", ".lora_B")) or ".tesla_" in name or ".expert_" in name
 
 
-GRID = list(itertools.product([VIT, RES], ["hps", "tesla", "mmoe", "dselect_k"], [False, True]))
+GRID = list(itertools.product(TINY_BACKBONES, MULTI_TASK_ARCHS, [False, True], TASK_SETS))
 
 
-@pytest.mark.parametrize("backbone,arch,sma", GRID, ids=["-".join(map(str, g)) for g in GRID])
-def test_grid_forward_backward_trainable_set(backbone, arch, sma):
-    model = tiny(backbone, arch, sma)
-    assert model.arch == arch and model.config.backbone == backbone
+@pytest.mark.parametrize("backbone,arch,sma,tasks", GRID,
+                         ids=["-".join(map(str, g[:3])) + "-" + "+".join(g[3]) for g in GRID])
+def test_grid_forward_backward_trainable_set(backbone, arch, sma, tasks):
+    model = tiny(backbone, arch, sma, tasks=tasks)
+    assert model.arch == arch and model.config.backbone == backbone and model.tasks == tasks
     names = {n for n, _ in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in names if expected_trainable(n, backbone)}
@@ -66,12 +77,17 @@ def test_grid_forward_backward_trainable_set(backbone, arch, sma):
         assert any(n.startswith("backbone.sma.") for n in trainable)
     perturb_zero_init(model)
     model.train()
-    x, yc, ys = batch()
+    x, targets = batch(model)
     out = model(x)
-    assert set(out) == {"cls", "seg"}
-    assert out["cls"].shape == (2, K) and out["seg"].shape == (2, S, SIZE, SIZE)
+    assert set(out) == set(tasks)
+    for t in tasks:  # logits: the batch, the task's classes, and what its decoding turns into a target's shape
+        task = get_task(t)
+        assert out[t].shape[:2] == (2, model.config.classes_of(t)), t
+        assert task.decode(out[t]).shape == targets[task.target].shape, t
     assert all(torch.isfinite(v).all() for v in out.values())
-    loss = task_loss(out, yc, ys, "cls") + task_loss(out, yc, ys, "seg") + model.regularization_loss()
+    if arch == "tesla":
+        assert model.backbone.num_groups == len(tasks)  # one adapter group per task
+    loss = total_loss(model, out, targets) + model.regularization_loss()
     loss.backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -80,19 +96,21 @@ def test_grid_forward_backward_trainable_set(backbone, arch, sma):
         else:
             assert p.grad is None, f"frozen {n} got a gradient"
     feats = model.features(x)
-    assert set(feats) == {"cls", "seg"} and feats["seg"].ndim == 4 and feats["seg"].shape[0] == 2
+    assert set(feats) == set(tasks) and all(f.ndim == 4 and f.shape[0] == 2 for f in feats.values())
 
 
-@pytest.mark.parametrize("backbone", [VIT, RES])
-@pytest.mark.parametrize("task", ["cls", "seg"])
+SINGLE = list(itertools.product(TINY_BACKBONES, TASKS))
+
+
+@pytest.mark.parametrize("backbone,task", SINGLE, ids=["-".join(g) for g in SINGLE])
 def test_single_task_models(backbone, task):
     for arch in ("single", "hps"):
         model = tiny(backbone, arch, tasks=(task,))
         assert set(model.heads) == {task}
-        x, yc, ys = batch()
+        x, targets = batch(model)
         out = model(x)
         assert set(out) == {task}
-        task_loss(out, yc, ys, task).backward()
+        total_loss(model, out, targets).backward()
 
 
 def test_frozen_dinov2_and_parameter_report():
@@ -143,7 +161,7 @@ def test_validation_errors():
         build_model("vit_giant", "hps", num_activities=3, num_seg_classes=3)
     with pytest.raises(ValueError, match="tesla"):
         build_model(VIT, "mola", num_activities=3, num_seg_classes=3, image_size=SIZE)
-    with pytest.raises(ValueError, match="cls"):
+    with pytest.raises(ValueError, match=r"must be distinct names from \('cls', 'seg'"):
         build_model(VIT, "hps", tasks=("depth",), num_activities=3, num_seg_classes=3, image_size=SIZE)
     with pytest.raises(ValueError, match="num_activities"):
         build_model(VIT, "hps", num_activities=1, num_seg_classes=3, image_size=SIZE)

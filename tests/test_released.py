@@ -488,6 +488,10 @@ def test_cli_evaluates_a_released_checkpoint(data_root, tmp_path, capsys):
                 "params_total", "params_trainable", "git_commit", "library_version"):
         assert key in row
     assert row["params_total"] == sum(p.numel() for p in model.parameters())
+    from endoarss_lib.results import ROW_FIELDS
+
+    assert row["source"] == "released" and set(ROW_FIELDS) <= set(row)  # the one row schema, provenance included
+    assert row["torch_version"] == torch.__version__ and row["epochs"] is None and row["config_hash"] is None
 
 
 def test_cli_errors_name_the_file(data_root, tmp_path, capsys):

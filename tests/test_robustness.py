@@ -269,6 +269,10 @@ def test_frame_shape_labels_and_cache(tiny_root, tmp_path, monkeypatch):
                    "seg_compat_miou"):
         assert frame[column].between(0, 1).all(), column
     assert not any("hd" in c or "ssim" in c for c in frame.columns)  # distances=False: not computed, not shown
+    from endoarss_lib.results import ROW_FIELDS
+
+    assert set(ROW_FIELDS) <= set(frame) and (frame["source"] == "robustness").all()  # the one row schema
+    assert (frame["torch_version"] == torch.__version__).all() and (frame["seed"] == 0).all()
     files = sorted((tmp_path / "evals").rglob("*.json"))
     assert len(files) == len(frame)
     mtimes = [f.stat().st_mtime_ns for f in files]

@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .io import DataError, image_size_of
+from .io import DataError, data_home, image_size_of
 
 __all__ = ["ImageCache", "open_cache", "cache_key", "cache_folder", "default_cache_dir", "CACHE_FORMAT"]
 
@@ -50,8 +50,6 @@ META, INDEX, IMAGES, MASKS = "meta.json", "index.npy", "images.u8", "masks.bin"
 
 def default_cache_dir() -> Path:
     """``<data home>/cache`` (``$ENDOARSS_DATA/cache``, else ``~/.cache/endoarss/data/cache``)."""
-    from ..config import data_home
-
     return data_home() / "cache"
 
 

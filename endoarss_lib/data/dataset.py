@@ -22,7 +22,7 @@ from .registry import DatasetSpec, get_spec, resolve_id_map
 
 __all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN",
            "IMAGENET_STD", "SPLITS", "NORMALIZATIONS", "to_uint8_image", "scan_split", "read_id_map", "root_id_map",
-           "resolve_spec"]
+           "resolve_spec", "normalization_stats"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -208,11 +208,31 @@ def root_id_map(root: str | Path, spec: DatasetSpec, id_map: str | Mapping[int, 
         raise DataError(f"{where}: {exc}") from None
 
 
-def to_uint8_image(image: torch.Tensor, normalize: str = "imagenet") -> np.ndarray:
-    """A model input (3, H, W) back to a displayable uint8 (H, W, 3) image (undoing ``normalize``)."""
+def normalization_stats(normalize) -> tuple[tuple, tuple] | None:
+    """``(mean, std)`` of an input normalisation: ``"imagenet"``, ``"unit"`` (None: pixels / 255 only) or a
+    ``(mean, std)`` pair of three numbers each (what a weight record says, :mod:`endoarss_lib.models.pretrained`);
+    ValueError otherwise."""
+    if isinstance(normalize, str):
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS} or a (mean, std) pair")
+        return (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else None
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in normalize)
+    except (TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+        raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS} or a (mean, std) pair of three "
+                         "numbers each (std > 0)")
+    return mean, std
+
+
+def to_uint8_image(image: torch.Tensor, normalize="imagenet") -> np.ndarray:
+    """A model input (3, H, W) back to a displayable uint8 (H, W, 3) image (undoing ``normalize``: a name or a
+    ``(mean, std)`` pair)."""
     rgb = image.detach().cpu().float()
-    if normalize == "imagenet":
-        rgb = rgb * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    stats = normalization_stats(normalize)
+    if stats is not None:
+        rgb = rgb * torch.tensor(stats[1]).view(3, 1, 1) + torch.tensor(stats[0]).view(3, 1, 1)
     return (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
@@ -224,9 +244,8 @@ class JointTransform:
     """
 
     def __init__(self, image_size: int, augment: bool = False, resize_mode: str = "stretch",
-                 ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0), normalize: str = "imagenet"):
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
+                 ignore_index: int = 255, scale: tuple[float, float] = (0.5, 1.0), normalize="imagenet"):
+        self.stats = normalization_stats(normalize)  # (mean, std), or None for pixels / 255 only
         self.size, self.augment, self.resize_mode, self.normalize = image_size, augment, resize_mode, normalize
         self.ignore_index, self.scale = ignore_index, scale
         self.color = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
@@ -247,8 +266,8 @@ class JointTransform:
     def to_model(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (3, h, w) image at the model size -> float in [0, 1], normalised; the mask as it is."""
         image = image.float() / 255.0
-        if self.normalize == "imagenet":
-            image = TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+        if self.stats is not None:
+            image = TF.normalize(image, list(self.stats[0]), list(self.stats[1]))
         return image, mask
 
     @staticmethod
@@ -283,13 +302,13 @@ class MTLDataset(Dataset):
     ``split`` is ``'train'``, ``'val'`` (a seeded, stratified ``val_fraction`` of the on-disk train split, never
     used for training when ``split='train'``) or ``'test'``. Images are resized once to ``image_size`` (bilinear;
     masks nearest) and normalised with the ImageNet mean/std (``normalize="unit"``: divided by 255 only, as the
-    released code does). After :meth:`use_cache` items come from a decoded-image cache (the same tensors).
+    released code does; a ``(mean, std)`` pair: those, e.g. a weight record's ``transforms().normalize``). After :meth:`use_cache` items come from a decoded-image cache (the same tensors).
     """
 
     def __init__(self, root: str | Path, split: str, dataset: str = "mtlesd", image_size: int = 224,
                  val_fraction: float = 0.1, split_seed: int = 0, augment: bool = False,
                  resize_mode: str = "stretch", id_map: str | Mapping[int, int] | None = None,
-                 ignore_index: int = 255, normalize: str = "imagenet"):
+                 ignore_index: int = 255, normalize="imagenet"):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: expected one of {SPLITS}")
         if not isinstance(image_size, int) or image_size < 16:

@@ -1,4 +1,4 @@
-"""Reading images and index masks from disk with errors that name the file, and atomic writes."""
+"""Reading images and index masks from disk with errors that name the file, and where generated data go."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["DataError", "IMAGE_SUFFIXES", "MASK_SUFFIX", "read_image", "read_index_mask", "map_mask_ids",
-           "image_size_of", "to_rgb8", "describe_mode", "VALIDATE_HINT"]
+           "image_size_of", "to_rgb8", "describe_mode", "VALIDATE_HINT", "data_home"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIX = ".png"  # masks must be lossless
@@ -24,6 +24,15 @@ _MODE_WORDS = {"1": "1-bit black and white", "L": "8-bit grey", "P": "palette", 
                "I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit grey", "I;16B": "16-bit grey",
                "I;16L": "16-bit grey", "I;16N": "16-bit grey"}
 VALIDATE_HINT = "python -m endoarss_lib.data.prepare validate ROOT --dataset NAME lists every such file in one pass"
+
+
+def data_home() -> Path:
+    """Where generated data go: ``$ENDOARSS_DATA``, else a per-user cache (``$XDG_CACHE_HOME/endoarss/data``, by
+    default ``~/.cache/endoarss/data``), never inside the installed package."""
+    if os.environ.get("ENDOARSS_DATA"):
+        return Path(os.environ["ENDOARSS_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "endoarss" / "data"
 
 
 class DataError(ValueError):

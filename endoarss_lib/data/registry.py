@@ -1,7 +1,8 @@
 """Dataset registry: what each real dataset and each synthetic preset is (paper Table I), as data.
 
 A spec holds the activity names (folder ``k`` holds activity ``k - 1``), the segmentation class names (index 0 is
-background), the raw-to-train mask id map, and which ids are evaluated. Synthetic presets share their real dataset's
+background), which of them are surgical instruments (instrument presence is derived from the masks), the raw-to-train
+mask id map, and which ids are evaluated. Synthetic presets share their real dataset's
 class counts and id space, so one loader and one model serve both.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class DatasetSpec:
     split_sizes: Mapping[str, int] = field(default_factory=dict)  # paper Table I (real sets)
     train_on: str | None = None  # evaluation-only sets name the dataset a model is trained on
     notes: str = ""
+    instrument_classes: tuple[int, ...] | None = None  # seg class ids that are instruments (None: not known)
 
     @property
     def num_activities(self) -> int:
@@ -47,6 +49,11 @@ class DatasetSpec:
     @property
     def num_seg_classes(self) -> int:
         return len(self.seg_classes)
+
+    @property
+    def num_instruments(self) -> int | None:
+        """Instrument classes (the ``presence`` task's labels, in ``instrument_classes`` order); None if unknown."""
+        return None if self.instrument_classes is None else len(self.instrument_classes)
 
     @property
     def activity_folders(self) -> tuple[str, ...]:
@@ -66,11 +73,13 @@ _ENDOVIS_CLASSES = ("background", "bipolar_forceps", "large_needle_driver", "pro
                     "suction_instrument", "monopolar_curved_scissors", "clip_applier")
 # EndoVis-17 shares five instrument types with the seven above (the paper's "5 segmentation classes").
 _GEN_CLASSES = (0, 1, 2, 3, 4, 6)
+_ENDOVIS_INSTRUMENTS = tuple(range(1, len(_ENDOVIS_CLASSES)))  # every class but background is an instrument type
 
 # Synthetic ESD scene: the needle and the knife are both thin metallic shafts (a look-alike pair) that the activity
 # (injection bleb vs dissection cut) tells apart.
 _SYN_ESD_CLASSES = ("background", "marking_spot", "injection_needle", "electrosurgical_knife", "fluid_bleb",
                     "exposed_submucosa", "bleeding")
+_SYN_ESD_INSTRUMENTS = (_SYN_ESD_CLASSES.index("injection_needle"), _SYN_ESD_CLASSES.index("electrosurgical_knife"))
 
 _SYN_GEN_ACTIVITIES = (0, 2, 3, 6, 7, 11)  # six of the twelve MTLEndovis activities
 
@@ -78,29 +87,34 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType({
     "mtlesd": DatasetSpec(
         name="mtlesd", activities=_MTLESD_ACTIVITIES, seg_classes=_MTLESD_CLASSES,
         raw_to_train=identity_id_map(len(_MTLESD_CLASSES)), split_sizes={"train": 1618, "test": 402},
+        instrument_classes=None,  # the six categories are unnamed here: which are instruments is not known
         notes="Porcine ESD (DREAMS system), 1306x1009 crops; from the authors only."),
     "mtlendovis": DatasetSpec(
         name="mtlendovis", activities=_ENDOVIS_ACTIVITIES, seg_classes=_ENDOVIS_CLASSES,
         raw_to_train=identity_id_map(len(_ENDOVIS_CLASSES)), split_sizes={"train": 1601, "test": 395},
+        instrument_classes=_ENDOVIS_INSTRUMENTS,
         notes="EndoVis-18 frames and instrument-type masks, activities from EndoVis-18-VQLA-Extend."),
     "mtlendovis_gen": DatasetSpec(
         name="mtlendovis_gen", activities=_ENDOVIS_ACTIVITIES, seg_classes=_ENDOVIS_CLASSES,
         raw_to_train=identity_id_map(len(_ENDOVIS_CLASSES)), eval_activities=None, eval_seg_classes=_GEN_CLASSES,
-        split_sizes={"train": 0, "test": 97}, train_on="mtlendovis",
+        split_sizes={"train": 0, "test": 97}, train_on="mtlendovis", instrument_classes=_ENDOVIS_INSTRUMENTS,
         notes="EndoVis-17 frames in MTLEndovis's id space; evaluation only. Six activities (those present in the "
               "test split are evaluated) and five instrument classes."),
     "synthetic_mtlesd": DatasetSpec(
         name="synthetic_mtlesd", activities=_MTLESD_ACTIVITIES, seg_classes=_SYN_ESD_CLASSES,
         raw_to_train=identity_id_map(len(_SYN_ESD_CLASSES)), synthetic=True, real_counterpart="mtlesd",
+        instrument_classes=_SYN_ESD_INSTRUMENTS,
         notes="Synthetic ESD-like scenes; injection_needle and electrosurgical_knife look alike."),
     "synthetic_mtlendovis": DatasetSpec(
         name="synthetic_mtlendovis", activities=_ENDOVIS_ACTIVITIES, seg_classes=_ENDOVIS_CLASSES,
         raw_to_train=identity_id_map(len(_ENDOVIS_CLASSES)), synthetic=True, real_counterpart="mtlendovis",
+        instrument_classes=_ENDOVIS_INSTRUMENTS,
         notes="Synthetic robotic scenes with long-tailed activities."),
     "synthetic_mtlendovis_gen": DatasetSpec(
         name="synthetic_mtlendovis_gen", activities=_ENDOVIS_ACTIVITIES, seg_classes=_ENDOVIS_CLASSES,
         raw_to_train=identity_id_map(len(_ENDOVIS_CLASSES)), synthetic=True, real_counterpart="mtlendovis_gen",
         eval_activities=_SYN_GEN_ACTIVITIES, eval_seg_classes=_GEN_CLASSES, train_on="synthetic_mtlendovis",
+        instrument_classes=_ENDOVIS_INSTRUMENTS,
         notes="Domain-shifted synthetic robotic scenes (colour, texture, lighting); a subset of classes."),
 })
 

@@ -17,7 +17,7 @@ from .backbones import (
     build_backbone,
     create_timm_backbone,
 )
-from .build import CONNECTORS, TASKS, TOKEN_MAPS, ModelConfig, build_model, build_model_from_config
+from .build import CONNECTORS, TOKEN_MAPS, ModelConfig, build_model, build_model_from_config
 from .connectors import (CMOE_ROUTERS, CMoEConnector, released_grid, released_token_map, routing_divergence,
                          routing_entropy, spatial_token_map, token_position_probe, tokens_from_map)
 from .gates import DSelectKGate, SoftmaxGate, image_descriptor
@@ -31,7 +31,7 @@ from .pretrained import DEFAULT_PRETRAINED, PretrainedWeights, get_pretrained, l
 from .weights import RandomInitWarning, WeightsError, load_state_dict_strict, read_state_dict
 
 __all__ = [
-    "build_model", "build_model_from_config", "ModelConfig", "TASKS", "count_gflops", "parameter_report",
+    "build_model", "build_model_from_config", "ModelConfig", "count_gflops", "parameter_report",
     "BACKBONES", "BackboneConfig", "BackboneOutput", "ARCHITECTURES", "VIT_LORA_TARGETS",
     "ViTBackbone", "ResNetBackbone", "GroupBatchNorm2d", "build_backbone", "create_timm_backbone",
     "MultiTaskModel", "HPSModel", "TESLAModel", "MMoEModel", "DSelectKModel",

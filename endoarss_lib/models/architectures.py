@@ -26,6 +26,7 @@ from torch import nn
 from .connectors import released_token_map, tokens_from_map
 from .gates import DSelectKGate, SoftmaxGate, image_descriptor
 from .lora import merge_lora, unmerge_lora
+from ..tasks import get_task
 
 __all__ = ["MultiTaskModel", "HPSModel", "TESLAModel", "MMoEModel", "DSelectKModel", "ARCHITECTURES"]
 
@@ -67,13 +68,11 @@ class MultiTaskModel(nn.Module):
         return self._post(self._encode(images))
 
     def _head(self, task: str, fmap: torch.Tensor, tok: torch.Tensor | None, size) -> torch.Tensor:
-        head = self.heads[task]
-        if task == "seg":
-            return head(fmap, out_size=(int(size[0]), int(size[1])))
-        return head(fmap, tok if getattr(head, "token_dim", None) else None)
+        """Task ``task``'s head on its features, called as the task registry says (:attr:`Task.forward_head`)."""
+        return get_task(task).forward_head(self.heads[task], fmap, tok, size)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"cls": (B, K), "seg": (B, S, H, W)}`` for the tasks the model was built with."""
+        """``{task: logits}`` for the tasks the model was built with (``{"cls": (B, K), "seg": (B, S, H, W)}``)."""
         feats = self._task_features(images)
         return {t: self._head(t, *feats[t], images.shape[-2:]) for t in self.tasks}
 

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from .lora import QKV_CHUNKS, LoRAConv1x1, LoRALinear, route_to_group
-from .pretrained import is_pretrained_name, verified_file
+from .pretrained import get_pretrained, is_pretrained_name, list_pretrained, verified_file
 from .weights import (RandomInitWarning, WeightsError, file_sha256, hub_mode, hub_offline, load_state_dict_strict,
                       read_state_dict)
 
@@ -47,6 +48,8 @@ class BackboneConfig:
     timm_kwargs: dict = field(default_factory=dict)
     ignore_unexpected: tuple = ()  # classifier keys a checkpoint may carry and the headless model drops
     description: str = ""
+    mean: tuple = IMAGENET_MEAN  # input normalisation its published weights expect (DINOv2, timm's ResNets: ImageNet)
+    std: tuple = IMAGENET_STD
 
 
 BACKBONES: dict[str, BackboneConfig] = {
@@ -131,8 +134,6 @@ def create_timm_backbone(
     model = timm.create_model(cfg.timm_name, pretrained=False, **kwargs)
     if pretrained is False or pretrained is None:
         if cfg.warn_random_init:
-            from .pretrained import list_pretrained, get_pretrained
-
             bundled = [n for n in list_pretrained() if get_pretrained(n).backbone == name]
             what = ("DINOv2" if name.startswith("dinov2") else "a pretrained foundation model" if cfg.family == "vit"
                     else "an ImageNet-pretrained " + name)
@@ -148,6 +149,9 @@ def create_timm_backbone(
         path = os.fspath(record.file)
     else:
         path = os.fspath(pretrained)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file not found: {path} (model.pretrained expects an existing .pth / "
+                                    f".safetensors file, a bundled name {list_pretrained()}, or false)")
     convert = None
     if cfg.family == "vit":
         from timm.models.vision_transformer import checkpoint_filter_fn

@@ -10,9 +10,9 @@ from torch import nn
 from .architectures import ARCHITECTURES, MultiTaskModel
 from .backbones import BACKBONES, VIT_LORA_TARGETS, build_backbone
 from .connectors import CMOE_ROUTERS, CMoEConnector, released_grid
-from .heads import ClassificationHead, SegmentationHead
 from .lora import QKV_CHUNKS
 from .sma import SMA
+from ..tasks import DEFAULT_TASKS, HeadSpec, TASKS as TASK_REGISTRY, check_tasks, get_task
 
 def _f(default, help: str):
     """A ModelConfig field with its help text (the training command's ``--help`` lists it)."""
@@ -21,9 +21,8 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-__all__ = ["TASKS", "CONNECTORS", "TOKEN_MAPS", "ModelConfig", "build_model", "build_model_from_config"]
+__all__ = ["CONNECTORS", "TOKEN_MAPS", "ModelConfig", "build_model", "build_model_from_config"]
 
-TASKS = ("cls", "seg")
 DEFAULT_RANK = 4  # LoRA / TESLA rank (paper Table VI: r = 4 is best); the one place this default is written
 _MOE = ("mmoe", "dselect_k")
 CONNECTORS = (None, "cmoe")
@@ -40,7 +39,8 @@ class ModelConfig:
     sma: bool = _f(False, "SMA before patch embedding (EndoARSS backbone = DINOv2 + SMA)")
     num_activities: int | None = _f(None, "K, required when \"cls\" in tasks")
     num_seg_classes: int | None = _f(None, "S incl. background, required when \"seg\" in tasks")
-    tasks: tuple = _f(("cls", "seg"), "tasks the model predicts (endoarss_lib.tasks.TASKS): cls, seg or both")
+    tasks: tuple = _f(DEFAULT_TASKS, "tasks the model predicts, names from the task registry (endoarss_lib.tasks.TASKS): "
+                                     "cls, seg, both (the default), or registered tasks such as presence")
     pretrained: Any = _f(False, "False (random init, loud for DINOv2) | a bundled weight name "
                                 "(models.list_pretrained()) | local file path | True (timm hub, needs internet)")
     lora_rank: int = _f(DEFAULT_RANK, "shared LoRA rank r (Table VI); also the expert LoRA rank for mmoe / dselect_k "
@@ -99,6 +99,9 @@ class ModelConfig:
     # (B, N, gh, gw), i.e. tokens become channels; ViT only; for the paper-vs-code comparison)
     token_map: str = _f("spatial", "feature map for the heads: 'spatial' (B, C, H/14, W/14) or 'released' (the "
                                    "released code's reshape: tokens become channels; ViT only)")
+    # Class counts of tasks that have no field of their own (num_activities / num_seg_classes above)
+    task_classes: dict = _f({}, "class counts of the tasks without a field of their own above ({task: count}, e.g. "
+                                "{presence: 2}); taken from the dataset")
 
     def __post_init__(self):
         from ..coerce import check_fields
@@ -118,6 +121,16 @@ class ModelConfig:
         if self.seg_rates is not None:
             self.seg_rates = tuple(self.seg_rates)
         self.validate()
+
+    def _classes_name(self, task: str) -> str:
+        field_name = get_task(task).classes_field
+        return field_name if field_name in self.__dataclass_fields__ else f"task_classes[{task!r}]"
+
+    def classes_of(self, task: str) -> int | None:
+        """The class count of ``task``: its own field (``num_activities``, ``num_seg_classes``) or
+        ``task_classes[task]``."""
+        field_name = get_task(task).classes_field
+        return getattr(self, field_name) if field_name in self.__dataclass_fields__ else self.task_classes.get(task)
 
     @property
     def adapter_rank(self) -> int:
@@ -162,15 +175,15 @@ class ModelConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; valid: {sorted(BACKBONES)}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {sorted(ARCHITECTURES)}")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks={self.tasks!r} must be distinct names from {TASKS}")
+        check_tasks(self.tasks)
         if self.arch == "single" and len(self.tasks) != 1:
             raise ValueError(f"arch='single' needs exactly one task, got tasks={self.tasks}")
-        for task, attr in (("cls", "num_activities"), ("seg", "num_seg_classes")):
-            v = getattr(self, attr)
-            if task in self.tasks and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
-                raise ValueError(f"{attr} must be an int >= 2 for task {task!r}, got {v!r}")
+        if not isinstance(self.task_classes, dict) or any(t not in TASK_REGISTRY for t in self.task_classes):
+            raise ValueError(f"task_classes={self.task_classes!r} must map registered task names to class counts")
+        for task in self.tasks:
+            v, low = self.classes_of(task), get_task(task).min_classes
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{self._classes_name(task)} must be an int >= {low} for task {task!r}, got {v!r}")
         if not (self.pretrained is True or self.pretrained is False or self.pretrained is None
                 or isinstance(self.pretrained, str)):
             raise ValueError(f"pretrained must be False, True or a file path, got {self.pretrained!r}")
@@ -273,14 +286,9 @@ def build_model_from_config(config: ModelConfig) -> MultiTaskModel:
         grid = released_grid(bb.out_channels)
         head_channels_in, feature_size = feature_size * feature_size, min(grid)
     use_token = (bb.token_dim is not None) if c.cls_use_token is None else c.cls_use_token
-    heads: dict[str, nn.Module] = {}
-    for t in c.tasks:
-        if t == "seg":
-            heads[t] = SegmentationHead(head_channels_in, c.num_seg_classes, channels=c.head_channels,
-                                        rates=c.seg_rates, feature_size=feature_size, dropout=c.seg_dropout)
-        else:
-            heads[t] = ClassificationHead(head_channels_in, c.num_activities, channels=c.head_channels,
-                                          token_dim=bb.token_dim if use_token else None, dropout=c.cls_dropout)
+    heads: dict[str, nn.Module] = {
+        t: get_task(t).make_head(HeadSpec(head_channels_in, c.classes_of(t), c, feature_size,
+                                          bb.token_dim if use_token else None)) for t in c.tasks}
     cls = ARCHITECTURES[c.arch]
     if c.arch == "tesla":
         model = cls(bb, heads, c.tasks, c, soft=soft)
@@ -306,7 +314,7 @@ def build_model(
     sma: bool = False,
     num_activities: int | None = None,
     num_seg_classes: int | None = None,
-    tasks=("cls", "seg"),
+    tasks=DEFAULT_TASKS,
     pretrained=False,
     lora_rank: int = 4,
     image_size: int = 224,
@@ -314,7 +322,8 @@ def build_model(
 ) -> MultiTaskModel:
     """Build a multi-task (or single-task) model; ``options`` are :class:`ModelConfig` fields (TypeError otherwise).
 
-    ``forward(images)`` returns ``{"cls": (B, K), "seg": (B, S, H, W)}`` (the tasks asked for). E.g. Uni-Med's
+    ``forward(images)`` returns ``{task: logits}`` for the tasks asked for (``{"cls": (B, K), "seg": (B, S, H, W)}``
+    by default; a task without a class-count argument takes ``task_classes={task: count}``). E.g. Uni-Med's
     connector: ``build_model(..., connector="cmoe", cmoe_experts=5, cmoe_router="soft")``.
     """
     valid = {f.name for f in fields(ModelConfig)}

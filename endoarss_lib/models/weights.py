@@ -99,10 +99,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     file, saying what it is not, and what to do (:class:`WeightsError`; FileNotFoundError for a missing file)."""
     path = Path(path)
     if not path.is_file():
-        from .pretrained import list_pretrained
-
-        raise FileNotFoundError(f"weights file not found: {path} (model.pretrained expects an existing .pth / "
-                                f".safetensors file, a bundled name {list_pretrained()}, or false)")
+        raise FileNotFoundError(f"weights file not found: {path} (expected an existing .pth / .safetensors file)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
