@@ -28,7 +28,7 @@ import pandas as pd
 
 from .config import _DERIVED_MODEL_KEYS, ConfigError, DEFAULT_MODEL, TrainConfig, _merge_model, preset
 from .models.build import ModelConfig
-from .results import caption, save_rows, write_table
+from .results import assert_learns, caption, save_rows, summarise_seeds, write_table
 
 __all__ = ["Experiment", "RunKey", "model_options", "project_path", "RUNS_DIR"]
 
@@ -356,6 +356,47 @@ class Experiment:
             frame.to_csv(self.out / "claims.csv", index=False)
         return verdicts
 
+    def summary(self, rows: pd.DataFrame, metrics: Sequence[str], by: str = "variant"):
+        """Mean and std over seeds of ``metrics`` per variant (in the rows' order), written to
+        ``<out>/summary.csv|md`` with the caption, returned styled for the notebook."""
+        table = summarise_seeds(rows, [by], list(metrics))
+        note = self.note(rows, f"mean and std over seeds {sorted(set(rows['seed']))}")
+        self.write_table(table, "summary", note)
+        return table.style.format(precision=3, na_rep="-").set_caption(note)
+
+    def check_learning(self, rows: pd.DataFrame, variant: str | None = None, by: str = "variant") -> None:
+        """Stop (AssertionError naming the seed and the task) when a run of ``variant`` (default: the featured
+        configuration) does not beat the prior predictor: the notebooks call it, so a degenerate default fails
+        their tests."""
+        from .evidence.variants import FEATURED
+
+        variant = FEATURED if variant is None else variant
+        picked = rows[rows[by] == variant]
+        if picked.empty:
+            raise AssertionError(f"{self.name}: no run of {variant!r} to check")
+        for _, row in picked.iterrows():
+            assert_learns(row, f"{variant} (seed {row['seed']})")
+
+    def show_claims(self, verdicts: Sequence):
+        """The verdicts as a styled table (one row per claim), then their sentences printed: the only words a
+        notebook says about a comparison."""
+        from .evidence.claims import claims_frame, sentence
+
+        frame = claims_frame(verdicts)
+        for v in verdicts:
+            print(sentence(v))
+        return _claims_style(frame, self.note(extra="verdicts: both 95 % intervals (seeds, test images) above 0: "
+                                                    "demonstrated; both below: reversed; otherwise inconclusive"))
+
+    def show_committed_claims(self):
+        """This notebook's claims as decided at the demonstration scale and committed (``make executed``)."""
+        frame = self.committed_claims(self.name)
+        if frame.empty:
+            print("No committed demonstration verdicts for this notebook yet (`make executed` decides them).")
+            return None
+        return _claims_style(frame, "DEMONSTRATION SCALE, committed (results/tables/claims.csv; reproduce with "
+                                    "`make executed`)")
+
     @staticmethod
     def committed_claims(notebook: str | None = None) -> pd.DataFrame:
         """The verdicts decided at the demonstration scale and committed (``results/tables/claims.csv``; made by
@@ -368,3 +409,15 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment({self.name!r}, dataset={self.base.dataset!r}, out={str(self.out)!r})"
+
+
+_VERDICT_COLOURS = {"demonstrated": "#cde8cd", "reversed": "#f4cccc", "inconclusive": "#eeeeee"}
+_CLAIM_COLUMNS = ["statement", "source", "metric", "better", "worse", "n_seeds", "better_mean", "worse_mean",
+                  "mean_difference", "interval", "verdict", "scale"]
+
+
+def _claims_style(frame: pd.DataFrame, caption_text: str):
+    shown = frame[[c for c in _CLAIM_COLUMNS if c in frame]]
+    return (shown.style.format(precision=3, na_rep="-")
+            .map(lambda v: f"background-color: {_VERDICT_COLOURS.get(v, 'white')}", subset=["verdict"])
+            .set_caption(caption_text))
