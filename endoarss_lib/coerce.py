@@ -27,7 +27,7 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-__all__ = ["ConfigError", "YAMLLoader", "TextLoader", "Text", "DuplicateKeyError", "parse_text", "read_text_yaml",
+__all__ = ["ConfigError", "YAMLLoader", "TextLoader", "UniqueKeyLoader", "Text", "DuplicateKeyError", "parse_text", "read_text_yaml",
            "typed", "coerce", "check_fields", "describe_type", "field_help", "canonical_choice", "did_you_mean",
            "choice_key", "NULL_WORDS"]
 
@@ -70,6 +70,10 @@ class _UniqueKeys:
                     raise DuplicateKeyError(key, key_node.start_mark.line + 1, first)
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+class UniqueKeyLoader(_UniqueKeys, yaml.SafeLoader):
+    """PyYAML's SafeLoader (YAML 1.1 typing unchanged) with duplicate keys refused."""
 
 
 class YAMLLoader(_UniqueKeys, yaml.SafeLoader):
