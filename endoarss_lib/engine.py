@@ -391,7 +391,8 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
                             task_params=heads, diagnostics=diag)
         bad = {t: v for t, v in result["losses"].items() if not math.isfinite(v)}
         if bad:  # before the optimiser step: the parameters stay those of the last finite step
-            raise RunError(_diverged(cfg, epoch, step, state["global_step"], f"the loss of {_losses(bad)}"))
+            raise RunError(_diverged(cfg, epoch, step, state["global_step"],
+                                     f"the loss is not finite for {_losses(bad)}"))
         if result["diagnostics"] is not None:
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
         if state.get("tensorboard") is not None:
@@ -408,7 +409,8 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
     broken = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if broken:  # a finite loss with an overflowing gradient: the optimiser step wrote inf / nan into the weights
         raise RunError(_diverged(cfg, epoch, batches - 1, state["global_step"],
-                                 f"the trainable parameters {broken[:3]}{' ...' if len(broken) > 3 else ''}"))
+                                 f"the trainable parameters {broken[:3]}{' ...' if len(broken) > 3 else ''} are "
+                                 f"not finite"))
     stats = {f"train_loss_{t}": sums[t] / max(batches, 1) for t in tasks}
     stats.update(weighting.epoch_log(tasks))
     columns, rows = raw_model.epoch_stats()
@@ -418,16 +420,17 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
 
 
 def _losses(bad: dict) -> str:
-    return ", ".join(f"task {t!r} ({v})" for t, v in bad.items())
+    return " and ".join(f"task {t!r} ({v})" for t, v in bad.items())
 
 
 def _diverged(cfg: TrainConfig, epoch: int, step: int, global_step: int, what: str) -> str:
     """The message of a run stopped because its numbers stopped being finite (no result row is written)."""
+    kept = "its last finished epoch (last.pt)" if epoch > 0 else "only its config (no epoch had finished)"
     return (f"{run_dir(cfg)}: training diverged at epoch {epoch + 1}, step {step + 1} (step {global_step} of the run): "
-            f"{what} is not finite (inf or nan). The run was stopped and no result was written; the run folder keeps "
-            f"its last finished epoch. Usual causes: a learning rate too large for this model (lr={cfg.lr}; try 10x "
-            f"smaller), or a batch whose masks are all ignore_index. A changed config is a new run (another run "
-            f"folder); rerunning this one would diverge again")
+            f"{what} (inf or nan). The run was stopped and no result was written; the run folder keeps {kept}. "
+            f"Usual causes: a learning rate too large for this model (lr={cfg.lr}; try 10x smaller), or a batch whose "
+            f"masks are all ignore_index. A changed config is a new run (another run folder); rerunning this one "
+            f"would diverge again")
 
 
 def _all_reduce_grads(optimizer) -> None:

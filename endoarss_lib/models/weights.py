@@ -151,7 +151,8 @@ def key_prefix(keys: Sequence[str], model_keys: Sequence[str]) -> tuple[str, int
                 counts[key[:i + 1]] += 1
     if not counts:
         return "", direct
-    prefix, n = counts.most_common(1)[0]
+    # the most matches; on a tie the teacher (what DINO evaluates and releases), then the shortest prefix
+    prefix, n = max(counts.items(), key=lambda item: (item[1], "teacher" in item[0], -len(item[0])))
     return (prefix, n) if n > direct else ("", direct)
 
 
