@@ -27,9 +27,9 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-__all__ = ["ConfigError", "YAMLLoader", "TextLoader", "UniqueKeyLoader", "Text", "DuplicateKeyError", "parse_text", "read_text_yaml",
-           "typed", "coerce", "check_fields", "describe_type", "field_help", "canonical_choice", "did_you_mean",
-           "choice_key", "NULL_WORDS"]
+__all__ = ["ConfigError", "YAMLLoader", "TextLoader", "UniqueKeyLoader", "Text", "DuplicateKeyError", "parse_text",
+           "read_text_yaml", "typed", "coerce", "check_fields", "describe_type", "field_help", "canonical_choice",
+           "did_you_mean", "choice_key", "NULL_WORDS"]
 
 
 class ConfigError(ValueError):
@@ -157,10 +157,13 @@ def choice_key(text: str) -> str:
     return re.sub(r"[\s_\-.]+", "", str(text).lower())
 
 
-def did_you_mean(value: Any, options: Iterable, n: int = 3) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``options`` to ``value`` (difflib), or ``''``."""
+def did_you_mean(value: Any, options: Iterable, n: int = 3, synonyms: dict | None = None) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options`` to ``value`` (difflib; ``synonyms`` maps other tools'
+    words to ours, e.g. ``learning_rate`` -> ``lr``), or ``''``."""
     options = [str(o) for o in options]
     text = str(value)
+    if synonyms and choice_key(text) in synonyms and synonyms[choice_key(text)] in options:
+        return f" (did you mean {synonyms[choice_key(text)]!r}?)"
     by_key = {choice_key(o): o for o in options}
     close = difflib.get_close_matches(choice_key(text), list(by_key), n=n, cutoff=0.6)
     names = [by_key[c] for c in close] or difflib.get_close_matches(text, options, n=n, cutoff=0.6)

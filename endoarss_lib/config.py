@@ -490,6 +490,18 @@ def _merge_model(base: dict, changes: dict) -> dict:
     return out
 
 
+# Other tools' names for our fields (timm, Lightning, Hydra habits), for "did you mean" (keys as choice_key makes them).
+FIELD_SYNONYMS = {"learningrate": "lr", "lrate": "lr", "numepochs": "epochs", "maxepochs": "epochs",
+                  "nepochs": "epochs", "epoch": "epochs", "bs": "batch_size", "batch": "batch_size",
+                  "wd": "weight_decay", "output": "out_dir", "outputdir": "out_dir", "out": "out_dir",
+                  "logdir": "out_dir", "data": "data_root", "datadir": "data_root", "root": "data_root",
+                  "datapath": "data_root", "name": "run_name", "experimentname": "run_name", "expname": "run_name",
+                  "gpu": "device", "accelerator": "device", "precision": "amp", "lrscheduler": "scheduler",
+                  "schedule": "scheduler", "workers": "num_workers", "imgsize": "image_size", "size": "image_size",
+                  "inputsize": "image_size", "arch": "model", "backbone": "model", "pretrained": "model",
+                  "weightingmethod": "weighting", "mtlweighting": "weighting", "randomseed": "seed"}
+
+
 class DictUpdate(dict):
     """Entries of a mapping field set one by one (``loss_weights.cls=2``): they update the field's value (the
     preset's, the file's or the default) instead of replacing it."""
@@ -535,8 +547,8 @@ def preset(name: str, **overrides) -> TrainConfig:
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
     if unknown:
         names = [f.name for f in fields(TrainConfig)]
-        raise ConfigError(f"unknown config field(s) {unknown}{did_you_mean(unknown[0], names)}; see "
-                          f"`python -m endoarss_lib.train --help`")
+        hint = did_you_mean(unknown[0], names, synonyms=FIELD_SYNONYMS)
+        raise ConfigError(f"unknown config field(s) {unknown}{hint}; see `python -m endoarss_lib.train --help`")
     values = {**PRESETS[name], **overrides, "preset": name}
     _follow_dataset(name, values, overrides)
     if (name == "released" and _same_or_canonical("weighting", values.get("weighting")) == "stch"
@@ -692,8 +704,9 @@ def _set_key(out: dict, key: str, raw: Any, where: str, hints: dict, from_text: 
     names = list(hints)
     top, _, rest = key.partition(".")
     if top not in hints:
-        raise ConfigError(f"override {where!r}: unknown config field {top!r}{did_you_mean(top, names)}; see "
-                          f"`python -m endoarss_lib.train --help`")
+        raise ConfigError(f"override {where!r}: unknown config field {top!r}"
+                          f"{did_you_mean(top, names, synonyms=FIELD_SYNONYMS)}; see `python -m endoarss_lib.train "
+                          f"--help`")
     if not rest:
         out[top] = _value(hints[top], raw, where) if from_text else raw
         return

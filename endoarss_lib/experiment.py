@@ -107,8 +107,9 @@ def as_list(name: str, value: Any, item_type: type | None = None) -> list:
     try:
         return [coerce(f"{name}[{i}]", item, item_type) for i, item in enumerate(items)]
     except ConfigError as exc:
-        raise ConfigError(f"{exc}; {name} expects a list{_type_words(item_type)}, e.g. {_example(item_type)}") \
-            from None
+        example = _example(item_type)
+        raise ConfigError(f"{exc}; {name} expects a list{_type_words(item_type)}, e.g. {example} (papermill: -p {name} "
+                          f"'{example}')") from None
 
 
 def as_mapping(name: str, value: Any) -> dict:

@@ -190,8 +190,8 @@ def _check_ignored(report: ValidationReport, mapping, ignore_index: int, ignored
         report.problems.append(
             f"every mask holds only 0 and {ignore_index}: binary (0/{ignore_index}) masks? Their foreground would be "
             f"ignored, not learned. Map {ignore_index} to its class with an {ID_MAP_NAME} beside the data "
-            f"({{\"raw_to_train\": {{\"0\": 0, \"{ignore_index}\": <class id>}}}}); if {ignore_index} really marks pixels to "
-            f"ignore, the masks hold no class to learn")
+            f"({{\"raw_to_train\": {{\"0\": 0, \"{ignore_index}\": <class id>}}}}); if {ignore_index} really marks "
+            f"pixels to ignore, the masks hold no class to learn")
 
 
 def _check_merges(spec: DatasetSpec, report: ValidationReport, mapping, id_map, ignore_index: int) -> None:
