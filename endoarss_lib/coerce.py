@@ -132,17 +132,29 @@ def read_text_yaml(text: str) -> Any:
     return yaml.load(text, Loader=TextLoader)
 
 
+_YAML12_INT = re.compile(r"^[-+]?[0-9]+$")
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+_YAML12_SPECIAL = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
 def typed(value: Any) -> Any:
-    """``value`` with every :class:`Text` read as YAML 1.2 would (``3`` -> 3, ``1e-3`` -> 0.001, ``off`` -> 'off',
-    ``null`` -> None), in nested mappings and lists too; other values unchanged."""
+    """``value`` with every :class:`Text` read by YAML 1.2's core schema (``3`` -> 3, ``1e-3`` -> 0.001,
+    ``true`` -> True, ``null`` / ``~`` / empty -> None, any other text a string: ``off``, ``0x10``, ``12:30``,
+    ``1_000`` stay as written, never YAML 1.1's booleans, octal, sexagesimal or grouped numbers), in nested mappings
+    and lists too; other values unchanged."""
     if isinstance(value, Text):
-        try:
-            out = yaml.load(str(value), Loader=YAMLLoader)
-        except yaml.YAMLError:
-            return str(value)
-        if value.strip() == "":
+        text = value.strip()
+        if text in ("null", "Null", "NULL", "~", ""):
             return None
-        return out if out is None or isinstance(out, (bool, int, float, str)) else str(value)
+        if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+            return text.lower() == "true"
+        if _YAML12_INT.match(text):
+            return int(text)
+        if _YAML12_FLOAT.match(text):
+            return float(text)
+        if text.lower() in _YAML12_SPECIAL:
+            return _YAML12_SPECIAL[text.lower()]
+        return str(value)
     if isinstance(value, dict):
         return {typed(k): typed(v) for k, v in value.items()}
     if isinstance(value, list):
