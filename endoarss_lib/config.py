@@ -386,19 +386,22 @@ class TrainConfig:
     def results_hash(self) -> str:
         """Hash of every field that can change the results (not paths, workers or progress bars). Bundled weights
         (``model.pretrained=NAME``) enter by their recorded sha256, so a new version of them makes new run folders
-        instead of reusing results of the old one."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_HASH}
-        for key, default in HASH_STABLE_DEFAULTS.items():
-            if key.startswith("model."):
-                if data["model"].get(key[len("model."):], default) == default:
-                    data["model"].pop(key[len("model."):], None)
-            elif data.get(key, default) == default:
-                data.pop(key, None)
-        from .models.pretrained import get_pretrained, is_pretrained_name
+        instead of reusing results of the old one. A config read back from a run folder written under an older
+        spelling of the same values keeps that folder's hash (:meth:`keep_recorded_hash`)."""
+        return getattr(self, "_recorded_hash", None) or _results_hash(self.to_dict())
 
-        if is_pretrained_name(self.model.pretrained):
-            data["pretrained_sha256"] = get_pretrained(self.model.pretrained).sha256
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    def keep_recorded_hash(self, recorded: dict, recorded_hash: str | None) -> None:
+        """For a config read back from a run folder's ``config.json`` (``recorded``, its values as written): when the
+        folder's hash differs from this config's only because a value was written in an older spelling (a weighting
+        alias such as ``DB-MTL``, before names had one canonical form), keep the folder's hash, so the folder's
+        checkpoints still load. Nothing changes when the recorded values do not hash to ``recorded_hash``."""
+        if recorded_hash and recorded_hash != self.results_hash():
+            try:
+                same = _results_hash(json.loads(json.dumps(recorded, default=str))) == recorded_hash
+            except (KeyError, TypeError, AttributeError, ValueError):
+                same = False
+            if same:
+                self._recorded_hash = recorded_hash
 
     def runtime_settings(self, cuda: bool) -> dict:
         """The loader and data-cache settings of a run on CUDA (``cuda=True``) or on the CPU: each field left null
@@ -429,6 +432,23 @@ class TrainConfig:
         for key in _DERIVED_MODEL_KEYS:
             values["model"].pop(key, None)
         return TrainConfig(**values)
+
+
+def _results_hash(values: dict) -> str:
+    """The results hash of a config's values (:meth:`TrainConfig.to_dict`): see :meth:`TrainConfig.results_hash`."""
+    data = {k: v for k, v in values.items() if k not in _NOT_IN_HASH}
+    data["model"] = dict(data["model"])
+    for key, default in HASH_STABLE_DEFAULTS.items():
+        if key.startswith("model."):
+            if data["model"].get(key[len("model."):], default) == default:
+                data["model"].pop(key[len("model."):], None)
+        elif data.get(key, default) == default:
+            data.pop(key, None)
+    from .models.pretrained import get_pretrained, is_pretrained_name
+
+    if is_pretrained_name(data["model"].get("pretrained")):
+        data["pretrained_sha256"] = get_pretrained(data["model"]["pretrained"]).sha256
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------------ presets

@@ -525,11 +525,13 @@ def read_run_config(folder: str | Path) -> TrainConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RunError(f"{path}: not valid JSON ({exc})") from None
-    data.pop("config_hash", None)
+    recorded_hash = data.pop("config_hash", None)
     try:
-        return TrainConfig(**data)
+        cfg = TrainConfig(**json.loads(json.dumps(data)))
     except (ConfigError, TypeError) as exc:
         raise RunError(f"{path}: not a config this version can read ({exc})") from None
+    cfg.keep_recorded_hash(data, recorded_hash)  # a folder written under an older spelling (weighting=DB-MTL)
+    return cfg
 
 
 def _check_folder(folder: Path, cfg: TrainConfig) -> None:

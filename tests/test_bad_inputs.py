@@ -1311,6 +1311,26 @@ def test_weighting_aliases_are_one_method_with_one_hash_and_one_folder(alias):
         assert cfg.results_hash() == canonical.results_hash() and run_dir(cfg) == run_dir(canonical)
 
 
+def test_a_run_folder_written_under_an_alias_still_loads(shared, tmp_path):
+    from endoarss_lib.config import _results_hash
+
+    folder = Path(shutil.copytree(shared.finished, tmp_path / "runs" / "run"))
+    recorded = json.loads((folder / "config.json").read_text())
+    recorded.pop("config_hash")
+    recorded["weighting"] = "EW"  # as a version before canonical names wrote `weighting=EW`
+    old_hash = _results_hash(recorded)
+    assert old_hash != read_run_config(shared.finished).results_hash()
+    (folder / "config.json").write_text(json.dumps({**recorded, "config_hash": old_hash}))
+    best = torch.load(folder / "best.pt", weights_only=True)
+    torch.save({**best, "config_hash": old_hash}, folder / "best.pt")
+    cfg = read_run_config(folder)
+    assert cfg.weighting == "ew" and cfg.results_hash() == old_hash
+    assert not load_run_model(folder).training  # its best.pt still loads
+    other = dict(recorded, lr=0.5)  # values that do not hash to the recorded hash: no adoption
+    (folder / "config.json").write_text(json.dumps({**other, "config_hash": old_hash}))
+    assert read_run_config(folder).results_hash() != old_hash
+
+
 @pytest.mark.parametrize("field,typed,canonical", [
     ("amp", "OFF", "off"), ("scheduler", "Cosine", "cosine"), ("normalize", "ImageNet", "imagenet"),
     ("select_on", "VAL", "val"), ("cls_loss", "CE", "ce"), ("dataset", "MTLESD", "mtlesd"),
