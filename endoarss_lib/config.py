@@ -283,6 +283,9 @@ class TrainConfig:
 
     def _check_ignore_index(self, spec) -> None:
         """ignore_index must not be a class id: pixels of that class would silently count in no loss or metric."""
+        if not -2 ** 31 <= self.ignore_index < 2 ** 31:
+            raise ConfigError(f"ignore_index={self.ignore_index}: expected a 32-bit int outside the class ids "
+                              f"(default 255)")
         if 0 <= self.ignore_index < spec.num_seg_classes:
             name = spec.seg_classes[self.ignore_index] if self.ignore_index < len(spec.seg_classes) else "?"
             raise ConfigError(

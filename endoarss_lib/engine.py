@@ -115,6 +115,10 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
                   split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
                   normalize=cfg.normalize)
     datasets = {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
+    if cfg.id_map == "released" and any(d.synthetic for d in datasets.values()):
+        raise ConfigError(f"id_map='released' (raw k -> k-1, for the authors' 1-based masks) on {root}, which holds "
+                          f"the project's synthetic data (its dataset card says so): their masks are 0-based, so "
+                          f"every class would shift by one. Set id_map=null for this folder")
     if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
         for dataset in datasets.values():
             dataset.use_cache(cfg.cache_dir, progress=cfg.progress)

@@ -902,6 +902,7 @@ cli_case("cli_weighting_hparam_inf", "weighting=db_mtl", "weighting_hparams.beta
          culprits=("weighting_hparams.beta", "finite"))
 cli_case("cli_ignore_index_is_a_class", "ignore_index=3", culprits=("ignore_index=3", "0..6", "255"))
 cli_case("cli_ignore_index_zero", "ignore_index=0", culprits=("ignore_index=0", "background"))
+cli_case("cli_ignore_index_beyond_int32", "ignore_index=1e12", culprits=("ignore_index=", "32-bit"))
 cli_case("cli_run_name_300_characters", "run_name=" + "r" * 300, culprits=("run_name", "255 bytes"))
 cli_case("cli_run_name_leaves_out_dir", "run_name=../elsewhere", culprits=("run_name", "'..'"))
 cli_case("cli_run_name_absolute", "run_name=/tmp/elsewhere", culprits=("run_name", "absolute"))
@@ -989,6 +990,14 @@ def train_diverging_learning_rate(w):
     w.names(run_dir(cfg), "epoch 2", "not finite", "lr=1000000.0", "no result was written")
     w.absent(run_dir(cfg) / "result.json")
     fit(cfg)
+
+
+@case(ConfigError)
+def train_released_id_map_on_a_synthetic_data_folder(w):
+    w.names("id_map='released'", w.data(), "synthetic", "id_map=null")
+    w.absent(w.tmp / "runs" / "run")
+    w.keep(w.data())
+    fit(w.config(id_map="released"))
 
 
 @case(CommandError)

@@ -124,7 +124,8 @@ def scan_split(root: str | Path, split: str, spec: DatasetSpec) -> tuple[list[Sa
     problems: list[str] = []
     notes: list[str] = []
     if not root.is_dir():
-        return [], [f"data root {root} does not exist (expected <root>/train and <root>/test)"], notes
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        return [], [f"data root {shown_path(root)} {what} (expected <root>/train and <root>/test)"], notes
     split_dir = root / split
     if not split_dir.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
