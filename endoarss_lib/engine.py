@@ -24,6 +24,7 @@ import random
 import resource
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-
-from contextlib import contextmanager
 
 from .atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, write_json_atomic,
                      write_text_atomic)

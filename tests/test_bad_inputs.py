@@ -828,6 +828,8 @@ grid_case("grid_out_dir_set", "notebook: a.ipynb\nparameters: {out_dir: x}\n", "
 grid_case("grid_not_yaml", "notebook: [a.ipynb\n", "cannot read")
 grid_case("grid_bad_name", "name: a/b\nnotebook: a.ipynb\n", "'name'")
 grid_case("grid_cell_timeout_negative", "notebook: a.ipynb\ncell_timeout: -1\n", "'cell_timeout'")
+grid_case("grid_duplicate_key", "notebook: a.ipynb\nparameters: {epochs: 1}\nparameters: {epochs: 2}\n",
+          "'parameters'", "line 3", "line 2")
 grid_case("grid_axis_also_a_parameter", "notebook: a.ipynb\nparameters: {seed: 0}\naxes: {seed: [0, 1]}\n",
           "'axes.seed'")
 
