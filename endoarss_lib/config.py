@@ -350,6 +350,13 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"cls_loss_hparams has unknown keys {unknown} for cls_loss={self.cls_loss!r}"
                               f"{did_you_mean(unknown[0], valid)}; valid: {list(valid)}")
+        types = {"p": float, "head": float, "tail": float}
+        for key, value in self.cls_loss_hparams.items():
+            if key in types and (isinstance(value, (str, bool)) or value is None):  # numbers stay as given (hash)
+                self.cls_loss_hparams[key] = coerce(f"cls_loss_hparams.{key}", value, types[key])
+        if not 0 <= self.cls_loss_hparams.get("p", 0.0) <= 1:
+            raise ConfigError(f"cls_loss_hparams.p={self.cls_loss_hparams['p']!r}: expected a probability in [0, 1] "
+                              f"(MEJO: 0.1)")
         if self.cls_loss == "cgl" and self.label_smoothing:
             raise ConfigError(f"label_smoothing={self.label_smoothing!r}: expected 0 with cls_loss='cgl' (a sigmoid "
                               "BCE loss)")
@@ -565,6 +572,9 @@ def preset(name: str, **overrides) -> TrainConfig:
     name = canonical_choice("preset", name, sorted(PRESETS))
     if "model" in overrides and isinstance(overrides["model"], ModelConfig):
         overrides = {**overrides, "model": overrides["model"].to_dict()}
+    if "model" in overrides and not isinstance(overrides["model"], dict):
+        raise ConfigError(f"model={overrides['model']!r}: expected a mapping of model options, e.g. model.arch=hps "
+                          f"or model={{arch: hps, backbone: vit_mini_patch14}}")
     updates = {k: v for k, v in overrides.items() if isinstance(v, DictUpdate)}
     overrides = {k: v for k, v in overrides.items() if k not in updates}
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
@@ -637,6 +647,10 @@ def _canonical_model_options(given: dict) -> dict:
     if isinstance(tasks, (list, tuple)):
         out["tasks"] = tuple(canonical_choice("model.tasks", t, TASK_NAMES) if isinstance(t, str) else t
                              for t in tasks)
+    for key in ("out_layers", "seg_rates"):  # lists of ints (block indices, ASPP rates)
+        value = out.get(key)
+        if isinstance(value, (list, tuple)):
+            out[key] = tuple(coerce(f"model.{key}[{i}]", v, int) for i, v in enumerate(value))
     if "pretrained" in out:
         out["pretrained"] = _pretrained_value(out["pretrained"])
     return out
@@ -652,7 +666,8 @@ def _check_finite(name: str, value: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _check_finite(f"{name}[{i}]", v)
-    elif isinstance(value, float) and not math.isfinite(value):
+    elif (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("inf", "infinity", "nan")):
         raise ConfigError(f"{name}={value!r}: expected a finite number (inf and nan cannot train or select anything)")
 
 
@@ -726,6 +741,9 @@ def _set_key(out: dict, key: str, raw: Any, where: str, hints: dict, from_text: 
 
     names = list(hints)
     top, _, rest = key.partition(".")
+    if top == "preset" and from_text:
+        raise ConfigError(f"override {where!r}: the preset is chosen with --preset NAME (or `preset: NAME` first in a "
+                          f"config file); as an override it would only relabel the config, not change its values")
     if top not in hints:
         raise ConfigError(f"override {where!r}: unknown config field {top!r}"
                           f"{did_you_mean(top, names, synonyms=FIELD_SYNONYMS)}; see `python -m endoarss_lib.train "

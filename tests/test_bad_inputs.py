@@ -916,6 +916,12 @@ cli_case("cli_weighting_did_you_mean", "weighting=db_mlt", culprits=("weighting=
 cli_case("cli_model_option_did_you_mean", "model.lora_rnak=2", culprits=("lora_rnak", "did you mean 'lora_rank'"))
 cli_case("cli_dotted_key_into_a_number", "epochs.max=3", culprits=("'epochs'", "not a mapping"))
 cli_case("cli_field_given_twice", "epochs=1", "epochs=5", culprits=("'epochs'", "twice"))
+cli_case("cli_preset_as_an_override", "preset=paper", culprits=("preset=paper", "--preset"))
+cli_case("cli_model_not_a_mapping", "model=hps", culprits=("model='hps'", "model.arch=hps"))
+cli_case("cli_model_out_layers_not_ints", "model.out_layers=[-1, x]", culprits=("model.out_layers[1]",))
+cli_case("cli_cgl_probability_nan", "cls_loss=cgl", "cls_loss_hparams.p=nan", culprits=("cls_loss_hparams.p", "finite"))
+cli_case("cli_cgl_probability_above_one", "cls_loss=cgl", "cls_loss_hparams.p=2",
+         culprits=("cls_loss_hparams.p", "[0, 1]"))
 
 
 def yaml_case(name: str, text: str, *culprits: str) -> None:
