@@ -1487,8 +1487,8 @@ def test_stale_partials_of_live_writers_are_kept(tmp_path):
 _RACE = """
 import sys, time
 from pathlib import Path
+from endoarss_lib import engine, train  # every import done before the start signal
 Path(sys.argv[2]).write_text("ready")
-from endoarss_lib import train
 go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.002)
@@ -1512,8 +1512,8 @@ def _race(tmp_path: Path, data: Path, lrs: list[float], run_name: str) -> list[t
         deadline = time.time() + 300
         while time.time() < deadline and not all(r.exists() for r in ready):
             time.sleep(0.05)
-        time.sleep(5)  # past the imports: each process waits on the go file
-        go.write_text("go")
+        assert all(r.exists() for r in ready), "the trainings did not get ready"
+        go.write_text("go")  # all of them wait on this file, imports done: they start within milliseconds
         outputs = [p.communicate(timeout=600) for p in procs]
         return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
     finally:
