@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_bytes_atomic", "copy_atomic",
-           "remove_stale_temporaries", "TEMP_SUFFIX", "folder_lock", "LockHeld", "process_alive"]
+           "remove_stale_temporaries", "TEMP_SUFFIX", "folder_lock", "LockHeld", "process_alive", "why_not_written"]
 
 TEMP_SUFFIX = ".tmp"  # every temporary file of this module is a hidden ".<stem>.<random><suffix>.tmp" beside its target
 
@@ -81,6 +81,33 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60
     return removed
 
 
+def why_not_written(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why a write to ``path`` failed, in words, with what to do: a full disk, a read-only or foreign folder, a name
+    too long, or the error itself (torch reports a full disk as ``[enforce fail at inline_container.cc]``)."""
+    import errno
+    import shutil
+
+    path = Path(path)
+    folder = next((p for p in [path.parent, *path.parents] if p.exists()), None)
+    code = getattr(exc, "errno", None)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    free = None
+    if folder is not None:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            pass
+    if code == errno.ENOSPC or code == errno.EDQUOT or (free is not None and free < 64 * 2 ** 20):
+        left = f" ({free / 2 ** 20:.0f} MiB free on {folder})" if free is not None else ""
+        return f"the disk is full{left}; free some space or choose an out_dir on another disk"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or (folder is not None and not os.access(folder, os.W_OK)):
+        return (f"{folder or path} is not writable (read-only file system or missing permission: {text}); choose a "
+                f"writable out_dir")
+    if code == errno.ENAMETOOLONG:
+        return "a file or folder name is too long (at most 255 bytes per name); choose a shorter run_name / out_dir"
+    return f"{type(exc).__name__}: {text}"
+
+
 # ------------------------------------------------------------------------------------------------ folder lock
 
 class LockHeld(RuntimeError):
@@ -102,12 +129,12 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def _owner_record(what: str) -> dict:
+def _owner_record(what: str, info: dict | None = None) -> dict:
     import socket
     import time
     import uuid
 
-    return {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "token": uuid.uuid4().hex,
+    return {**(info or {}), "pid": os.getpid(), "host": socket.gethostname(), "what": what, "token": uuid.uuid4().hex,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -142,14 +169,30 @@ def _owner_is_gone(lock: Path, held: dict | None, host: str) -> bool:
     return held.get("host") == host and not process_alive(held["pid"])
 
 
-def _acquire(lock: Path, owner: dict) -> None:
+def _acquire(lock: Path, owner: dict, wait_for=None, poll_s: float = 1.0) -> None:
+    import time
     import warnings
 
-    for _ in range(5):
+    tries, told, unwritten = 0, False, 0
+    while tries < 5:
+        tries += 1
         if _create_lock(lock, owner):
             return
         held = _read_lock(lock)
+        if held is None and unwritten < 40 and lock.exists() and not _owner_is_gone(lock, held, owner["host"]):
+            unwritten += 1  # created a moment ago, its owner record not written yet: look again shortly
+            time.sleep(0.05)
+            tries -= 1
+            continue
         if not _owner_is_gone(lock, held, owner["host"]):
+            if held is not None and wait_for is not None and wait_for(held):
+                if not told:  # the same work is under way: wait for it instead of refusing
+                    warnings.warn(f"{lock}: pid {held['pid']} (since {held.get('started')}) is doing the same "
+                                  f"{owner['what']} in {lock.parent}; waiting for it to finish", stacklevel=4)
+                    told = True
+                time.sleep(poll_s)
+                tries = 0
+                continue
             if held is None:
                 raise LockHeld(f"{lock}: another {owner['what']} is just taking this folder's lock; try again, or "
                                f"remove {lock} if no {owner['what']} runs on this folder")
@@ -176,18 +219,21 @@ def _acquire(lock: Path, owner: dict) -> None:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, name: str = ".lock", what: str = "process") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, name: str = ".lock", what: str = "process", info: dict | None = None,
+                wait_for=None, poll_s: float = 1.0) -> Iterator[Path]:
     """Hold ``folder/name`` while the block runs: one ``what`` at a time works in ``folder``.
 
-    The lock file (created with O_EXCL) records the owner's pid, host and start time. A lock whose owner process
-    is dead (killed, so it could not release it) is taken over with a warning; a live owner gives :class:`LockHeld`
-    naming the lock file and the pid. The lock is removed on exit, if it is still ours.
+    The lock file (created with O_EXCL) records the owner's pid, host and start time (and ``info``). A lock whose
+    owner process is dead (killed, so it could not release it) is taken over with a warning; a live owner gives
+    :class:`LockHeld` naming the lock file and the pid, unless ``wait_for(owner record)`` is true: then this call
+    waits (polling every ``poll_s`` seconds) until the owner releases the lock or dies. The lock is removed on exit,
+    if it is still ours.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / name
-    owner = _owner_record(what)
-    _acquire(lock, owner)
+    owner = _owner_record(what, info)
+    _acquire(lock, owner, wait_for, poll_s)
     try:
         yield lock
     finally:

@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .coerce import ConfigError, YAMLLoader, check_fields, coerce, field_help, parse_text
+from .coerce import (ConfigError, DuplicateKeyError, Text, canonical_choice, check_fields, coerce, did_you_mean,
+                     field_help, read_text_yaml)
 from .data.io import data_home  # noqa: F401 - where generated data go (defined in data/, re-exported here)
 from .data.registry import get_spec, list_datasets
 from .models.build import ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
            "data_home", "synthetic_root", "CUDA_NUM_WORKERS", "HASH_STABLE_DEFAULTS",
-           "ConfigError", "config_help", "DEFAULT_MODEL"]
+           "ConfigError", "config_help", "DEFAULT_MODEL", "DictUpdate"]
 
 
 def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_size: int) -> Path:
@@ -148,8 +150,34 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self)
+        self._canonical_names()
         self._resolve_model()
         self.validate()
+
+    def _canonical_names(self) -> None:
+        """Names that have one spelling before anything is hashed or named after them: the dataset, the weighting
+        method (``DB-MTL``, ``dbmtl`` and ``db_mtl`` are all ``db_mtl``), the device and ``id_map``'s words."""
+        datasets = list_datasets()
+        try:
+            self.dataset = canonical_choice("dataset", self.dataset, datasets)
+        except ConfigError:
+            raise ConfigError(f"dataset={self.dataset!r} is not registered; expected one of {datasets}"
+                              f"{did_you_mean(self.dataset, datasets)}") from None
+        from .weighting import available_weightings, canonical_name
+
+        try:
+            self.weighting = canonical_name(self.weighting)
+        except ValueError:
+            names = [canonical_name(n) for n in available_weightings()]
+            raise ConfigError(f"weighting={self.weighting!r}: expected one of {names}"
+                              f"{did_you_mean(self.weighting, names)}") from None
+        self.device = self.device.strip().lower()
+        if isinstance(self.id_map, str):
+            try:
+                self.id_map = canonical_choice("id_map", self.id_map, ("identity", "released"))
+            except ConfigError:
+                raise ConfigError(f"id_map={self.id_map!r}: expected null, 'identity', 'released' or a mapping raw "
+                                  f"-> train id{did_you_mean(self.id_map, ('identity', 'released'))}") from None
 
     # -- model -----------------------------------------------------------------------------------------------------
     def _resolve_model(self) -> None:
@@ -175,7 +203,9 @@ class TrainConfig:
                                   "taken from the data and the run")
         unknown = sorted(set(given) - valid)
         if unknown:
-            raise ConfigError(f"unknown model option(s) {unknown}; valid: {sorted(valid)}")
+            raise ConfigError(f"unknown model option(s) {unknown}{did_you_mean(unknown[0], valid)}; valid: "
+                              f"{sorted(valid)}")
+        given = _canonical_model_options(given)
         tasks = given.get("tasks", ModelConfig.tasks)
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         task_classes = {t: get_task(t).num_classes(spec) for t in tasks if t in TASKS and t not in own}
@@ -256,16 +286,83 @@ class TrainConfig:
         if self.id_map is not None and not (self.id_map in ("identity", "released") or isinstance(self.id_map, dict)):
             raise ConfigError(f"id_map={self.id_map!r}: expected null, 'identity', 'released' or a mapping raw -> "
                               "train id")
-        from .tasks import TASKS
-
-        unknown = set(self.loss_weights) - set(TASKS)
-        if unknown:
-            raise ConfigError(f"loss_weights has unknown task(s) {sorted(unknown)}; tasks: {list(TASKS)} (a "
-                              "weight of a task the model does not train is ignored)")
-        self.loss_weights = {k: coerce(f"loss_weights[{k!r}]", v, float) for k, v in self.loss_weights.items()}
+        self._check_paths()
+        self._check_ignore_index(spec)
+        if isinstance(self.id_map, dict):
+            self._check_id_map_mapping(spec)
+        if self.synthetic and self.id_map == "released":
+            raise ConfigError(
+                "id_map='released' (raw mask value k -> k-1, for the authors' 1-based masks) with synthetic=true: the "
+                "synthetic masks are 0-based, so every class would shift by one (class 1 merged into the background, "
+                "the last class never seen). Set id_map=null (the synthetic data's own ids; with --preset released "
+                "add id_map=null), or train on the authors' data with synthetic=false data_root=<folder>")
+        self._check_loss_weights()
+        for name in ("weighting_hparams", "cls_loss_hparams"):
+            _check_finite(name, getattr(self, name))
         self._check_weighting()
         self._check_cls_loss()
         self._check_select_metric()
+
+    def _check_paths(self) -> None:
+        """Folder and file fields: text that a file system can hold; run_name one name (or a few) inside out_dir."""
+        for name in ("out_dir", "data_root", "cache_dir", "run_name"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "out_dir" and not value.strip():
+                raise ConfigError("out_dir='': expected a folder for the run folders (default results/runs)")
+            _check_path_text(name, value)
+        if self.run_name is not None:
+            _check_run_name(self.run_name)
+
+    def _check_ignore_index(self, spec) -> None:
+        """ignore_index must not be a class id: pixels of that class would silently count in no loss or metric."""
+        if not -2 ** 31 <= self.ignore_index < 2 ** 31:
+            raise ConfigError(f"ignore_index={self.ignore_index}: expected a 32-bit int outside the class ids "
+                              f"(default 255)")
+        if 0 <= self.ignore_index < spec.num_seg_classes:
+            name = spec.seg_classes[self.ignore_index] if self.ignore_index < len(spec.seg_classes) else "?"
+            raise ConfigError(
+                f"ignore_index={self.ignore_index} is the train id of class {name!r} of dataset {self.dataset!r} "
+                f"(train ids 0..{spec.num_seg_classes - 1}): that class would be silently dropped from the loss and "
+                f"every metric. Expected a value outside 0..{spec.num_seg_classes - 1} (default 255, the usual "
+                f"'ignore' value of masks)")
+
+    def _check_id_map_mapping(self, spec) -> None:
+        """An explicit raw -> train id mapping: ints, each train id a class id or ignore_index."""
+        checked = {}
+        for raw, train in self.id_map.items():
+            key = coerce("id_map key", raw, int)
+            value = coerce(f"id_map[{key}]", train, int)
+            if not (0 <= value < spec.num_seg_classes or value == self.ignore_index):
+                raise ConfigError(f"id_map[{key}]={value}: expected a train id in 0..{spec.num_seg_classes - 1} of "
+                                  f"dataset {self.dataset!r}, or ignore_index={self.ignore_index}")
+            checked[key] = value
+        self.id_map = checked
+
+    def _check_loss_weights(self) -> None:
+        """Task-loss weights: known tasks, finite, >= 0, and not all zero for the tasks the model trains."""
+        from .tasks import TASKS
+
+        TASK_NAMES = tuple(TASKS)  # the live registry (a task registered later counts)
+        weights = {}
+        for key, value in self.loss_weights.items():
+            try:
+                task = canonical_choice("loss_weights", key, TASK_NAMES)
+            except ConfigError:
+                raise ConfigError(f"loss_weights has unknown task(s) {[key]}{did_you_mean(key, TASK_NAMES)}; tasks: "
+                                  f"{list(TASK_NAMES)} (a weight of a task the model does not train is ignored)") \
+                    from None
+            weights[task] = coerce(f"loss_weights.{task}", value, float)
+            if weights[task] < 0:
+                raise ConfigError(f"loss_weights.{task}={weights[task]!r}: expected a weight >= 0 (a negative weight "
+                                  f"maximises the {task} loss instead of minimising it)")
+        trained = [t for t in self.tasks if t in TASK_NAMES]
+        if trained and all(weights.get(t, 1.0) == 0 for t in trained):
+            raise ConfigError(f"loss_weights={weights}: every task the model trains ({trained}) has weight 0, so the "
+                              f"run would train nothing and report an untrained model. Give at least one task a "
+                              f"weight > 0 (e.g. loss_weights.{trained[0]}=1)")
+        self.loss_weights = weights
 
     def _check_weighting(self) -> None:
         from .weighting import available_weightings, get_weighting
@@ -276,14 +373,25 @@ class TrainConfig:
             if "unknown weighting" in str(exc):
                 raise ConfigError(f"weighting={self.weighting!r}: expected one of {available_weightings()}") \
                     from None
-            raise ConfigError(f"weighting_hparams for {self.weighting!r}: {exc}") from None
+            from .weighting import hparam_names
+
+            unknown = [k for k in self.weighting_hparams if k not in hparam_names(self.weighting)]
+            hint = did_you_mean(unknown[0], hparam_names(self.weighting)) if unknown else ""
+            raise ConfigError(f"weighting_hparams for {self.weighting!r}: {exc}{hint}") from None
 
     def _check_cls_loss(self) -> None:
         valid = ("p", "grouping", "head", "tail") if self.cls_loss == "cgl" else ()
         unknown = sorted(set(self.cls_loss_hparams) - set(valid))
         if unknown:
-            raise ConfigError(f"cls_loss_hparams has unknown keys {unknown} for cls_loss={self.cls_loss!r}; "
-                              f"valid: {list(valid)}")
+            raise ConfigError(f"cls_loss_hparams has unknown keys {unknown} for cls_loss={self.cls_loss!r}"
+                              f"{did_you_mean(unknown[0], valid)}; valid: {list(valid)}")
+        types = {"p": float, "head": float, "tail": float}
+        for key, value in self.cls_loss_hparams.items():
+            if key in types and (isinstance(value, (str, bool)) or value is None):  # numbers stay as given (hash)
+                self.cls_loss_hparams[key] = coerce(f"cls_loss_hparams.{key}", value, types[key])
+        if not 0 <= self.cls_loss_hparams.get("p", 0.0) <= 1:
+            raise ConfigError(f"cls_loss_hparams.p={self.cls_loss_hparams['p']!r}: expected a probability in [0, 1] "
+                              f"(MEJO: 0.1)")
         if self.cls_loss == "cgl" and self.label_smoothing:
             raise ConfigError(f"label_smoothing={self.label_smoothing!r}: expected 0 with cls_loss='cgl' (a sigmoid "
                               "BCE loss)")
@@ -293,12 +401,17 @@ class TrainConfig:
 
         if self.select_metric == "score":
             return
-        key = self.select_metric[len("val_"):] if self.select_metric.startswith("val_") else self.select_metric
+        key = self.select_metric[len("val_"):] if self.select_metric.lower().startswith("val_") else self.select_metric
         valid = result_keys(self.tasks)
         try:
+            key = canonical_choice("select_metric", key, ["score", *result_keys()])
+            if key == "score":
+                self.select_metric = key
+                return
             task, metric = metric_info(key)
-        except KeyError:
-            raise ConfigError(f"select_metric={self.select_metric!r}: expected 'score' or one of {valid}") from None
+        except (KeyError, ConfigError):
+            raise ConfigError(f"select_metric={self.select_metric!r}: expected 'score' or one of {valid}"
+                              f"{did_you_mean(key, ['score', *valid])}") from None
         if task.name not in self.tasks:
             raise ConfigError(f"select_metric={self.select_metric!r} belongs to task {task.name!r}, which this model "
                               f"does not train (tasks {list(self.tasks)}); expected 'score' or one of {valid}")
@@ -318,25 +431,22 @@ class TrainConfig:
     def results_hash(self) -> str:
         """Hash of every field that can change the results (not paths, workers or progress bars). Bundled weights
         (``model.pretrained=NAME``) enter by their recorded sha256, so a new version of them makes new run folders
-        instead of reusing results of the old one."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_HASH}
-        if self.synthetic and self.data_root is None:
-            from .data.synthetic import GENERATOR_VERSION
+        instead of reusing results of the old one. A config read back from a run folder written under an older
+        spelling of the same values keeps that folder's hash (:meth:`keep_recorded_hash`)."""
+        return getattr(self, "_recorded_hash", None) or _results_hash(self.to_dict())
 
-            data["synthetic_generator"] = GENERATOR_VERSION  # new synthetic pixels: new run folders
-        normalization = self.input_normalization()  # the normalisation used, however it was asked for
-        data["normalize"] = normalization if isinstance(normalization, str) else [list(v) for v in normalization]
-        for key, default in HASH_STABLE_DEFAULTS.items():
-            if key.startswith("model."):
-                if data["model"].get(key[len("model."):], default) == default:
-                    data["model"].pop(key[len("model."):], None)
-            elif data.get(key, default) == default:
-                data.pop(key, None)
-        from .models.pretrained import get_pretrained, is_pretrained_name
-
-        if is_pretrained_name(self.model.pretrained):
-            data["pretrained_sha256"] = get_pretrained(self.model.pretrained).sha256
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    def keep_recorded_hash(self, recorded: dict, recorded_hash: str | None) -> None:
+        """For a config read back from a run folder's ``config.json`` (``recorded``, its values as written): when the
+        folder's hash differs from this config's only because a value was written in an older spelling (a weighting
+        alias such as ``DB-MTL``, before names had one canonical form), keep the folder's hash, so the folder's
+        checkpoints still load. Nothing changes when the recorded values do not hash to ``recorded_hash``."""
+        if recorded_hash and recorded_hash != self.results_hash():
+            try:
+                same = _results_hash(json.loads(json.dumps(recorded, default=str))) == recorded_hash
+            except (KeyError, TypeError, AttributeError, ValueError):
+                same = False
+            if same:
+                self._recorded_hash = recorded_hash
 
     def input_normalization(self):
         """What the data pipeline normalises inputs with: ``normalize`` when set, else what ``model.pretrained``
@@ -377,6 +487,33 @@ class TrainConfig:
         for key in _DERIVED_MODEL_KEYS:
             values["model"].pop(key, None)
         return TrainConfig(**values)
+
+
+def _results_hash(values: dict) -> str:
+    """The results hash of a config's values (:meth:`TrainConfig.to_dict`): see :meth:`TrainConfig.results_hash`."""
+    data = {k: v for k, v in values.items() if k not in _NOT_IN_HASH}
+    data["model"] = dict(data["model"])
+    if data.get("synthetic") and data.get("data_root") is None:
+        from .data.synthetic import GENERATOR_VERSION
+
+        data["synthetic_generator"] = GENERATOR_VERSION  # new synthetic pixels: new run folders
+    normalization = data.get("normalize")  # the normalisation used, however it was asked for
+    if normalization is None:
+        from .models.pretrained import weights_transforms
+
+        normalization = weights_transforms(data["model"].get("pretrained"), data["model"].get("backbone")).normalize
+    data["normalize"] = normalization if isinstance(normalization, str) else [list(v) for v in normalization]
+    for key, default in HASH_STABLE_DEFAULTS.items():
+        if key.startswith("model."):
+            if data["model"].get(key[len("model."):], default) == default:
+                data["model"].pop(key[len("model."):], None)
+        elif data.get(key, default) == default:
+            data.pop(key, None)
+    from .models.pretrained import get_pretrained, is_pretrained_name
+
+    if is_pretrained_name(data["model"].get("pretrained")):
+        data["pretrained_sha256"] = get_pretrained(data["model"]["pretrained"]).sha256
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------------ presets
@@ -438,51 +575,301 @@ def _merge_model(base: dict, changes: dict) -> dict:
     return out
 
 
+# Other tools' names for our fields (timm, Lightning, Hydra habits), for "did you mean" (keys as choice_key makes them).
+FIELD_SYNONYMS = {"learningrate": "lr", "lrate": "lr", "numepochs": "epochs", "maxepochs": "epochs",
+                  "nepochs": "epochs", "epoch": "epochs", "bs": "batch_size", "batch": "batch_size",
+                  "wd": "weight_decay", "output": "out_dir", "outputdir": "out_dir", "out": "out_dir",
+                  "logdir": "out_dir", "data": "data_root", "datadir": "data_root", "root": "data_root",
+                  "datapath": "data_root", "name": "run_name", "experimentname": "run_name", "expname": "run_name",
+                  "gpu": "device", "accelerator": "device", "precision": "amp", "lrscheduler": "scheduler",
+                  "schedule": "scheduler", "workers": "num_workers", "imgsize": "image_size", "size": "image_size",
+                  "inputsize": "image_size", "arch": "model", "backbone": "model", "pretrained": "model",
+                  "weightingmethod": "weighting", "mtlweighting": "weighting", "randomseed": "seed"}
+
+
+class DictUpdate(dict):
+    """Entries of a mapping field set one by one (``loss_weights.cls=2``): they update the field's value (the
+    preset's, the file's or the default) instead of replacing it."""
+
+
+def _field_default(name: str) -> Any:
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+
+
+def _same_or_canonical(kind: str, value: Any) -> Any:
+    """The canonical spelling of a dataset or weighting name where it has one (the value itself otherwise: the
+    config's own checks report it)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if kind == "dataset":
+            return canonical_choice("dataset", value, list_datasets())
+        from .weighting import canonical_name
+
+        return canonical_name(value)
+    except ValueError:
+        return value
+
+
+def _follow_dataset(name: str, values: dict, given: dict) -> None:
+    """A preset's values that follow the dataset (the paper's lr, the headline weighting), unless ``given``."""
+    dataset = _same_or_canonical("dataset", values.get("dataset", "mtlesd"))
+    for (pname, key), by in _BY_DATASET.items():
+        if pname == name and key not in given and dataset in by:
+            values[key] = by[dataset]
+
+
 def preset(name: str, **overrides) -> TrainConfig:
     """A config from a preset, with field overrides; values that follow the dataset (the paper's lr, the headline
-    weighting) follow the ``dataset`` given, unless overridden."""
-    if name not in PRESETS:
-        raise ConfigError(f"preset={name!r}: expected one of {sorted(PRESETS)}")
+    weighting) follow the ``dataset`` given, unless overridden. A :class:`DictUpdate` value updates the preset's (or
+    the default) mapping of its field."""
+    name = canonical_choice("preset", name, sorted(PRESETS))
     if "model" in overrides and isinstance(overrides["model"], ModelConfig):
         overrides = {**overrides, "model": overrides["model"].to_dict()}
+    if "model" in overrides and not isinstance(overrides["model"], dict):
+        raise ConfigError(f"model={overrides['model']!r}: expected a mapping of model options, e.g. model.arch=hps "
+                          f"or model={{arch: hps, backbone: vit_mini_patch14}}")
+    updates = {k: v for k, v in overrides.items() if isinstance(v, DictUpdate)}
+    overrides = {k: v for k, v in overrides.items() if k not in updates}
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        names = [f.name for f in fields(TrainConfig)]
+        hint = did_you_mean(unknown[0], names, synonyms=FIELD_SYNONYMS)
+        raise ConfigError(f"unknown config field(s) {unknown}{hint}; see `python -m endoarss_lib.train --help`")
     values = {**PRESETS[name], **overrides, "preset": name}
-    dataset = values.get("dataset", "mtlesd")
-    for (pname, key), by in _BY_DATASET.items():
-        if pname == name and key not in overrides and dataset in by:
-            values[key] = by[dataset]
-    if name == "released" and values.get("weighting") == "stch" and "weighting_hparams" not in overrides:
+    _follow_dataset(name, values, overrides)
+    if (name == "released" and _same_or_canonical("weighting", values.get("weighting")) == "stch"
+            and "weighting_hparams" not in overrides):
         values["weighting_hparams"] = dict(_RELEASED_STCH)
     values["model"] = _merge_model(PRESETS[name]["model"], overrides.get("model", {}))
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown}; see `python -m endoarss_lib.train --help`")
+    for key, update in updates.items():
+        base = values[key] if key in values else _field_default(key)
+        values[key] = {**(base if isinstance(base, dict) else {}), **update}
     return TrainConfig(**values)
 
 
 _DERIVED_MODEL_KEYS = ("num_activities", "num_seg_classes", "task_classes", "image_size")  # from the data and run
+# Model options whose values are names from a registry: matched ignoring case, '-' and '_', stored canonically.
+_MODEL_NAME_OPTIONS = ("backbone", "arch", "connector", "cmoe_router", "token_map", "tesla_alpha")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on"), ("false", "no", "off", "none", "null", "~", "")
+
+
+def _model_choices() -> dict[str, tuple]:
+    from .models.architectures import ARCHITECTURES
+    from .models.backbones import BACKBONES
+    from .models.build import CONNECTORS, TOKEN_MAPS
+    from .models.connectors import CMOE_ROUTERS
+
+    return {"backbone": tuple(BACKBONES), "arch": tuple(ARCHITECTURES),
+            "connector": tuple(c for c in CONNECTORS if c is not None), "cmoe_router": tuple(CMOE_ROUTERS),
+            "token_map": tuple(TOKEN_MAPS), "tesla_alpha": ("onehot", "soft")}
+
+
+def _pretrained_value(value: Any) -> Any:
+    """``model.pretrained`` as the user meant it: true/false words as booleans, any other text as a bundled weight
+    name or a path (kept as written, ``~`` expanded; ``0x10`` stays ``'0x10'``)."""
+    if not isinstance(value, str):
+        return value
+    word = value.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    _check_path_text("model.pretrained", value)
+    return os.path.expanduser(str(value)) if value.startswith("~") else str(value)
+
+
+def _canonical_model_options(given: dict) -> dict:
+    """Model options with registry names in their one spelling (``model.arch=DSelect-K`` -> ``dselect_k``), task
+    names checked, and ``pretrained`` read as text (:func:`_pretrained_value`)."""
+    from .tasks import TASKS
+
+    TASK_NAMES = tuple(TASKS)  # the live registry (a task registered later counts)
+    out = dict(given)
+    choices = _model_choices()
+    for key in _MODEL_NAME_OPTIONS:
+        value = out.get(key)
+        if key == "connector" and (value is None or (isinstance(value, str) and value.strip().lower()
+                                                      in ("none", "null", "~", ""))):
+            if key in out:
+                out[key] = None
+            continue
+        if isinstance(value, str):
+            out[key] = canonical_choice(f"model.{key}", value, choices[key])
+    tasks = out.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if isinstance(tasks, (list, tuple)):
+        out["tasks"] = tuple(canonical_choice("model.tasks", t, TASK_NAMES) if isinstance(t, str) else t
+                             for t in tasks)
+    for key in ("out_layers", "seg_rates"):  # lists of ints (block indices, ASPP rates)
+        value = out.get(key)
+        if isinstance(value, (list, tuple)):
+            out[key] = tuple(coerce(f"model.{key}[{i}]", v, int) for i, v in enumerate(value))
+    if "pretrained" in out:
+        out["pretrained"] = _pretrained_value(out["pretrained"])
+    return out
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Every number inside ``value`` (a mapping of hyper-parameters) is finite."""
+    import math
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(f"{name}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(f"{name}[{i}]", v)
+    elif (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("inf", "infinity", "nan")):
+        raise ConfigError(f"{name}={value!r}: expected a finite number (inf and nan cannot train or select anything)")
+
+
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+
+
+def _check_path_text(name: str, value: str) -> None:
+    """Text that names a file or folder: valid UTF-8, no control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ConfigError(f"{name}={shown!r}: not valid UTF-8 text (a name in another encoding?); expected a UTF-8 "
+                          f"path: rename the file or folder, or give its UTF-8 name") from None
+    bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ConfigError(f"{name}={value!r}: contains control characters {bad}; expected a file or folder name")
+
+
+def _check_run_name(value: str) -> None:
+    """run_name: a folder name inside out_dir (or a few, separated by '/'), each at most 255 bytes."""
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith(("/", "\\")) or (len(value) > 1 and value[1] == ":"):
+        raise ConfigError(f"run_name={value!r}: expected a folder name inside out_dir, not an absolute path; give "
+                          f"the parent folder as out_dir and the last name as run_name")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ConfigError(f"run_name={value!r}: expected a folder name inside out_dir ('{part}' is not one: "
+                              f"empty names, '.' and '..' would leave or merge run folders)")
+        size = len(part.encode("utf-8"))
+        if size > _NAME_MAX:
+            raise ConfigError(f"run_name={value[:40]!r}... is {size} bytes long: a folder name holds at most "
+                              f"{_NAME_MAX} bytes; choose a shorter run_name (or leave it null: the run folder is "
+                              f"then named after the config)")
+
+
+def _text_hint(hint: Any) -> bool:
+    """Whether a field holds text (``str`` or ``str | None``): its command-line value is kept exactly as typed."""
+    import types
+    import typing
+
+    if hint is str:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    return origin in (typing.Union, types.UnionType) and set(args) == {str, type(None)}
+
+
+def _value(hint: Any, text: str, where: str) -> Any:
+    """A command-line value for a field of type ``hint``: text fields keep the exact text; other values are read as
+    YAML flow syntax (``[1, 2]``, ``{cls: 1}``) with every plain scalar kept as text for the field to type."""
+    if _text_hint(hint):
+        return Text(text)
+    try:
+        return read_text_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {where!r}: {exc}") from None
+    except yaml.YAMLError:
+        return Text(text)
+
+
+def _dict_fields(hints: dict) -> list[str]:
+    import typing
+
+    return [n for n, h in hints.items() if h is dict or typing.get_origin(h) is dict]
+
+
+def _set_key(out: dict, key: str, raw: Any, where: str, hints: dict, from_text: bool) -> None:
+    """Set ``key`` (``field``, ``model.<option>`` or ``<mapping field>.<entry>``) in ``out``; ``raw`` is the
+    command-line text (``from_text``) or a value already read from YAML."""
+    import typing
+
+    names = list(hints)
+    top, _, rest = key.partition(".")
+    if top == "preset" and from_text:
+        raise ConfigError(f"override {where!r}: the preset is chosen with --preset NAME (or `preset: NAME` first in a "
+                          f"config file); as an override it would only relabel the config, not change its values")
+    if top not in hints:
+        raise ConfigError(f"override {where!r}: unknown config field {top!r}"
+                          f"{did_you_mean(top, names, synonyms=FIELD_SYNONYMS)}; see `python -m endoarss_lib.train "
+                          f"--help`")
+    if not rest:
+        out[top] = _value(hints[top], raw, where) if from_text else raw
+        return
+    if top == "model":
+        options = typing.get_type_hints(ModelConfig)
+        if rest not in options:
+            raise ConfigError(f"override {where!r}: unknown model option {rest!r}{did_you_mean(rest, options)}; "
+                              f"see `python -m endoarss_lib.train --help`")
+        hint = str if rest == "pretrained" else options[rest]  # pretrained: a name or a path, typed by its text
+        model = out.setdefault("model", {})
+        model[rest] = _value(hint, raw, where) if from_text else raw
+        return
+    mappings = _dict_fields(hints)
+    if top not in mappings or "." in rest:
+        raise ConfigError(f"override {where!r}: {top!r} is not a mapping field; a dotted key sets one entry of "
+                          f"{sorted(mappings)} (e.g. loss_weights.cls=2) or a model option (model.arch=hps)")
+    entries = out.get(top)
+    if not isinstance(entries, dict):
+        entries = out[top] = DictUpdate()
+    entries[rest] = _value(Any, raw, where) if from_text else raw
 
 
 def parse_overrides(items) -> dict:
     """``["epochs=5", "model.arch=hps", "amp=off"]`` -> ``{"epochs": 5, "model": {"arch": "hps"}, "amp": "off"}``.
 
-    Values are typed by their field (text fields stay text, so ``amp=off`` is ``"off"``); unknown fields are errors.
+    Values are typed by their field: text fields keep the exact text (``run_name=007`` is ``'007'``), numbers and
+    booleans are converted by the field (``epochs=1e3`` is 1000), mappings take dotted keys
+    (``loss_weights.cls=2`` updates one entry). Unknown fields and options are errors with the closest names; a key
+    given twice is an error (the second would silently win).
     """
     import typing
 
     hints = typing.get_type_hints(TrainConfig)
     out: dict = {}
+    seen: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            key = item.strip()
+            hint = (f"; did you mean {key}=<value>?" if key in hints or key.partition(".")[0] in hints else
+                    did_you_mean(key, hints))
+            raise ConfigError(f"override {item!r}: expected key=value{hint}")
         key, text = item.split("=", 1)
         key = key.strip()
-        if key.startswith("model."):
-            out.setdefault("model", {})[key[len("model."):]] = parse_text(text)
-        elif key in hints:
-            out[key] = text if hints[key] is str else parse_text(text)
+        if key in seen:
+            raise ConfigError(f"override {item!r}: {key!r} is given twice on the command line (first as "
+                              f"{seen[key]!r}); give it once")
+        seen[key] = item
+        _set_key(out, key, text, item, hints, from_text=True)
+    return out
+
+
+def _expand_file_keys(data: dict, path: Path) -> dict:
+    """A config file's top-level mapping with dotted keys (``loss_weights.cls: 2``, ``model.arch: hps``) set like
+    the command line's; unknown fields are left for :func:`preset` to report (with the closest names)."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict = {}
+    for key, value in data.items():
+        key = str(key)
+        if "." in key:
+            _set_key(out, key, value, f"{key}: ... in {path}", hints, from_text=False)
+        elif key == "model" and isinstance(out.get("model"), dict) and isinstance(value, dict):
+            out["model"] = {**value, **out["model"]}
         else:
-            raise ConfigError(f"override {item!r}: unknown config field {key!r}; see `python -m endoarss_lib.train "
-                              "--help`")
+            out[key] = value
     return out
 
 
@@ -490,11 +877,15 @@ def _merge(base: dict, changes: dict) -> dict:
     out = {**base, **changes}
     if "model" in changes and isinstance(changes["model"], dict):
         out["model"] = _merge_model(base.get("model", {}), changes["model"])
+    for key, value in changes.items():
+        if isinstance(value, DictUpdate) and isinstance(base.get(key), dict):
+            out[key] = (DictUpdate if isinstance(base[key], DictUpdate) else dict)({**base[key], **value})
     return out
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``key=value`` strings to a config (values typed by their field; ``model.arch=hps`` sets a model option).
+    """Apply ``key=value`` strings to a config (values typed by their field; ``model.arch=hps`` sets a model option,
+    ``loss_weights.cls=2`` one entry of a mapping).
 
     A preset's dataset-dependent values (the paper's lr, the headline weighting) follow a ``dataset=`` override
     unless they are overridden too.
@@ -504,9 +895,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     base["model"] = {k: v for k, v in base["model"].items() if k not in _DERIVED_MODEL_KEYS}
     values = _merge(base, changes)
     if "dataset" in changes and config.preset in PRESETS:
-        for (pname, key), by in _BY_DATASET.items():
-            if pname == config.preset and key not in changes and values["dataset"] in by:
-                values[key] = by[values["dataset"]]
+        _follow_dataset(config.preset, values, changes)
     return TrainConfig(**values)
 
 
@@ -516,17 +905,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), prese
 
     File values and overrides are merged first and the config is made once, so a field can be completed by an
     override (``--preset paper data_root=/data/MTLESD``) and dataset-dependent preset values follow the final
-    ``dataset``."""
+    ``dataset``. The file's values are typed like the command line's (a text field keeps ``007``); a key given twice
+    in the file is an error naming the key and its lines."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()
         try:
-            data = yaml.load(path.read_text(), Loader=YAMLLoader) or {}
+            data = read_text_yaml(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder; expected a YAML config file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a YAML config "
+                              f"file") from None
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read config ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields")
+        data = {str(k): v for k, v in data.items()}
         preset_name = data.pop("preset", preset_name)
+        try:
+            data = _expand_file_keys(data, path)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     values = _merge(data, parse_overrides(overrides))
     try:
         return preset(preset_name, **values)
@@ -539,6 +943,8 @@ def config_help() -> str:
     lines = ["run fields (key=value):"]
     for name, kind, default, meaning in field_help(TrainConfig):
         lines.append(f"  {name:<24} {kind:<28} default {default:<14} {meaning}")
+    lines.append("  (a mapping field takes one entry as <field>.<key>=value, e.g. loss_weights.cls=2 or "
+                 "weighting_hparams.beta=0.5)")
     lines.append("model options (model.<option>=value):")
     for name, kind, default, meaning in field_help(ModelConfig):
         lines.append(f"  {name:<24} {kind:<28} default {default:<14} {meaning}")

@@ -18,6 +18,7 @@ finished run's row.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import resource
@@ -32,7 +33,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from .atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, write_json_atomic,
+                     write_text_atomic)
 from .config import ConfigError, TrainConfig
 from .data import MTLDataset, make_loader, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
@@ -100,12 +102,21 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else as given (a clear error if CUDA is missing)."""
+    """'auto' -> cuda if available else cpu; anything else as given (a ConfigError if CUDA or that GPU is missing)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine (use device=cpu or auto)")
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"device={name!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"{build}, no usable GPU or driver); use device=cpu, or device=auto to take a GPU when "
+                          f"there is one")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} visible GPU(s) (cuda:0.."
+                          f"cuda:{torch.cuda.device_count() - 1}); choose one of them or device=cuda")
     return device
 
 
@@ -146,6 +157,10 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
                   split_seed=cfg.split_seed, id_map=cfg.id_map, ignore_index=cfg.ignore_index,
                   normalize=cfg.input_normalization())
     datasets = {s: MTLDataset(root, s, augment=cfg.augment and s == "train", **common) for s in splits}
+    if cfg.id_map == "released" and any(d.synthetic for d in datasets.values()):
+        raise ConfigError(f"id_map='released' (raw k -> k-1, for the authors' 1-based masks) on {root}, which holds "
+                          f"the project's synthetic data (its dataset card says so): their masks are 0-based, so "
+                          f"every class would shift by one. Set id_map=null for this folder")
     if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
         for dataset in datasets.values():
             dataset.use_cache(cfg.cache_dir, progress=cfg.progress)
@@ -205,8 +220,14 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as "[enforce fail at inline_container.cc]"
+        from .atomic import why_not_written
+
+        raise RunError(f"{path}: the checkpoint cannot be written: {why_not_written(path, exc)}. The run folder keeps "
+                       f"its last complete checkpoint; rerunning the same command resumes from it") from None
 
 
 def weights_digest(model) -> str | None:
@@ -462,6 +483,10 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
                             loss_weights=cfg.loss_weights, grad_accum=cfg.grad_accum, cls_loss=state.get("cls_loss"),
                             label_smoothing=cfg.label_smoothing, ignore_index=cfg.ignore_index, shared=shared,
                             task_params=heads, diagnostics=diag, spec=state.get("spec"))
+        bad = {t: v for t, v in result["losses"].items() if not math.isfinite(v)}
+        if bad:  # before the optimiser step: the parameters stay those of the last finite step
+            raise RunError(_diverged(cfg, epoch, step, state["global_step"],
+                                     f"the loss is not finite for {_losses(bad)}"))
         if result["diagnostics"] is not None:
             state["diagnostics"].append({"epoch": epoch, "step": state["global_step"], **result["diagnostics"]})
         if state.get("tensorboard") is not None:
@@ -475,12 +500,31 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
             sums[t] += result["losses"][t]
         batches += 1
         bar.set_postfix({t: f"{sums[t] / batches:.3f}" for t in tasks})
+    broken = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:  # a finite loss with an overflowing gradient: the optimiser step wrote inf / nan into the weights
+        raise RunError(_diverged(cfg, epoch, batches - 1, state["global_step"],
+                                 f"the trainable parameters {broken[:3]}{' ...' if len(broken) > 3 else ''} are "
+                                 f"not finite"))
     stats = {f"train_loss_{t}": sums[t] / max(batches, 1) for t in tasks}
     stats.update(weighting.epoch_log(tasks))
     columns, rows = raw_model.epoch_stats()
     stats.update(columns)
     state["routing"] += [{"epoch": epoch + 1, **r} for r in rows]
     return stats
+
+
+def _losses(bad: dict) -> str:
+    return " and ".join(f"task {t!r} ({v})" for t, v in bad.items())
+
+
+def _diverged(cfg: TrainConfig, epoch: int, step: int, global_step: int, what: str) -> str:
+    """The message of a run stopped because its numbers stopped being finite (no result row is written)."""
+    kept = "its last finished epoch (last.pt)" if epoch > 0 else "only its config (no epoch had finished)"
+    return (f"{run_dir(cfg)}: training diverged at epoch {epoch + 1}, step {step + 1} (step {global_step} of the run): "
+            f"{what} (inf or nan). The run was stopped and no result was written; the run folder keeps {kept}. "
+            f"Usual causes: a learning rate too large for this model (lr={cfg.lr}; try 10x smaller), or a batch whose "
+            f"masks are all ignore_index. A changed config is a new run (another run folder); rerunning this one "
+            f"would diverge again")
 
 
 def _all_reduce_grads(optimizer) -> None:
@@ -564,7 +608,7 @@ def run_dir(cfg: TrainConfig) -> Path:
     """The folder of a run: ``<out_dir>/<run_name or dataset-backbone-arch-weighting-seed-hash>``."""
     name = cfg.run_name or (f"{cfg.dataset}-{cfg.model.backbone}-{cfg.model.arch}-{cfg.weighting}-s{cfg.seed}-"
                             f"{cfg.results_hash()}")
-    return Path(cfg.out_dir) / name
+    return Path(cfg.out_dir).expanduser() / name
 
 
 def read_run_config(folder: str | Path) -> TrainConfig:
@@ -576,11 +620,13 @@ def read_run_config(folder: str | Path) -> TrainConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RunError(f"{path}: not valid JSON ({exc})") from None
-    data.pop("config_hash", None)
+    recorded_hash = data.pop("config_hash", None)
     try:
-        return TrainConfig(**data)
+        cfg = TrainConfig(**json.loads(json.dumps(data)))
     except (ConfigError, TypeError) as exc:
         raise RunError(f"{path}: not a config this version can read ({exc})") from None
+    cfg.keep_recorded_hash(data, recorded_hash)  # a folder written under an older spelling (weighting=DB-MTL)
+    return cfg
 
 
 def _check_folder(folder: Path, cfg: TrainConfig) -> None:
@@ -600,13 +646,64 @@ def _check_folder(folder: Path, cfg: TrainConfig) -> None:
                     f"changed there. Give this config another run_name or out_dir; the existing run is kept")
 
 
+RUN_LOCK = ".run.lock"  # held by the one process that trains in a run folder
+
+
+@contextmanager
+def _claimed(folder: Path, cfg: TrainConfig):
+    """Hold the run folder's lock (an exclusive create of ``.run.lock``, before anything else is read or written):
+    one training per folder. A live holder training another config is a LockHeld error (nothing of either run is
+    touched); one training the same config is waited for (its result is then returned); a killed holder's lock is
+    taken over. A run folder this call created and left empty is removed again."""
+    from .atomic import why_not_written
+
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "run folder" if parent == folder else "out_dir" if parent == folder.parent else "parent folder"
+            raise RunError(f"{parent}: is a file, but the {what} of this run must be a folder (out_dir="
+                           f"{cfg.out_dir!r}, run_name={cfg.run_name!r}); choose another out_dir or run_name")
+        if parent.exists():
+            break
+    existed = folder.exists()
+    digest = cfg.results_hash()
+    lock = folder_lock(folder, RUN_LOCK, "training", info={"config_hash": digest},
+                       wait_for=lambda owner: owner.get("config_hash") == digest)
+    try:
+        lock.__enter__()
+    except LockHeld as exc:
+        raise LockHeld(f"{exc}. This run was refused before anything was written; to train this config at the same "
+                       f"time, give it another run_name or out_dir") from None
+    except OSError as exc:
+        raise RunError(f"{folder}: cannot create the run folder: {why_not_written(folder, exc)}; choose another "
+                       f"out_dir") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+        if not existed:
+            try:
+                folder.rmdir()  # only if still empty: a refused run leaves no folder behind
+            except OSError:
+                pass
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row (the
     schema of :class:`~endoarss_lib.results.ResultRow`; a finished run's row as :func:`~endoarss_lib.results.read_row`
-    reads it). With ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`).
-    """
+    reads it, reporting where the folder is now).
+
+    The run folder is claimed first (:func:`_claimed`): of several trainings started at once into one folder,
+    exactly one trains; the others are refused (another config) or wait for it (the same config). A loss or weight
+    that stops being finite stops the run with a RunError naming the epoch and step; no result row is written. With
+    ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        resolve_device(cfg.device)  # device=cuda without CUDA: refused before anything is written
+    folder = run_dir(cfg)
     with deterministic_algorithms(cfg.deterministic):
-        return _fit(cfg)
+        if int(os.environ.get("RANK", "0")) != 0 or (folder / "result.json").is_file():
+            return _fit(cfg)  # torchrun's other ranks follow rank 0; a finished run is read, never written
+        with _claimed(folder, cfg):
+            return _fit(cfg)
 
 
 def _fit(cfg: TrainConfig) -> dict:
@@ -635,7 +732,7 @@ def _fit(cfg: TrainConfig) -> dict:
             if now is not None and now != row["weights_sha256"]:
                 raise CheckpointMismatch(f"{result_path}: this run used weights with sha256 {row['weights_sha256']},"
                                          f" but {weights} now has {now}; restore them or run under another run_name")
-        return read_row(row)
+        return read_row({**row, "run_dir": str(folder)})  # where the folder is now (it may have been moved since)
     device = resolve_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     state = _build_state(cfg, datasets, device)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+from .cli import add_standard_options, prog, run_command
+from .coerce import ConfigError
+
 __all__ = ["evaluate_released", "main", "MODEL_SOURCES"]
 
 MODEL_SOURCES = {"checkpoint": "authors' released checkpoint",
@@ -49,9 +52,13 @@ def _weighting_from_name(path: str | None) -> str | None:
 def _id_map(value):
     if value is None or value in ("identity", "released", "spec"):
         return None if value == "spec" else value
-    path = Path(value)
-    data = json.loads(path.read_text())
-    return {int(k): int(v) for k, v in data.get("raw_to_train", data).items()}
+    from .data.dataset import read_id_map
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--id-map {value}: expected released, identity, spec or an existing JSON file "
+                          f"{{\"raw_to_train\": {{\"<raw>\": <train id>}}}}")
+    return read_id_map(path)
 
 
 def _load_model(checkpoint, random_init: bool, dataset: str, seed: int, arch: dict):
@@ -123,8 +130,9 @@ def _arch_option(text: str) -> tuple[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m endoarss_lib.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("endoarss_lib.evaluate", "endoarss-evaluate"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_standard_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--released", metavar="CHECKPOINT", help="the authors' .pt file (loaded strictly)")
     src.add_argument("--random-init", action="store_true", help="no checkpoint: the released architecture with "
@@ -149,22 +157,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point; prints the result row as JSON; returns the exit status."""
-    from .atomic import write_json_atomic
+    """Entry point; prints the result row as JSON; returns the exit status: 0, 1 (the checkpoint, the data or a file
+    cannot be used; the message names it) or 2 (a bad option: unknown dataset, id map, architecture option, or a
+    checkpoint that does not fit the dataset). ``--debug`` shows tracebacks."""
+    from .data import DataError
+    from .engine import RunError
     from .models.weights import WeightsError
 
     args = _parser().parse_args(argv)
-    try:
-        row = evaluate_released(args.released, args.data_root, args.dataset, image_size=args.image_size,
-                                device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                                id_map=_id_map(args.id_map), random_init=args.random_init, seed=args.seed,
-                                distances=not args.no_distances, amp=args.amp, arch=dict(args.arch),
-                                progress=args.progress)
-    except (WeightsError, FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _run(args), debug=args.debug,
+                       failures=(WeightsError, DataError, RunError, FileNotFoundError, OSError),
+                       usage=(ValueError, TypeError))
+
+
+def _run(args) -> int:
+    from .atomic import write_json_atomic
+
+    checkpoint = None if args.released is None else Path(args.released).expanduser()
+    row = evaluate_released(checkpoint, Path(args.data_root).expanduser(), args.dataset, image_size=args.image_size,
+                            device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+                            id_map=_id_map(args.id_map), random_init=args.random_init, seed=args.seed,
+                            distances=not args.no_distances, amp=args.amp, arch=dict(args.arch),
+                            progress=args.progress)
     if args.out:
-        write_json_atomic(args.out, row)
+        write_json_atomic(Path(args.out).expanduser(), row)
     print(json.dumps(row, indent=2, default=str))
     return 0
 

@@ -16,6 +16,11 @@ the output folder, and then
 
 Model names in grids use the one model vocabulary of :class:`~endoarss_lib.models.ModelConfig`: a backbone key,
 optionally ``+sma`` (``"vit_mini_patch14+sma"``), or a dict of model options.
+
+Notebook parameters arrive as papermill passes them: ``-p seeds 0`` gives an int, ``-p seeds "[0, 1, 2]"`` a string,
+``-y "seeds: [0, 1, 2]"`` a list. :func:`as_list` (and :func:`as_mapping` for dict parameters) turns each of them
+into the list meant, or raises a ConfigError naming the parameter and saying how to pass it; :meth:`Experiment.grid`
+applies it to its axes.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from .config import _DERIVED_MODEL_KEYS, ConfigError, DEFAULT_MODEL, TrainConfig
 from .models.build import ModelConfig
 from .results import assert_learns, caption, save_rows, summarise_seeds, write_table
 
-__all__ = ["Experiment", "RunKey", "model_options", "project_path", "RUNS_DIR"]
+__all__ = ["Experiment", "RunKey", "model_options", "project_path", "as_list", "as_mapping", "RUNS_DIR"]
 
 RUNS_DIR = "results/runs"  # one run store for every notebook: a configuration trained once is reused everywhere
 
@@ -50,6 +55,89 @@ def project_path(path: str | os.PathLike) -> Path:
         if (root / "notebooks").is_dir() and (root / "pyproject.toml").is_file() and (root / "endoarss_lib").is_dir():
             return root / path
     return cwd / path
+
+def _type_words(item_type: type | None) -> str:
+    return {int: " of ints", float: " of numbers", str: " of names", bool: " of true/false"}.get(item_type, "")
+
+
+def _example(item_type: type | None) -> str:
+    return {str: "[a, b]", float: "[0.1, 0.5]", bool: "[true, false]"}.get(item_type, "[0, 1, 2]")
+
+
+def as_list(name: str, value: Any, item_type: type | None = None) -> list:
+    """A notebook's list parameter as a list, however it was passed: a list or tuple; one item (``-p seeds 0`` gives
+    the int 0 -> ``[0]``); or text: ``"[0, 1, 2]"`` (papermill ``-p`` passes lists as text), ``"0,1,2"``, ``"0 1 2"``
+    (numbers), ``"tesla"`` -> ``["tesla"]``, ``""`` -> ``[]``. Items are converted to ``item_type`` exactly
+    (``"2"`` -> 2 for ints; ``2.5`` for ints is refused); ``item_type=None`` reads text items as YAML would.
+    Anything else is a ConfigError naming the parameter, what was expected and how to pass a list."""
+    from .coerce import Text, coerce, read_text_yaml, typed
+
+    def refused(why: str = "") -> ConfigError:
+        example = _example(item_type)
+        return ConfigError(f"{name}={value!r}: expected a list{_type_words(item_type)}{why}, e.g. {example}; with "
+                           f"papermill pass -p {name} '{example}' or -y '{name}: {example}'")
+
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "(")):
+            try:
+                parsed = read_text_yaml("[" + text[1:-1] + "]" if text.startswith("(") and text.endswith(")")
+                                        else text)
+            except Exception:  # noqa: BLE001 - malformed text: one clear error below
+                raise refused(" (the text is not a list: check its brackets and commas)") from None
+            if not isinstance(parsed, list):
+                raise refused()
+            items = parsed
+        elif not text:
+            items = []
+        elif "," in text:
+            items = [Text(part.strip()) for part in text.split(",")]
+        elif item_type in (int, float) and len(text.split()) > 1:
+            items = [Text(part) for part in text.split()]
+        else:
+            items = [Text(text)]
+    elif value is None or isinstance(value, (dict, set)):
+        raise refused()
+    elif item_type is None or isinstance(value, (int, float, bool)):
+        items = [value]
+    else:
+        raise refused()
+    if any(isinstance(item, Text) and not item.strip() for item in items):
+        raise refused(" (an empty item: check the commas)")
+    if item_type is None:
+        return [typed(item) for item in items]
+    try:
+        return [coerce(f"{name}[{i}]", item, item_type) for i, item in enumerate(items)]
+    except ConfigError as exc:
+        example = _example(item_type)
+        raise ConfigError(f"{exc}; {name} expects a list{_type_words(item_type)}, e.g. {example} (papermill: -p {name} "
+                          f"'{example}')") from None
+
+
+def as_mapping(name: str, value: Any) -> dict:
+    """A notebook's dict parameter as a dict: a mapping, ``None`` or ``""`` (-> ``{}``), or YAML / JSON text such as
+    ``'{"dinov2_vitb14": "/weights/dinov2.pth"}'`` (papermill ``-p`` passes it as text); ConfigError naming the
+    parameter otherwise."""
+    from .coerce import read_text_yaml, typed
+
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            parsed = read_text_yaml(value)
+        except Exception:  # noqa: BLE001 - malformed text: one clear error below
+            parsed = None
+        if isinstance(parsed, dict):
+            return typed(parsed)
+    raise ConfigError(f"{name}={value!r}: expected a mapping, e.g. {{key: value}}; with papermill pass "
+                      f"-y '{name}: {{key: value}}' or -p {name} '{{\"key\": \"value\"}}'")
+
 
 # notebook parameter -> TrainConfig field
 _PARAMETER_FIELDS = {"n_train": "synthetic_n_train", "n_test": "synthetic_n_test", "data_seed": "synthetic_seed",
@@ -141,7 +229,7 @@ class Experiment:
         self.seeds = list(seeds) if seeds is not None else list(self.scale.seeds if self.scale else [seed])
         self.out = project_path(out_dir if out_dir not in (None, "") else Path("results") / name)
         self.runs = project_path(runs_dir)
-        self.weights = dict(weights or {})
+        self.weights = as_mapping("weights", weights)
         self.default_model = model_options(model)
         real = data_root not in (None, "")
         values = {"dataset": dataset, "data_root": str(project_path(data_root)) if real else None,
@@ -228,8 +316,13 @@ class Experiment:
              **fields) -> dict[RunKey, TrainConfig]:
         """Configs of a backbone x arch x weighting x seed grid (``model``: extra model options for all), plus a
         single-task baseline per task of the model and (backbone, seed) when ``single_task``; keyed by
-        :class:`RunKey` (variants ``"<backbone> | <arch> | <weighting>"`` and ``"<backbone> | single <task>"``)."""
-        seeds = [self.base.seed] if seeds is None else list(seeds)
+        :class:`RunKey` (variants ``"<backbone> | <arch> | <weighting>"`` and ``"<backbone> | single <task>"``).
+        Each axis may be given as papermill passes a list parameter (:func:`as_list`: ``"[0, 1, 2]"``, ``0``,
+        ``"0,1,2"``)."""
+        backbones = as_list("backbones", backbones)
+        archs = as_list("archs", archs, str)
+        weightings = as_list("weightings", weightings, str)
+        seeds = [self.base.seed] if seeds is None else as_list("seeds", seeds, int)
         configs: dict[RunKey, TrainConfig] = {}
         for backbone in backbones:
             label = backbone if isinstance(backbone, str) else model_options(backbone).get("backbone")

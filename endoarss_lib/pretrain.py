@@ -705,14 +705,17 @@ def record_metrics(weights, backbone: str, layerscale_init: float, progress: boo
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
+    from .cli import add_standard_options, prog
+
     p = argparse.ArgumentParser(
-        prog="python -m endoarss_lib.pretrain",
+        prog=prog("endoarss_lib.pretrain", "endoarss-pretrain"),
         description="Pretrain the project's small DINOv2-architecture ViT with DINO + iBOT + KoLeo on unlabelled "
                     "synthetic endoscopic images; writes <out>/<name>.safetensors and <name>.json (the weight "
                     "record). Defaults reproduce the bundled weights (about 50 minutes on 2 CPU cores).")
     p.add_argument("--out", default="pretrain_out", help="output folder (default: pretrain_out)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear probes at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_standard_options(p)
     for f in fields(PretrainConfig):
         default = f.default
         if isinstance(default, tuple):
@@ -730,14 +733,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit status 0, 1 (a file cannot be written or read) or 2 (a bad option); ``--debug`` shows
+    tracebacks."""
+    from .cli import run_command
+
     args = _parser().parse_args(argv)
+    return run_command(lambda: _run(args), debug=args.debug, usage=(ValueError,))
+
+
+def _run(args) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
-    try:
-        cfg = PretrainConfig(**values)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    record = pretrain(cfg, args.out, progress=not args.quiet, evaluate=not args.no_eval)
+    cfg = PretrainConfig(**values)
+    record = pretrain(cfg, Path(args.out).expanduser(), progress=not args.quiet, evaluate=not args.no_eval)
     print(json.dumps({k: record[k] for k in ("name", "file", "sha256", "training")}, indent=2))
     if "metrics" in record:
         print(json.dumps(record["metrics"], indent=2))

@@ -203,8 +203,10 @@ def _read(path: Path) -> dict:
     """The grid file's top-level mapping, with only known keys."""
     import yaml
 
+    from .coerce import UniqueKeyLoader
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is refused, naming its lines
     except (OSError, yaml.YAMLError) as error:
         raise GridError(f"{path}: cannot read the grid file: {error}") from error
     if not isinstance(data, dict):
@@ -573,8 +575,11 @@ def _minutes(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file, another
     sweep holds the grid's lock, or the executor cannot be used)."""
-    parser = argparse.ArgumentParser(prog="python -m endoarss_lib.sweep", description=__doc__,
+    from .cli import add_standard_options, prog, run_command
+
+    parser = argparse.ArgumentParser(prog=prog("endoarss_lib.sweep", "endoarss-sweep"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_standard_options(parser)
     parser.add_argument("grid", help="grid file (YAML)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: visible GPUs, or 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the configurations and their state; run none")
@@ -603,14 +608,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--slurm-arg expects KEY=VALUE")
     slurm = SlurmOptions(args.partition, args.gpus_per_job, args.cpus_per_job, args.time_limit, args.slurm_folder,
                          extra)
-    try:
+
+    def work() -> int:
         report = run_sweep(args.grid, args.root, args.jobs, args.dry_run, args.aggregate_only,
                            executor=args.executor, slurm=slurm)
-    except (GridError, LockHeld, ExecutorError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    (_print_plan if args.dry_run else _print_report)(report)
-    return 1 if report.failed else 0
+        (_print_plan if args.dry_run else _print_report)(report)
+        return 1 if report.failed else 0
+
+    return run_command(work, debug=args.debug, usage=(GridError, LockHeld, ExecutorError))
 
 
 if __name__ == "__main__":

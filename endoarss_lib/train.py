@@ -1,8 +1,11 @@
 """Command line: ``python -m endoarss_lib.train --config run.yaml [key=value ...]`` (or ``--preset smoke``).
 
 Overrides are typed by their field: ``epochs=5 weighting=db_mtl augment=off model.arch=hps
-model.pretrained=/weights/dinov2.pth``. ``--print-config`` prints the resolved config as YAML and exits. Under
-``torchrun --nproc_per_node N`` the run is data-parallel. Rerunning the same command resumes. Also installed as
+model.pretrained=/weights/dinov2.pth``; text fields keep what was typed (``run_name=007``), one entry of a mapping is
+``loss_weights.cls=2``, names are matched ignoring case (``weighting=DB-MTL`` is ``db_mtl``). ``--print-config``
+prints the resolved config as YAML and exits. Under ``torchrun --nproc_per_node N`` the run is data-parallel.
+Rerunning the same command resumes. Errors are one message naming the field or file (exit status 2: a bad command
+line or config; 1: data, weights, run folder or disk); ``--debug`` shows the traceback. Also installed as
 ``endoarss-train``.
 """
 from __future__ import annotations
@@ -14,18 +17,21 @@ import sys
 
 import yaml
 
+from .cli import add_standard_options, prog, run_command
 from .config import PRESETS, ConfigError, config_help, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m endoarss_lib.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("endoarss_lib.train", "endoarss-train"), description=__doc__,
                                      epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", help="YAML file of config fields (first key: preset: smoke|paper|released)")
     source.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="start from a preset (default: "
                                                                                   "smoke)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value (model.<option>=value for model options)")
+    add_standard_options(parser)
+    parser.add_argument("overrides", nargs="*", help="key=value (model.<option>=value for model options, "
+                                                     "<field>.<key>=value for one entry of a mapping field)")
     return parser
 
 
@@ -36,28 +42,29 @@ def resolve(argv=None):
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the exit status: 0, 1 (the run failed on its data, weights or run folder; the message
-    names the file) or 2 (a bad config)."""
-    try:
-        cfg, args = resolve(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Entry point; returns the exit status: 0, 1 (the run failed on its data, weights, run folder or disk, or
+    diverged; the message names the file) or 2 (a bad command line or config). ``--debug`` shows tracebacks."""
+    args = _parser().parse_args(argv)
+    return run_command(lambda: _run(args), debug=args.debug, failures=_failures(), usage=(ConfigError,))
+
+
+def _failures() -> tuple:
+    from .atomic import LockHeld
+    from .data import DataError
+    from .engine import CheckpointMismatch, RunError
+    from .models.weights import WeightsError
+
+    return (DataError, RunError, CheckpointMismatch, WeightsError, LockHeld, OSError)
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config, args.overrides, preset_name=args.preset)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from .data import DataError
-    from .engine import CheckpointMismatch, RunError, fit
-    from .models.weights import WeightsError
+    from .engine import fit
 
-    try:
-        row = fit(cfg)
-    except ConfigError as exc:  # e.g. synthetic=false without data_root
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (DataError, RunError, CheckpointMismatch, WeightsError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # these name their file and say what to do: no traceback needed
-        return 1
+    row = fit(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(row, indent=2, default=str))
     return 0

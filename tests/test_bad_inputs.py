@@ -1,4 +1,5 @@
-"""Bad inputs (issue 13): never a silently wrong result, nothing a user made is lost, every error names its culprit.
+"""Bad inputs (issues 13 and 21): never a silently wrong result, nothing a user made is lost, every error names its
+culprit.
 
 :data:`CASES` is a table of bad inputs across data, weights, checkpoints, configs, the command lines, the sweep and
 the notebook helper. Each case is a small function that sets up one bad input in its own folder, declares what the
@@ -6,7 +7,11 @@ error must name (:meth:`World.names`: the file or the parameter), what must stay
 (:meth:`World.keep`) or must not be created (:meth:`World.absent`), and then makes the call that must fail;
 :func:`test_bad_input` checks the error type, the culprit and the files. The tests after the table check the
 behaviour behind the fixes: 16-bit images scaled by hand-computed values, model selection by HD95, validation of
-1-based masks with an ``id_map.json``, pool workers dying with a killed parent, the sweep lock, stale temporaries.
+1-based masks with an ``id_map.json``, pool workers dying with a killed parent, the sweep lock, stale temporaries;
+and (issue 21) text fields that keep their text, one canonical spelling of names, dotted keys, ``~`` in paths, a run
+folder that was moved, 255 "ignore" regions, a synthetic generation killed with SIGKILL, trainings started together
+into one run folder, console scripts' names, versions and exit codes. The property-based tests of the override parser
+and the config types are in ``test_config_properties.py``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from unittest import mock
 from pathlib import Path
 from typing import Callable
 
@@ -33,16 +39,17 @@ import pytest
 import torch
 from PIL import Image
 
+from endoarss_lib import evaluate as evaluate_cli_module
 from endoarss_lib import train
 from endoarss_lib.atomic import LockHeld, folder_lock, remove_stale_temporaries
-from endoarss_lib.config import ConfigError, preset
+from endoarss_lib.config import ConfigError, apply_overrides, load_config, preset
 from endoarss_lib.corrupted_sets import build_corrupted_set
 from endoarss_lib.data import DataError, MTLDataset, make_synthetic
 from endoarss_lib.data import prepare
 from endoarss_lib.data.io import read_image
 from endoarss_lib.engine import (CheckpointMismatch, RunError, checkpoint_info, fit, read_run_config, run_dir,
                                  selection_score)
-from endoarss_lib.experiment import Experiment
+from endoarss_lib.experiment import Experiment, as_list, as_mapping
 from endoarss_lib.inference import load_run_model
 from endoarss_lib.models.weights import WeightsError, read_state_dict
 from endoarss_lib.sweep import LOCK_NAME, GridError, load_grid, run_sweep, sweep_folder
@@ -187,9 +194,10 @@ def cli(*argv: str) -> None:
 
 def train_cli(w: World, *argv: str, expect: int) -> None:
     """``python -m endoarss_lib.train ...`` (a run, tiny and writing under the case's folder) in this process:
-    CommandError(code, stderr) on failure, with no traceback."""
-    small = ["image_size=56", "epochs=1", "progress=false", "model.backbone=vit_tiny_patch14",
-             "model.pretrained=false", f"out_dir={w.tmp / 'runs'}"]
+    CommandError(code, stderr) on failure, with no traceback. ``argv`` may replace the tiny defaults (out_dir=...)."""
+    given = {a.split("=", 1)[0] for a in argv if "=" in a}
+    small = [a for a in ["image_size=56", "epochs=1", "progress=false", "model.backbone=vit_tiny_patch14",
+                         "model.pretrained=false", f"out_dir={w.tmp / 'runs'}"] if a.split("=", 1)[0] not in given]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = train.main([*small, *argv])
@@ -207,6 +215,16 @@ def prepare_cli(*argv: str, expect: int) -> None:
     if code:
         assert code == expect, (code, out.getvalue(), err.getvalue())
         raise CommandError(code, out.getvalue() + err.getvalue())
+
+
+def evaluate_cli(*argv: str, expect: int) -> None:
+    """``python -m endoarss_lib.evaluate ...`` in this process: CommandError(code, stderr) on failure, no traceback."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = evaluate_cli_module.main(list(argv))
+    assert code == expect, (code, err.getvalue())
+    assert "Traceback" not in err.getvalue()
+    raise CommandError(code, err.getvalue())
 
 
 def validated(root: Path, **kwargs) -> None:
@@ -663,7 +681,8 @@ def weights_of_another_architecture_in_fit(w):
 
     path = w.tmp / "other.safetensors"
     save_file({"blocks.0.weight": torch.zeros(3, 3)}, str(path))
-    w.names(path, "missing keys")
+    w.names(path, "missing keys", "do not")
+    w.forbid("accept those named keys")  # allowing the missing keys would train on a random backbone
     w.absent(w.tmp / "runs" / "run" / "config.json")
     fit(w.config(model={**TINY, "pretrained": str(path)}))
 
@@ -809,6 +828,8 @@ grid_case("grid_out_dir_set", "notebook: a.ipynb\nparameters: {out_dir: x}\n", "
 grid_case("grid_not_yaml", "notebook: [a.ipynb\n", "cannot read")
 grid_case("grid_bad_name", "name: a/b\nnotebook: a.ipynb\n", "'name'")
 grid_case("grid_cell_timeout_negative", "notebook: a.ipynb\ncell_timeout: -1\n", "'cell_timeout'")
+grid_case("grid_duplicate_key", "notebook: a.ipynb\nparameters: {epochs: 1}\nparameters: {epochs: 2}\n",
+          "'parameters'", "line 3", "line 2")
 grid_case("grid_axis_also_a_parameter", "notebook: a.ipynb\nparameters: {seed: 0}\naxes: {seed: [0, 1]}\n",
           "'axes.seed'")
 
@@ -865,6 +886,275 @@ def corrupted_set_unknown_corruption(w):
     w.absent(w.tmp / "cells")
     build_corrupted_set(w.shared.data, w.tmp / "cells", names=["fog_of_war"], severities=[1], workers=1,
                         progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ issue 21 cases
+
+# --- numbers that cannot train, weights that mean nothing, names that are no folder: exit 2 naming the field
+cli_case("cli_lr_inf", "lr=inf", culprits=("lr=", "finite"))
+cli_case("cli_lr_nan", "lr=nan", culprits=("lr=", "finite"))
+cli_case("cli_gamma_minus_inf", "gamma=-inf", culprits=("gamma=", "finite"))
+cli_case("cli_seed_beyond_int64", "seed=1e30", culprits=("seed=",))
+cli_case("cli_loss_weight_negative", "loss_weights={cls: -1, seg: 1}", culprits=("loss_weights.cls", ">= 0"))
+cli_case("cli_loss_weights_all_zero", "loss_weights={cls: 0, seg: 0}",
+         culprits=("loss_weights", "weight 0", "train nothing"))
+cli_case("cli_loss_weight_dotted_nan", "loss_weights.seg=nan", culprits=("loss_weights", "finite"))
+cli_case("cli_loss_weight_unknown_task_dotted", "loss_weights.clss=1", culprits=("loss_weights", "did you mean 'cls'"))
+cli_case("cli_weighting_hparam_inf", "weighting=db_mtl", "weighting_hparams.beta=.inf",
+         culprits=("weighting_hparams.beta", "finite"))
+cli_case("cli_ignore_index_is_a_class", "ignore_index=3", culprits=("ignore_index=3", "0..6", "255"))
+cli_case("cli_ignore_index_zero", "ignore_index=0", culprits=("ignore_index=0", "background"))
+cli_case("cli_ignore_index_beyond_int32", "ignore_index=1e12", culprits=("ignore_index=", "32-bit"))
+cli_case("cli_run_name_300_characters", "run_name=" + "r" * 300, culprits=("run_name", "255 bytes"))
+cli_case("cli_run_name_leaves_out_dir", "run_name=../elsewhere", culprits=("run_name", "'..'"))
+cli_case("cli_run_name_absolute", "run_name=/tmp/elsewhere", culprits=("run_name", "absolute"))
+cli_case("cli_released_preset_on_synthetic_masks", "--preset", "released", "synthetic=true",
+         culprits=("id_map='released'", "synthetic=true", "0-based", "id_map=null"))
+cli_case("cli_unknown_field_did_you_mean", "epohcs=3", culprits=("'epohcs'", "did you mean 'epochs'"))
+cli_case("cli_choice_did_you_mean", "amp=bf61", culprits=("amp=", "did you mean 'bf16'"))
+cli_case("cli_weighting_did_you_mean", "weighting=db_mlt", culprits=("weighting=", "did you mean 'db_mtl'"))
+cli_case("cli_model_option_did_you_mean", "model.lora_rnak=2", culprits=("lora_rnak", "did you mean 'lora_rank'"))
+cli_case("cli_dotted_key_into_a_number", "epochs.max=3", culprits=("'epochs'", "not a mapping"))
+cli_case("cli_field_given_twice", "epochs=1", "epochs=5", culprits=("'epochs'", "twice"))
+cli_case("cli_preset_as_an_override", "preset=paper", culprits=("preset=paper", "--preset"))
+cli_case("cli_model_not_a_mapping", "model=hps", culprits=("model='hps'", "model.arch=hps"))
+cli_case("cli_model_out_layers_not_ints", "model.out_layers=[-1, x]", culprits=("model.out_layers[1]",))
+cli_case("cli_cgl_probability_nan", "cls_loss=cgl", "cls_loss_hparams.p=nan", culprits=("cls_loss_hparams.p", "finite"))
+cli_case("cli_cgl_probability_above_one", "cls_loss=cgl", "cls_loss_hparams.p=2",
+         culprits=("cls_loss_hparams.p", "[0, 1]"))
+
+
+def yaml_case(name: str, text: str, *culprits: str) -> None:
+    """A config file that ``--config`` must refuse (exit 2), naming the file and ``culprits``."""
+    def body(w: World):
+        path = write_yaml(w.tmp / "run.yaml", text)
+        w.names(path, *culprits)
+        w.keep(w.tmp)
+        cli("--config", str(path))
+    CASES.append(Case(name, CommandError, body))
+
+
+yaml_case("yaml_duplicate_key", "preset: smoke\nepochs: 1\nlr: 0.01\nepochs: 5\n", "'epochs'", "line 4", "line 2")
+yaml_case("yaml_duplicate_model_block", "preset: smoke\nmodel:\n  arch: hps\nepochs: 2\nmodel:\n  arch: tesla\n",
+          "'model'", "line 5", "line 2")
+yaml_case("yaml_duplicate_nested_key", "preset: smoke\nmodel: {arch: hps, sma: true, arch: tesla}\n", "'arch'")
+yaml_case("yaml_lr_inf", "preset: smoke\nlr: .inf\n", "lr=", "finite")
+yaml_case("yaml_unknown_field_did_you_mean", "preset: smoke\nlearning_rate: 0.1\n", "'learning_rate'",
+          "did you mean 'lr'")
+
+
+# --- runs: refused before anything is written, or stopped without a result row
+@case(CommandError)
+def train_device_cuda_without_cuda(w):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    w.names("device='cuda'", "device=cpu")
+    w.absent(w.tmp / "runs")
+    train_cli(w, "device=cuda", expect=2)
+
+
+@case(CommandError)
+def train_out_dir_is_a_file(w):
+    keep = w.tmp / "mine"
+    keep.mkdir()
+    (keep / "runs").write_text("my notes")
+    w.names(keep / "runs", "out_dir", "is a file")
+    w.keep(keep)
+    train_cli(w, f"out_dir={keep / 'runs'}", expect=1)
+
+
+@case(CommandError)
+def train_out_dir_read_only(w):
+    import errno
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # as a read-only mount answers (root ignores permission bits)
+        if str(self).startswith(str(w.tmp / "runs")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    w.names(w.tmp / "runs", "not writable", "writable out_dir")
+    with mock.patch.object(Path, "mkdir", read_only):
+        train_cli(w, expect=1)
+
+
+@case(CommandError)
+def train_disk_full_while_writing_a_checkpoint(w):
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills up mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6528 vs 6416")
+
+    usage = mock.Mock(return_value=mock.Mock(free=2 ** 20, total=2 ** 40, used=2 ** 40))
+    w.names("best.pt", "disk is full", "1 MiB free", "resumes")
+    w.forbid("inline_container", "Traceback")
+    w.absent(w.tmp / "runs" / "run" / "result.json")
+    with mock.patch("torch.save", full), mock.patch("shutil.disk_usage", usage):
+        train_cli(w, "run_name=run", f"data_root={w.data()}", "synthetic=false", expect=1)
+
+
+@case(RunError)
+def train_diverging_learning_rate(w):
+    cfg = w.config(lr=1e6, epochs=2)
+    w.names(run_dir(cfg), "epoch 2", "not finite", "lr=1000000.0", "no result was written")
+    w.absent(run_dir(cfg) / "result.json")
+    fit(cfg)
+
+
+@case(ConfigError)
+def train_released_id_map_on_a_synthetic_data_folder(w):
+    w.names("id_map='released'", w.data(), "synthetic", "id_map=null")
+    w.absent(w.tmp / "runs" / "run")
+    w.keep(w.data())
+    fit(w.config(id_map="released"))
+
+
+@case(CommandError)
+def train_dataset_file_name_not_utf8(w):
+    folder = w.data() / "test" / "1" / "image"
+    with open(os.path.join(os.fsencode(folder), b"frame\xff.png"), "wb") as f:
+        f.write(first(w.data(), "test").read_bytes())
+    w.names(str(folder) + "/frame\\xff.png", "UTF-8", "rename")
+    w.keep(w.data())
+    train_cli(w, f"data_root={w.data()}", "synthetic=false", expect=1)
+
+
+# --- data: lossy masks, id maps that merge classes, files where folders belong, names and sizes validate reports
+def jpeg_mask(root: Path, split: str = "train") -> Path:
+    """The first mask of ``split`` saved again as a JPEG file, under its .png name."""
+    mask = first(root, split, "mask", activity=2)
+    Image.open(mask).convert("L").save(mask, format="JPEG", quality=90)
+    assert mask.suffix == ".png" and Image.open(mask).format == "JPEG"
+    return mask
+
+
+@case(ValidationFailed)
+def validate_jpeg_mask_under_a_png_name(w):
+    mask = jpeg_mask(w.data())
+    w.names(mask, "JPEG", "PNG")
+    w.keep(w.data())
+    validated(w.data())
+
+
+@case(DataError)
+def loader_jpeg_mask_under_a_png_name(w):
+    mask = jpeg_mask(w.data(), "test")
+    w.names(mask, "JPEG", "lossy")
+    data = MTLDataset(w.data(), "test", dataset="mtlesd", image_size=SIZE)
+    data[data.samples.index(next(s for s in data.samples if s.mask == mask))]
+
+
+@case(ValidationFailed)
+def validate_released_id_map_on_zero_based_masks(w):
+    w.names("id_map='released'", "0-based", "raw 0, 1", "id_map=identity")
+    validated(w.data(), id_map="released")
+
+
+@case(CommandError)
+def validate_cli_released_id_map_on_zero_based_masks(w):
+    w.names("0-based", "raw 0, 1")
+    prepare_cli("validate", str(w.data()), "--dataset", "mtlesd", "--id-map", "released", "--no-index", expect=1)
+
+
+def file_for_activity_folder(root: Path, split: str, activity: int) -> Path:
+    folder = root / split / str(activity)
+    shutil.rmtree(folder)
+    folder.write_text("an archive that was not unpacked")
+    return folder
+
+
+@case(ValidationFailed)
+def validate_file_where_an_activity_folder_belongs(w):
+    path = file_for_activity_folder(w.data(), "train", 3)
+    w.names(path, "a file where activity folder '3'")
+    validated(w.data())
+
+
+@case(DataError)
+def loader_file_where_an_activity_folder_belongs(w):
+    path = file_for_activity_folder(w.data(), "test", 2)
+    w.names(path, "activity folder '2'")
+    MTLDataset(w.data(), "test", dataset="mtlesd", image_size=SIZE)
+
+
+@case(ValidationFailed)
+def validate_binary_masks(w):
+    for mask in w.data().glob("*/*/mask/*.png"):
+        values = np.asarray(Image.open(mask))
+        Image.fromarray(np.where(values > 0, 255, 0).astype(np.uint8), mode="L").save(mask)
+    w.names("binary", "0/255", "id_map.json")
+    validated(w.data())
+
+
+@case(ValidationFailed)
+def validate_dataset_file_name_not_utf8(w):
+    folder = w.data() / "train" / "2" / "mask"
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
+        f.write(first(w.data(), "train", "mask", activity=2).read_bytes())
+    w.names(str(folder) + "/caf\\xe9.png", "UTF-8")
+    validated(w.data())
+
+
+@case(ValidationFailed)
+def validate_image_over_the_decompression_bomb_limit(w):
+    import PIL.Image
+
+    image = first(w.data(), "test", activity=3)
+    w.names(image, "safety limit", "MAX_IMAGE_PIXELS")
+    with mock.patch.object(PIL.Image, "MAX_IMAGE_PIXELS", 1000):  # every 56 x 56 file is now "a bomb"
+        validated(w.data())
+
+
+# --- weights: a non-checkpoint given to evaluate; a DINO training checkpoint
+@case(CommandError)
+def evaluate_released_text_file(w):
+    path = w.tmp / "notes.pt"
+    path.write_text("these are my notes, not a checkpoint\n")
+    w.names(path, "not a torch or safetensors file")
+    w.forbid("weights_only", "likely succeed", "pickle.load")
+    w.keep(w.tmp)
+    evaluate_cli("--released", str(path), "--data-root", str(w.shared.data), expect=1)
+
+
+@case(CommandError)
+def evaluate_released_random_bytes(w):
+    path = w.tmp / "model.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(3000))
+    w.names(path, "not a torch or safetensors file", "sha256")
+    w.forbid("weights_only", "likely succeed")
+    evaluate_cli("--released", str(path), "--data-root", str(w.shared.data), expect=1)
+
+
+@case(WeightsError)
+def weights_dino_teacher_checkpoint_with_prefixed_keys(w):
+    from safetensors.torch import load_file
+
+    plain = load_file(str(w.shared.weights_a))
+    path = w.tmp / "dino_checkpoint.pth"
+    torch.save({**{f"teacher.backbone.{k}": v for k, v in plain.items()},
+                **{f"student.backbone.{k}": v.clone() for k, v in plain.items()},
+                "teacher.dino_head.last_layer.weight": torch.zeros(4, 64)}, path)
+    w.names(path, "'teacher.backbone.'", f"{len(plain)} of the model's", "k[17:]")
+    w.forbid("accept those named keys")
+    w.absent(w.tmp / "runs" / "run" / "config.json")
+    fit(w.config(model={**TINY, "pretrained": str(path)}))
+
+
+# --- notebook list parameters
+experiment_case("experiment_weights_not_a_mapping", "weights", weights="dinov2_vitb14")
+
+
+@case(ConfigError)
+def experiment_grid_seeds_not_a_list(w):
+    exp = Experiment("nb", out_dir=w.tmp / "exp", image_size=SIZE, n_train=12, n_test=6)
+    w.names("seeds[0]='zero'", "[0, 1, 2]", "-p seeds")
+    exp.grid(["vit_tiny_patch14"], ["tesla"], seeds="zero")
+
+
+@case(ConfigError)
+def experiment_grid_seeds_with_a_fraction(w):
+    exp = Experiment("nb", out_dir=w.tmp / "exp", image_size=SIZE, n_train=12, n_test=6)
+    w.names("seeds[1]", "1.5")
+    exp.grid(["vit_tiny_patch14"], ["tesla"], seeds="[0, 1.5]")
 
 
 def test_the_table_has_at_least_sixty_distinct_cases():
@@ -1003,6 +1293,366 @@ def test_no_error_message_advises_deleting_anything():
                                                        "remove the run")):
                 found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
     assert not found, found
+
+
+# ------------------------------------------------------------------------------------------------ issue 21 behaviour
+
+# Texts that YAML 1.1 or a number parser would turn into something else (202401, 7, 750, 1000.0, 16, 1000, ...).
+TEXTS = ["2024_01", "007", "12:30", "1e3", "0x10", "1_000", "08:00:00", "+1", ".5", "3.0", "0o17", "-0"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_fields_keep_the_typed_text_on_the_command_line_and_in_yaml(text, tmp_path):
+    cli_cfg = apply_overrides(preset("smoke"), [f"run_name={text}", f"data_root={text}", "synthetic=false",
+                                                f"model.pretrained={text}"])
+    path = write_yaml(tmp_path / "run.yaml", f"preset: smoke\nrun_name: {text}\ndata_root: {text}\n"
+                                             f"synthetic: false\nmodel:\n  pretrained: {text}\n")
+    for cfg in (cli_cfg, load_config(path)):
+        assert (cfg.run_name, cfg.data_root, cfg.model.pretrained) == (text, text, text)
+        assert run_dir(cfg).name == text and cfg.data_root_path() == Path(text)
+
+
+def test_text_words_stay_text_and_null_words_mean_null():
+    cfg = apply_overrides(preset("smoke"), ["run_name=true", "data_root=off", "cache_dir=no"])
+    assert (cfg.run_name, cfg.data_root, cfg.cache_dir) == ("true", "off", "no")
+    cfg = apply_overrides(preset("smoke", run_name="x"), ["run_name=null"])
+    assert cfg.run_name is None
+    assert apply_overrides(preset("smoke"), ["model.pretrained=false"]).model.pretrained is False
+
+
+@pytest.mark.parametrize("alias", ["DB-MTL", "db-mtl", "dbmtl", "db_mtl", "DB_MTL", "Db-Mtl", "DB MTL"])
+def test_weighting_aliases_are_one_method_with_one_hash_and_one_folder(alias):
+    canonical = preset("smoke", weighting="db_mtl")
+    for cfg in (preset("smoke", weighting=alias), apply_overrides(preset("smoke"), [f"weighting={alias}"])):
+        assert cfg.weighting == "db_mtl"
+        assert cfg.results_hash() == canonical.results_hash() and run_dir(cfg) == run_dir(canonical)
+
+
+def test_a_run_folder_written_under_an_alias_still_loads(shared, tmp_path):
+    from endoarss_lib.config import _results_hash
+
+    folder = Path(shutil.copytree(shared.finished, tmp_path / "runs" / "run"))
+    recorded = json.loads((folder / "config.json").read_text())
+    recorded.pop("config_hash")
+    recorded["weighting"] = "EW"  # as a version before canonical names wrote `weighting=EW`
+    old_hash = _results_hash(recorded)
+    assert old_hash != read_run_config(shared.finished).results_hash()
+    (folder / "config.json").write_text(json.dumps({**recorded, "config_hash": old_hash}))
+    best = torch.load(folder / "best.pt", weights_only=True)
+    torch.save({**best, "config_hash": old_hash}, folder / "best.pt")
+    cfg = read_run_config(folder)
+    assert cfg.weighting == "ew" and cfg.results_hash() == old_hash
+    assert not load_run_model(folder).training  # its best.pt still loads
+    other = dict(recorded, lr=0.5)  # values that do not hash to the recorded hash: no adoption
+    (folder / "config.json").write_text(json.dumps({**other, "config_hash": old_hash}))
+    assert read_run_config(folder).results_hash() != old_hash
+
+
+@pytest.mark.parametrize("field,typed,canonical", [
+    ("amp", "OFF", "off"), ("scheduler", "Cosine", "cosine"), ("normalize", "ImageNet", "imagenet"),
+    ("select_on", "VAL", "val"), ("cls_loss", "CE", "ce"), ("dataset", "MTLESD", "mtlesd"),
+    ("weighting", "Aligned-MTL", "aligned_mtl"), ("weighting", "GM-Coord", "gm_coord"),
+    ("id_map", "Identity", "identity"), ("select_metric", "seg_mIoU", "seg_miou"), ("device", "CPU", "cpu"),
+    ("model.arch", "DSelect-K", "dselect_k"), ("model.backbone", "ViT-Tiny-Patch14", "vit_tiny_patch14"),
+    ("model.tasks", "[SEG]", "[seg]")])
+def test_choice_values_are_matched_ignoring_case_and_stored_canonically(field, typed, canonical):
+    cfg, same = (apply_overrides(preset("smoke"), [f"{field}={v}", "model.pretrained=false"])
+                 for v in (typed, canonical))
+    value = (lambda c: c.model.to_dict()[field[len("model."):]] if field.startswith("model.") else getattr(c, field))
+    assert value(cfg) == value(same) and cfg.results_hash() == same.results_hash()
+    assert value(cfg) == (("seg",) if field == "model.tasks" else canonical)
+
+
+def test_dotted_keys_set_one_entry_of_a_mapping(tmp_path):
+    assert apply_overrides(preset("smoke"), ["loss_weights.cls=2"]).loss_weights == {"cls": 2.0, "seg": 1.0}
+    assert load_config(None, ["loss_weights.seg=0.25"]).loss_weights == {"cls": 1.0, "seg": 0.25}
+    cfg = apply_overrides(preset("smoke"), ["weighting=db_mtl", "weighting_hparams.beta=0.5"])
+    assert cfg.weighting_hparams == {"beta": 0.5}
+    released = load_config(None, ["dataset=mtlendovis", "weighting_hparams.mu=0.5"], preset_name="released")
+    assert released.weighting_hparams == {"warmup_convention": "libmtl", "mu": 0.5}  # the preset's entry is kept
+    path = write_yaml(tmp_path / "run.yaml", "preset: smoke\nloss_weights.seg: 0.5\nmodel.arch: hps\n")
+    cfg = load_config(path, ["loss_weights.cls=3"])
+    assert cfg.loss_weights == {"cls": 3.0, "seg": 0.5} and cfg.model.arch == "hps"
+    assert preset("smoke", loss_weights={"cls": 2}).loss_weights == {"cls": 2.0}  # a whole mapping replaces
+
+
+def test_tilde_in_paths_is_the_home_folder(shared, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    path = write_yaml(tmp_path / "run.yaml", "preset: smoke\nout_dir: ~/runs\ndata_root: ~/data\nsynthetic: false\n"
+                                             "model: {pretrained: ~/w.safetensors}\n")
+    for cfg in (load_config(path),
+                load_config(None, ["out_dir=~/runs", "data_root=~/data", "synthetic=false",
+                                   "model.pretrained=~/w.safetensors"])):
+        assert run_dir(cfg).parent == home / "runs" and cfg.data_root_path() == home / "data"
+        assert cfg.model.pretrained == str(home / "w.safetensors")
+    row = fit(tiny_config(shared.data, "~/runs"))
+    assert row["run_dir"] == str(home / "runs" / "run") and (home / "runs" / "run" / "result.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_moved_run_folder_reports_where_it_is_now(shared, tmp_path):
+    first_home = Path(shutil.copytree(shared.finished, tmp_path / "first" / "run"))
+    (tmp_path / "elsewhere").mkdir()
+    moved = Path(shutil.move(first_home, tmp_path / "elsewhere" / "run"))
+    assert not first_home.exists()
+    before = snapshot(moved)
+    row = fit(tiny_config(shared.data, tmp_path / "elsewhere"))
+    assert row["run_dir"] == str(moved)
+    assert json.loads((moved / "result.json").read_text())["run_dir"] == str(shared.finished)  # the file is kept
+    assert snapshot(moved) == before  # a finished run is only read
+    model = load_run_model(row["run_dir"])
+    assert not model.training
+
+
+def test_masks_with_255_ignore_regions_validate_load_and_train(shared, tmp_path):
+    root = Path(shutil.copytree(shared.data, tmp_path / "data"))
+    painted = {}
+    for mask in sorted(root.glob("*/*/mask/*.png"))[::2]:
+        values = np.asarray(Image.open(mask)).copy()
+        values[:5] = 255  # a "void" band of 5 rows
+        Image.fromarray(values, mode="L").save(mask)
+        painted[mask] = 5 * SIZE
+    report = prepare.validate(root, "mtlesd", write_index=False)
+    assert report.ok, report.format()
+    assert report.raw_values[255] == sum(painted.values())
+    assert any("ignore_index" in w and f"{sum(painted.values())} pixels" in w for w in report.warnings)
+    data, original = (MTLDataset(r, "test", dataset="mtlesd", image_size=SIZE) for r in (root, shared.data))
+    for index, sample in enumerate(data.samples):
+        mask, clean = data.load_raw(index)[1], original.load_raw(index)[1]
+        band = np.zeros_like(mask, bool)
+        band[:5] = sample.mask in painted
+        assert (mask[band] == 255).all() and np.array_equal(mask[~band], clean[~band])
+    with pytest.raises(DataError, match=r"\[255\]"):  # another ignore_index: 255 is an unknown value again
+        MTLDataset(root, "test", dataset="mtlesd", image_size=SIZE, ignore_index=254).load_raw(0)
+    (root / "id_map.json").write_text(json.dumps({"raw_to_train": {**{str(k): k for k in range(7)}, "255": 255}}))
+    assert prepare.validate(root, "mtlesd", write_index=False).ok  # the map the message advises is accepted
+    row = fit(tiny_config(root, tmp_path / "runs"))
+    assert np.isfinite(row["test_seg_miou"]) and np.isfinite(row["test_cls_accuracy"])
+
+
+def test_a_diverged_run_is_stopped_again_on_rerun_and_keeps_its_folder(shared, tmp_path):
+    cfg = tiny_config(shared.data, tmp_path, lr=1e6, epochs=2)
+    with pytest.raises(RunError, match="epoch 2"):
+        fit(cfg)
+    before = snapshot(run_dir(cfg))
+    assert "last.pt" in before and "result.json" not in before
+    with pytest.raises(RunError, match="epoch 2"):
+        fit(cfg)
+    assert snapshot(run_dir(cfg)) == before
+
+
+def test_a_killed_synthetic_generation_leaves_no_partial_folder(tmp_path):
+    root = tmp_path / "set"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    script = (f"from endoarss_lib.data import make_synthetic; make_synthetic({str(root)!r}, 'mtlesd', seed=0, "
+              f"n_train=600, n_test=60, image_size=112)")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(tmp_path.glob(".set.partial-*/train/*/image/*.png")):
+            assert proc.poll() is None, "the generation ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = list(tmp_path.glob(".set.partial-*"))
+    assert left and not root.exists()  # what kill -9 leaves
+    make_synthetic(root, "mtlesd", seed=0, n_train=6, n_test=3, image_size=SIZE)
+    assert not list(tmp_path.glob(".set.partial-*")) and (root / "dataset_card.json").is_file()
+
+
+def test_stale_partials_of_live_writers_are_kept(tmp_path):
+    from endoarss_lib.data.synthetic import remove_stale_partials
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid, name in ((os.getpid(), "live"), (dead.pid, "dead")):
+        folder = tmp_path / f".set.partial-{name}"
+        folder.mkdir()
+        (folder / ".generating.json").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    fresh, old = tmp_path / ".set.partial-fresh", tmp_path / ".set.partial-old"
+    fresh.mkdir()
+    old.mkdir()
+    os.utime(old, (time.time() - 3600,) * 2)
+    (tmp_path / ".other.partial-x").mkdir()  # another set's
+    assert remove_stale_partials(tmp_path / "set") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-x", ".set.partial-fresh", ".set.partial-live"]
+
+
+_RACE = """
+import sys, time
+from pathlib import Path
+from endoarss_lib import engine, train  # every import done before the start signal
+Path(sys.argv[2]).write_text("ready")
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.002)
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def _race(tmp_path: Path, data: Path, lrs: list[float], run_name: str) -> list[tuple[int, str, str]]:
+    """Start one training per learning rate into ``<tmp>/runs/<run_name>``, all released at the same instant."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    go = tmp_path / f"go-{run_name}"
+    procs, ready = [], []
+    for i, lr in enumerate(lrs):
+        ready.append(tmp_path / f"ready-{run_name}-{i}")
+        argv = [f"data_root={data}", "synthetic=false", f"out_dir={tmp_path / 'runs'}", f"run_name={run_name}",
+                "image_size=56", "epochs=1", "batch_size=6", "progress=false", "model.backbone=vit_tiny_patch14",
+                "model.pretrained=false", f"lr={lr}"]
+        procs.append(subprocess.Popen([sys.executable, "-c", _RACE, str(go), str(ready[-1]), *argv], env=env,
+                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not all(r.exists() for r in ready):
+            time.sleep(0.05)
+        assert all(r.exists() for r in ready), "the trainings did not get ready"
+        go.write_text("go")  # all of them wait on this file, imports done: they start within milliseconds
+        outputs = [p.communicate(timeout=600) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_trainings_started_together_into_one_run_folder(shared, tmp_path):
+    lrs = [0.003, 0.01, 0.02, 0.03]
+    results = _race(tmp_path, shared.data, lrs, "race")
+    codes = [code for code, _, _ in results]
+    assert sorted(codes) == [0, 1, 1, 1], [(c, e[-500:]) for c, _, e in results]
+    winner = codes.index(0)
+    folder = tmp_path / "runs" / "race"
+    row, result = json.loads(results[winner][1]), json.loads((folder / "result.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["lr"] == lrs[winner] and row == result and result["config_hash"] == config["config_hash"]
+    for code, out, err in (r for i, r in enumerate(results) if i != winner):
+        assert "already works in" in err and str(folder) in err and "refused before anything was written" in err
+        assert "Traceback" not in err and not out.strip()
+    assert not (folder / ".run.lock").exists()
+    before = snapshot(folder)  # nothing lost: a loser started again is refused, the winner's run stays as it is
+    loser = codes.index(1)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = train.main([f"data_root={shared.data}", "synthetic=false", f"out_dir={tmp_path / 'runs'}",
+                           "run_name=race", "image_size=56", "epochs=1", "batch_size=6", "progress=false",
+                           "model.backbone=vit_tiny_patch14", "model.pretrained=false", f"lr={lrs[loser]}"])
+    assert code == 1 and "holds the run of another config" in err.getvalue()
+    assert snapshot(folder) == before
+
+
+def test_the_same_training_started_twice_together_trains_once(shared, tmp_path):
+    results = _race(tmp_path, shared.data, [0.003, 0.003], "twice")
+    assert [code for code, _, _ in results] == [0, 0], [e[-500:] for _, _, e in results]
+    rows = [json.loads(out) for _, out, _ in results]
+    assert rows[0] == rows[1]
+    assert sum("waiting for it to finish" in err for _, _, err in results) == 1  # the other one waited
+
+
+# --- console scripts: names, versions, exit codes, no tracebacks
+def _console_scripts() -> dict[str, str]:
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return {name: target.split(":")[0] for name, target in scripts.items()}
+
+
+@pytest.mark.parametrize("script", sorted(_console_scripts()))
+def test_every_console_script_has_a_version_and_names_itself(script, monkeypatch, capsys):
+    import importlib
+
+    from endoarss_lib.version import __version__
+
+    module = _console_scripts()[script]
+    main = importlib.import_module(module).main
+    monkeypatch.setattr(sys, "argv", [f"/opt/venv/bin/{script}"])
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"{script} (endoarss) {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {script} ")
+    monkeypatch.setattr(sys, "argv", [str(ROOT / (module.replace(".", "/") + ".py"))])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+def test_an_installed_console_script_names_itself():
+    script = Path(sys.executable).parent / "endoarss-train"
+    if not script.is_file():
+        pytest.skip("endoarss-train is not installed beside this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("endoarss-train (endoarss) ")
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(shared, tmp_path, monkeypatch, capsys):
+    def broken(cfg):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("endoarss_lib.engine.fit", broken)
+    argv = ["image_size=56", f"data_root={shared.data}", "synthetic=false", f"out_dir={tmp_path}",
+            "model.backbone=vit_tiny_patch14", "model.pretrained=false"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "unexpected ZeroDivisionError: division by zero" in err and "--debug" in err and "Traceback" not in err
+    with pytest.raises(ZeroDivisionError):
+        train.main([*argv, "--debug"])
+
+
+def _documented_status(keyword: str) -> int:
+    """The exit status docs/troubleshooting.md states for errors about ``keyword`` (its exit status table)."""
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `")]
+    found = [int(r[1].strip(" `")) for r in rows if len(r) > 2 and r[1].strip(" `").isdigit() and keyword in r[2]]
+    assert len(found) == 1, (keyword, found)
+    return found[0]
+
+
+def test_exit_statuses_are_the_documented_ones(shared, tmp_path):
+    assert _documented_status("weights") == 1 and _documented_status("config") == 2
+    missing = tmp_path / "nowhere.pth"
+    small = ["image_size=56", "epochs=1", "progress=false", "model.backbone=vit_tiny_patch14",
+             f"out_dir={tmp_path / 'runs'}", f"data_root={shared.data}", "synthetic=false"]
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert train.main([*small, f"model.pretrained={missing}"]) == _documented_status("weights")
+        assert evaluate_cli_module.main(["--released", str(missing), "--data-root", str(shared.data)]) == \
+            _documented_status("weights")
+        assert train.main([*small, "model.pretrained=false", "epochs=abc"]) == _documented_status("config")
+        assert prepare.main(["validate", str(tmp_path / "nowhere"), "--dataset", "mtlesd"]) == \
+            _documented_status("data")
+
+
+# --- notebook list parameters, as papermill passes them
+@pytest.mark.parametrize("value,item_type,expected", [
+    ("[0, 1, 2]", int, [0, 1, 2]), (0, int, [0]), ("0,1,2", int, [0, 1, 2]), ("0 1 2", int, [0, 1, 2]),
+    ([0, "1"], int, [0, 1]), ((3,), int, [3]), ("", int, []), ("[]", int, []), ("(4, 5)", int, [4, 5]),
+    ("2.0", int, [2]), ("tesla", str, ["tesla"]), ("[mmoe, tesla]", str, ["mmoe", "tesla"]), ("007", str, ["007"]),
+    ("[1, 3]", float, [1.0, 3.0]), ("[vit_tiny_patch14, {backbone: resnet_tiny}]", None,
+                                    ["vit_tiny_patch14", {"backbone": "resnet_tiny"}])])
+def test_notebook_list_parameters_accept_what_papermill_passes(value, item_type, expected):
+    out = as_list("p", value, item_type)
+    assert out == expected and all(type(a) is type(b) for a, b in zip(out, expected))
+
+
+def test_papermill_parameters_reach_the_grid_as_lists(tmp_path):
+    from papermill.cli import _resolve_type  # how `papermill -p NAME VALUE` types VALUE
+
+    assert as_list("seeds", _resolve_type("[0, 1, 2]"), int) == [0, 1, 2]  # the README's -p seeds "[0, 1, 2]"
+    assert as_list("seeds", _resolve_type("0"), int) == [0]
+    assert as_mapping("weights", _resolve_type('{"vit_tiny_patch14": "/w.pth"}')) == {"vit_tiny_patch14": "/w.pth"}
+    exp = Experiment("nb", out_dir=tmp_path / "exp", image_size=SIZE, n_train=12, n_test=6)
+    grid = exp.grid(_resolve_type("vit_tiny_patch14"), _resolve_type("[tesla, hps]"), seeds=_resolve_type("[0, 1]"),
+                    single_task=False)
+    assert sorted((c.model.arch, c.seed) for c in grid.values()) == [("hps", 0), ("hps", 1), ("tesla", 0),
+                                                                    ("tesla", 1)]
 
 
 # ------------------------------------------------------------------------------------------------ sweep processes

@@ -224,9 +224,9 @@ def test_non_tensor_contents_are_reported(tmp_path):
         read_released_state_dict(containers)
     assert str(containers) in str(err.value) and "'epoch' (int)" in str(err.value)
     objects = _save(tmp_path, {"x": fractions.Fraction(1, 3)}, "objects.pt")
-    with pytest.raises(WeightsError, match="weights_only") as err:
+    with pytest.raises(WeightsError, match="pickled") as err:
         read_released_state_dict(objects)
-    assert str(objects) in str(err.value)
+    assert str(objects) in str(err.value) and "weights_only=False" not in str(err.value)  # never advise unpickling
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         read_released_state_dict(tmp_path / "nowhere.pt")
 
@@ -498,8 +498,11 @@ def test_cli_errors_name_the_file(data_root, tmp_path, capsys):
     from endoarss_lib.evaluate import main
 
     missing = tmp_path / "missing.pt"
-    assert main(["--released", str(missing), "--data-root", str(data_root)]) == 2
-    assert str(missing) in capsys.readouterr().err
+    assert main(["--released", str(missing), "--data-root", str(data_root)]) == 1  # a file problem: exit 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+    assert main(["--released", str(missing), "--data-root", str(data_root), "--dataset", "nope"]) == 2  # a bad option
+    assert "nope" in capsys.readouterr().err
 
 
 def test_cli_random_init_as_a_module(data_root, tmp_path):

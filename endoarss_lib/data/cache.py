@@ -81,6 +81,8 @@ def cache_key(dataset) -> dict:
            "kind": _kind(dataset), "id_map": sorted([int(k), int(v)] for k, v in dataset.id_map.items())}
     if key["kind"] == "resized":
         key.update(image_size=int(t.size), resize_mode=t.resize_mode, ignore_index=int(t.ignore_index))
+    elif int(t.ignore_index) != 255:  # raw mask values equal to it are kept as "ignore" (the default keeps old keys)
+        key["ignore_index"] = int(t.ignore_index)
     return key
 
 

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
-from .io import IMAGE_SUFFIXES, MASK_SUFFIX, VALIDATE_HINT, DataError, map_mask_ids, read_image, read_index_mask
+from .io import (IMAGE_SUFFIXES, MASK_SUFFIX, VALIDATE_HINT, DataError, map_mask_ids, read_image, read_index_mask,
+                 shown_path)
 from .registry import DatasetSpec, get_spec, resolve_id_map
 
 __all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN",
@@ -57,15 +58,36 @@ def read_card(root: str | Path) -> dict | None:
     return card
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _list_dir(folder: Path, what: str, problems: list[str] | None = None) -> list[Path]:
-    """The entries of ``folder``; a missing folder is a DataError, or a problem appended to ``problems``."""
-    if not folder.is_dir():
-        message = f"{folder}: missing {what} folder"
+    """The entries of ``folder``; a missing folder is a DataError, or a problem appended to ``problems``. An entry
+    whose name is not valid UTF-8 is such a problem too (and left out), so no later step fails on its name."""
+    def problem(message: str) -> None:
         if problems is None:
             raise DataError(message)
         problems.append(message)
+
+    if not folder.is_dir():
+        problem(f"{shown_path(folder)}: a file where the {what} folder should be (expected a folder)"
+                if folder.exists() else f"{shown_path(folder)}: missing {what} folder")
         return []
-    return sorted(p for p in folder.iterdir() if p.name not in _IGNORED_NAMES and not p.name.startswith("."))
+    entries = []
+    for p in sorted(folder.iterdir()):
+        if p.name in _IGNORED_NAMES or p.name.startswith("."):
+            continue
+        if not _utf8(p.name):
+            problem(f"{shown_path(p)}: the name is not valid UTF-8 (written in another encoding?); rename it to "
+                    f"UTF-8 (e.g. convmv -f latin1 -t utf8 --notest -r <root>), then validate again")
+            continue
+        entries.append(p)
+    return entries
 
 
 def _index_activity(folder: Path, label: int, problems: list[str]) -> tuple[list[Sample], list[str]]:
@@ -102,13 +124,23 @@ def scan_split(root: str | Path, split: str, spec: DatasetSpec) -> tuple[list[Sa
     problems: list[str] = []
     notes: list[str] = []
     if not root.is_dir():
-        return [], [f"data root {root} does not exist (expected <root>/train and <root>/test)"], notes
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        return [], [f"data root {shown_path(root)} {what} (expected <root>/train and <root>/test)"], notes
     split_dir = root / split
     if not split_dir.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
         hint = " (this dataset is evaluation-only: use split='test')" if spec.train_on else ""
         return [], [f"{split_dir}: split folder missing; found {present}{hint}"], notes
-    folders = {p.name: p for p in _list_dir(split_dir, split) if p.is_dir()}
+    entries = _list_dir(split_dir, split, problems)
+    folders = {p.name: p for p in entries if p.is_dir()}
+    for entry in entries:
+        if entry.is_dir():
+            continue
+        if entry.name in spec.activity_folders or entry.name.isdigit():
+            problems.append(f"{entry}: a file where activity folder '{entry.name}' should be (expected a folder "
+                            f"holding image/ and mask/); the samples of that activity would be missing")
+        else:
+            notes.append(f"{split_dir}: skipped {entry.name!r}, a file among the activity folders")
     unknown = sorted(set(folders) - set(spec.activity_folders))
     if unknown:
         problems.append(f"{split_dir}: activity folders {unknown} are not in 1..{spec.num_activities} "
@@ -193,14 +225,14 @@ def _file_id_map(root: Path) -> Mapping[int, int] | None:
     return read_id_map(path) if path.is_file() else None
 
 
-def root_id_map(root: str | Path, spec: DatasetSpec, id_map: str | Mapping[int, int] | None = None
-                ) -> Mapping[int, int]:
+def root_id_map(root: str | Path, spec: DatasetSpec, id_map: str | Mapping[int, int] | None = None,
+                ignore_index: int | None = None) -> Mapping[int, int]:
     """The raw-to-train map a dataset folder is read with: ``id_map`` if given, else the folder's ``id_map.json``,
     else the dataset's own; a bad map is a DataError naming its file (or ``id_map=``)."""
     root = Path(root)
     from_file = id_map is None and (root / ID_MAP_NAME).is_file()
     try:
-        return resolve_id_map(spec, _file_id_map(root) if id_map is None else id_map)
+        return resolve_id_map(spec, _file_id_map(root) if id_map is None else id_map, ignore_index)
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
@@ -318,7 +350,7 @@ class MTLDataset(Dataset):
         self.root = Path(root)
         self.split, self.image_size, self.ignore_index = split, image_size, ignore_index
         self.spec, self.synthetic = resolve_spec(self.root, dataset)
-        self.id_map = root_id_map(self.root, self.spec, id_map)
+        self.id_map = root_id_map(self.root, self.spec, id_map, ignore_index)
         on_disk = index_split(self.root, "test" if split == "test" else "train", self.spec)
         if split == "test":
             self.samples = on_disk
@@ -374,7 +406,7 @@ class MTLDataset(Dataset):
         if raw.shape != image.shape[:2]:
             raise DataError(f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from its image "
                             f"{sample.image} ({image.shape[1]}x{image.shape[0]})")
-        return image, map_mask_ids(raw, self.id_map, sample.mask)
+        return image, map_mask_ids(raw, self.id_map, sample.mask, self.ignore_index)
 
     def _arrays(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model input and mask of one item, from the files or from the cache (the same tensors)."""

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["DataError", "IMAGE_SUFFIXES", "MASK_SUFFIX", "read_image", "read_index_mask", "map_mask_ids",
-           "image_size_of", "to_rgb8", "describe_mode", "VALIDATE_HINT", "data_home"]
+           "image_size_of", "to_rgb8", "describe_mode", "VALIDATE_HINT", "LOSSY_FORMATS", "shown_path",
+           "data_home"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIX = ".png"  # masks must be lossless
@@ -24,6 +25,22 @@ _MODE_WORDS = {"1": "1-bit black and white", "L": "8-bit grey", "P": "palette", 
                "I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit grey", "I;16B": "16-bit grey",
                "I;16L": "16-bit grey", "I;16N": "16-bit grey"}
 VALIDATE_HINT = "python -m endoarss_lib.data.prepare validate ROOT --dataset NAME lists every such file in one pass"
+# File formats (PIL's names, read from the file's own header, whatever its suffix) that store pixels lossily: a mask in
+# one of them has changed class ids along every edge.
+LOSSY_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG (MPO)", "JPEG2000": "JPEG 2000", "WEBP": "WebP"}
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as messages show it: a file name that is not valid UTF-8 gets backslash escapes (printable, and
+    still telling which file it is) instead of making the message itself unprintable."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def data_home() -> Path:
@@ -44,9 +61,15 @@ def _open(path: Path) -> Image.Image:
         img = Image.open(path)
         img.load()
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{shown_path(path)}: file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{shown_path(path)}: the image is larger than PIL's safety limit against decompression bombs "
+                        f"({exc}). If the file is genuine, downscale it (the model sees at most a few hundred pixels "
+                        f"per side), or raise the limit with PIL.Image.MAX_IMAGE_PIXELS = <pixels> before loading; "
+                        f"{VALIDATE_HINT}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc}): the file is damaged, truncated or not an image. "
+        raise DataError(f"{shown_path(path)}: cannot decode image ({exc}): the file is damaged, truncated or not an "
+                        f"image. "
                         f"Export it again (or remove it together with its image / mask); {VALIDATE_HINT}") from None
     return img
 
@@ -82,6 +105,8 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{shown_path(path)}: the image is larger than PIL's safety limit ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc}): the file is damaged or not an image") from None
 
@@ -96,6 +121,12 @@ def read_index_mask(path: str | os.PathLike) -> np.ndarray:
     """A single-channel index mask as int64 (H, W); refuses colour masks, whose luminance would give wrong ids."""
     path = Path(path)
     img = _open(path)
+    if img.format in LOSSY_FORMATS:
+        raise DataError(
+            f"{shown_path(path)}: the mask is a {LOSSY_FORMATS[img.format]} file (its header says so, whatever its "
+            f"name): lossy compression changes class ids along every edge, so its pixel values are not the labels "
+            f"that were drawn. Export the masks again as PNG from the original annotations (converting this file "
+            f"would keep the damage); {VALIDATE_HINT}")
     if img.mode == "1":
         raise DataError(
             f"{path}: mask has mode {describe_mode(img.mode)}; expected a single-channel index PNG (mode 'L', 'P' or "
@@ -109,17 +140,27 @@ def read_index_mask(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(img).astype(np.int64)
 
 
-def map_mask_ids(raw: np.ndarray, id_map: Mapping[int, int], path: str | os.PathLike) -> np.ndarray:
-    """Raw mask values to train ids through ``id_map``; a value outside the map is an error naming the file."""
+def map_mask_ids(raw: np.ndarray, id_map: Mapping[int, int], path: str | os.PathLike,
+                 ignore_index: int | None = None) -> np.ndarray:
+    """Raw mask values to train ids through ``id_map``; a raw value equal to ``ignore_index`` that the map does not
+    name stays ``ignore_index`` (pixels no loss or metric counts, e.g. 255 "void" regions); any other value outside
+    the map is an error naming the file."""
     present = np.unique(raw)
-    unknown = [int(v) for v in present if int(v) not in id_map]
+    unknown = [int(v) for v in present if int(v) not in id_map and int(v) != ignore_index]
     if unknown:
-        raise DataError(f"{path}: mask values {unknown} are not in the raw-to-train id map "
+        ignore = (f"; a value that marks pixels to ignore is accepted when it equals ignore_index (now "
+                  f"{ignore_index})" if ignore_index is not None else "")
+        raise DataError(f"{shown_path(path)}: mask values {unknown} are not in the raw-to-train id map "
                         f"(known raw values: {sorted(id_map)}); fix the mask, or give the map: id_map= ('released' "
                         f"for 1-based masks) or an id_map.json {{\"raw_to_train\": {{\"<raw>\": <train id>}}}} "
-                        f"beside the data")
-    lut = np.zeros(int(present.max()) + 1, dtype=np.int64)
+                        f"beside the data{ignore}")
+    if present.size and int(present.min()) < 0:
+        raise DataError(f"{shown_path(path)}: negative mask values {[int(v) for v in present if v < 0]}; expected "
+                        f"class ids >= 0")
+    lut = np.zeros(int(present.max()) + 1 if present.size else 1, dtype=np.int64)
+    if ignore_index is not None and 0 <= ignore_index < lut.size:
+        lut[ignore_index] = ignore_index
     for raw_id, train_id in id_map.items():
-        if raw_id < lut.size:
+        if 0 <= raw_id < lut.size:
             lut[raw_id] = train_id
     return lut[raw]

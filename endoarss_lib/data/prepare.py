@@ -26,7 +26,7 @@ from PIL import Image
 
 from .dataset import CARD_NAME, ID_MAP_NAME, read_id_map, resolve_spec, root_id_map, scan_split, stratified_split
 from ..atomic import write_json_atomic
-from .io import DataError, image_size_of, map_mask_ids, read_image, read_index_mask
+from .io import DataError, image_size_of, map_mask_ids, read_image, read_index_mask, shown_path
 from .registry import DatasetSpec, get_spec
 
 __all__ = ["ValidationReport", "validate", "convert_endovis18", "convert_endovis17", "convert_colour_masks",
@@ -90,12 +90,16 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = True) -> ValidationReport:
+def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = True,
+             ignore_index: int = 255) -> ValidationReport:
     """Check every split, file, size, mask mode and mask id of a dataset folder; collect all problems in one pass.
 
     The rules are the ones training applies (:class:`~endoarss_lib.data.MTLDataset`): the dataset card and an
     ``id_map.json`` beside the data are read, the folder layout is checked by the same scan, and every image and
-    mask is decoded in full (a truncated file is found here, not mid-epoch).
+    mask is decoded in full (a truncated file is found here, not mid-epoch). Masks must be lossless (a JPEG under a
+    ``.png`` name is found by its header); raw values equal to ``ignore_index`` are ignored pixels (counted and
+    reported); an id map that merges raw values present in the masks is reported (a problem when
+    ``id_map='released'`` meets masks that look 0-based: raw 0 and 1 would become one class).
     """
     root = Path(root)
     report = ValidationReport(str(root), dataset)
@@ -105,7 +109,7 @@ def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = Tr
         report.problems.append(str(exc))
         return report
     try:
-        mapping = root_id_map(root, spec, id_map)
+        mapping = root_id_map(root, spec, id_map, ignore_index)
     except ValueError as exc:
         report.problems.append(str(exc))
         return report
@@ -113,6 +117,7 @@ def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = Tr
         report.warnings.append(f"mask ids are read through {root / ID_MAP_NAME} (as training reads them)")
     raw_counts: Counter = Counter()
     sizes: Counter = Counter()
+    ignored_masks: list[str] = []
     index = []
     for split in [s for s in ("train", "test") if not (spec.train_on and s == "train")]:
         samples, problems, notes = scan_split(root, split, spec)
@@ -123,12 +128,14 @@ def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = Tr
         if expected and len(samples) != expected:
             report.warnings.append(f"{split}: {len(samples)} images, the paper's Table I has {expected}")
         for sample in samples:
-            entry = _check_sample(sample, mapping, report, raw_counts, sizes)
+            entry = _check_sample(sample, mapping, report, raw_counts, sizes, ignore_index, ignored_masks)
             if entry:
                 index.append({"split": split, **entry})
     report.raw_values = {int(k): int(v) for k, v in sorted(raw_counts.items())}
     report.image_sizes = {f"{w}x{h}": n for (w, h), n in sizes.most_common()}
     _suggest_id_map(spec, report, uses_file=id_map is None and (root / ID_MAP_NAME).is_file())
+    _check_ignored(report, mapping, ignore_index, ignored_masks)
+    _check_merges(spec, report, mapping, id_map, ignore_index)
     if write_index and report.ok:
         write_json_atomic(root / "index.json", {"dataset": dataset, "converter_version": CONVERTER_VERSION,
                                                 "samples": index})
@@ -136,15 +143,17 @@ def validate(root: str | Path, dataset: str, id_map=None, write_index: bool = Tr
 
 
 def _decoded(read, path: Path, report: ValidationReport):
-    """``read(path)``, or None with the problem recorded."""
+    """``read(path)``, or None with the problem recorded (an unforeseen failure too: the report goes on)."""
     try:
         return read(path)
     except DataError as exc:
         report.problems.append(str(exc))
-        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. MemoryError on a huge file: one problem, not a dead report
+        report.problems.append(f"{shown_path(path)}: cannot be read ({type(exc).__name__}: {exc})")
+    return None
 
 
-def _check_sample(sample, mapping, report, raw_counts, sizes) -> dict | None:
+def _check_sample(sample, mapping, report, raw_counts, sizes, ignore_index=None, ignored_masks=None) -> dict | None:
     """Decode the sample's image and mask in full (as the loader does) and check sizes and mask ids."""
     image, raw = _decoded(read_image, sample.image, report), _decoded(read_index_mask, sample.mask, report)
     if image is None or raw is None:
@@ -157,12 +166,57 @@ def _check_sample(sample, mapping, report, raw_counts, sizes) -> dict | None:
         return None
     values, counts = np.unique(raw, return_counts=True)
     raw_counts.update(dict(zip(values.tolist(), counts.tolist())))
+    if ignored_masks is not None and ignore_index is not None and ignore_index not in mapping and \
+            ignore_index in values:
+        ignored_masks.append(str(sample.mask))
     try:
-        map_mask_ids(raw, mapping, sample.mask)
+        map_mask_ids(raw, mapping, sample.mask, ignore_index)
     except DataError as exc:
         report.problems.append(str(exc))
         return None
     return {"image": str(sample.image), "mask": str(sample.mask), "label": sample.label, "size": list(size)}
+
+
+def _check_ignored(report: ValidationReport, mapping, ignore_index: int, ignored_masks: list[str]) -> None:
+    """Pixels whose raw value is ``ignore_index`` count in no loss or metric: say how many; masks that hold nothing
+    else than background and that value are binary masks (0/255), whose foreground would be ignored: a problem."""
+    pixels = report.raw_values.get(ignore_index, 0)
+    if not pixels or ignore_index in mapping:
+        return
+    share = pixels / max(sum(report.raw_values.values()), 1)
+    report.warnings.append(f"{pixels} pixels ({share:.1%}) in {len(ignored_masks)} mask(s) have value {ignore_index} "
+                           f"= ignore_index: no loss or metric counts them (e.g. {ignored_masks[0]})")
+    if set(report.raw_values) <= {0, ignore_index}:
+        report.problems.append(
+            f"every mask holds only 0 and {ignore_index}: binary (0/{ignore_index}) masks? Their foreground would be "
+            f"ignored, not learned. Map {ignore_index} to its class with an {ID_MAP_NAME} beside the data "
+            f"({{\"raw_to_train\": {{\"0\": 0, \"{ignore_index}\": <class id>}}}}); if {ignore_index} really marks "
+            f"pixels to ignore, the masks hold no class to learn")
+
+
+def _check_merges(spec: DatasetSpec, report: ValidationReport, mapping, id_map, ignore_index: int) -> None:
+    """Raw values present in the masks that the id map sends to one train id: reported with their pixel counts; a
+    problem when ``id_map='released'`` (raw k -> k-1) meets masks that look 0-based (raw 0 present, nothing above
+    S-1): raw 0 and 1 would become one class and the last class would never be seen."""
+    present = {v: n for v, n in report.raw_values.items() if v in mapping and v != ignore_index}
+    by_train: dict = {}
+    for value in present:
+        by_train.setdefault(mapping[value], []).append(value)
+    merged = {t: vs for t, vs in by_train.items() if len(vs) > 1}
+    if not merged:
+        return
+    words = "; ".join(f"raw {', '.join(map(str, vs))} ({', '.join(f'{present[v]} px' for v in vs)}) -> train id {t}"
+                      for t, vs in sorted(merged.items()))
+    zero_based = 0 in present and max(report.raw_values) <= spec.num_seg_classes - 1
+    if id_map == "released" and zero_based:
+        report.problems.append(
+            f"id_map='released' (raw k -> k-1) on masks that look 0-based (raw values {sorted(report.raw_values)}, "
+            f"none above {spec.num_seg_classes - 1}): {words}, so two classes would merge and class "
+            f"{spec.num_seg_classes - 1} would never be seen. Validate and train with id_map=identity (or leave id_map "
+            f"out) for 0-based masks; 'released' is for the authors' 1-based masks")
+    else:
+        report.warnings.append(f"the id map merges raw values present in the masks: {words}; make sure this is "
+                               f"meant (the released map sends raw 0 and 1 both to background)")
 
 
 def _suggest_id_map(spec: DatasetSpec, report: ValidationReport, uses_file: bool = False) -> None:
@@ -403,8 +457,11 @@ def _id_map_arg(value: str | None):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m endoarss_lib.data.prepare", description=__doc__,
+    from ..cli import add_standard_options, prog
+
+    parser = argparse.ArgumentParser(prog=prog("endoarss_lib.data.prepare", "endoarss-prepare"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_standard_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("sources", help="where each dataset comes from")
     v = sub.add_parser("validate", help="check an MTLESD / MTLEndovis / MTLEndovis-Gen folder and write index.json")
@@ -412,6 +469,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dataset", required=True)
     v.add_argument("--id-map", default=None, help="identity | released | a JSON file {raw_to_train: {...}}")
     v.add_argument("--no-index", action="store_true", help="do not write index.json")
+    v.add_argument("--ignore-index", type=int, default=255,
+                   help="mask value that marks pixels to ignore (as training's ignore_index; default 255)")
     c = sub.add_parser("colour-masks", help="copy a layout, turning colour-coded masks into index masks")
     c.add_argument("src")
     c.add_argument("--palette", required=True, help='JSON file {"R,G,B": class id, ...}')
@@ -428,34 +487,44 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--seed", type=int, default=0)
         else:
             c.add_argument("--unmapped", choices=("error", "background"), default="error")
+    for sub_parser in sub.choices.values():  # --debug also after the command's name
+        sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="show the full traceback of an error")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status: 0, 1 (validate found problems; or a file could not be
+    read or written) or 2 (a bad argument, or a conversion refused: the message names the file). ``--debug`` shows
+    tracebacks."""
+    from ..cli import run_command
+
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "sources":
-            print(SOURCES)
-            return 0
-        if args.command == "validate":
-            report = validate(args.root, args.dataset, _id_map_arg(args.id_map), write_index=not args.no_index)
-            print(report.format())
-            return 0 if report.ok else 1
-        if args.command == "colour-masks":
-            out = convert_colour_masks(args.src, args.palette, args.out)
-            print(f"wrote {out}; now run: python -m endoarss_lib.data.prepare validate {out} --dataset <name>")
-            return 0
-        if args.command == "endovis18":
-            out = convert_endovis18(args.frames, args.type_masks, args.vqla, args.out, args.test_fraction, args.seed)
-        else:
-            out = convert_endovis17(args.frames, args.type_masks, args.vqla, args.out, args.unmapped)
-        print(f"wrote {out}; now run: python -m endoarss_lib.data.prepare validate {out} --dataset "
-              f"{'mtlendovis' if args.command == 'endovis18' else 'mtlendovis_gen'}")
+    return run_command(lambda: _run(args), debug=args.debug, usage=(DataError, ValueError))
+
+
+def _run(args) -> int:
+    from ..cli import say
+
+    if args.command == "sources":
+        print(SOURCES)
         return 0
-    except (DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "validate":
+        report = validate(Path(args.root).expanduser(), args.dataset, _id_map_arg(args.id_map),
+                          write_index=not args.no_index, ignore_index=args.ignore_index)
+        say(report.format(), sys.stdout)
+        return 0 if report.ok else 1
+    if args.command == "colour-masks":
+        out = convert_colour_masks(args.src, args.palette, args.out)
+        print(f"wrote {out}; now run: python -m endoarss_lib.data.prepare validate {out} --dataset <name>")
+        return 0
+    if args.command == "endovis18":
+        out = convert_endovis18(args.frames, args.type_masks, args.vqla, args.out, args.test_fraction, args.seed)
+    else:
+        out = convert_endovis17(args.frames, args.type_masks, args.vqla, args.out, args.unmapped)
+    print(f"wrote {out}; now run: python -m endoarss_lib.data.prepare validate {out} --dataset "
+          f"{'mtlendovis' if args.command == 'endovis18' else 'mtlendovis_gen'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -136,8 +136,10 @@ def get_spec(name: str) -> DatasetSpec:
         raise ValueError(f"dataset={name!r} is not registered; expected one of {list_datasets()}") from None
 
 
-def resolve_id_map(spec: DatasetSpec, id_map: str | Mapping[int, int] | None) -> Mapping[int, int]:
-    """The raw-to-train map to use: the spec's (``None``), ``'identity'``, ``'released'`` or an explicit mapping."""
+def resolve_id_map(spec: DatasetSpec, id_map: str | Mapping[int, int] | None,
+                   ignore_index: int | None = None) -> Mapping[int, int]:
+    """The raw-to-train map to use: the spec's (``None``), ``'identity'``, ``'released'`` or an explicit mapping
+    (whose train ids are class ids, or ``ignore_index``: raw values mapped to it are ignored)."""
     if id_map is None:
         return spec.raw_to_train
     if id_map == "identity":
@@ -145,9 +147,11 @@ def resolve_id_map(spec: DatasetSpec, id_map: str | Mapping[int, int] | None) ->
     if id_map == "released":
         return released_id_map(spec.num_seg_classes)
     if isinstance(id_map, Mapping):
-        bad = {k: v for k, v in id_map.items() if not 0 <= int(v) < spec.num_seg_classes}
+        bad = {k: v for k, v in id_map.items()
+               if not (0 <= int(v) < spec.num_seg_classes or (ignore_index is not None and int(v) == ignore_index))}
         if bad:
-            raise ValueError(f"id_map maps to train ids outside 0..{spec.num_seg_classes - 1} for dataset "
+            also = f" (or ignore_index={ignore_index}, for pixels to ignore)" if ignore_index is not None else ""
+            raise ValueError(f"id_map maps to train ids outside 0..{spec.num_seg_classes - 1}{also} for dataset "
                              f"{spec.name!r}: {bad}")
         return MappingProxyType({int(k): int(v) for k, v in id_map.items()})
     raise ValueError(f"id_map={id_map!r}: expected None, 'identity', 'released' or a dict raw -> train id")

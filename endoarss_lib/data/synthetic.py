@@ -24,8 +24,9 @@ from scipy import ndimage
 
 from .registry import DATASETS, SYNTHETIC_PRESETS, DatasetSpec
 
-__all__ = ["make_synthetic", "render_sample", "sample_rng", "activity_counts", "preset_activities", "preset_classes",
-           "LOOK_ALIKE_PAIRS", "GENERATOR_VERSION", "DEFAULT_COUNTS", "MIN_IMAGE_SIZE", "CARD_NAME"]
+__all__ = ["make_synthetic", "remove_stale_partials", "render_sample", "sample_rng", "activity_counts",
+           "preset_activities", "preset_classes", "LOOK_ALIKE_PAIRS", "GENERATOR_VERSION", "DEFAULT_COUNTS",
+           "MIN_IMAGE_SIZE", "CARD_NAME"]
 
 GENERATOR_VERSION = "1.1"  # 1.1: fluid bleb and exposed submucosa drawn alike (dye); bump whenever the pixels or the card change for the same parameters
 CARD_NAME = "dataset_card.json"
@@ -947,15 +948,61 @@ def _publish(tmp: Path, root: Path, card: dict, overwrite: bool) -> None:
                                   f"choose another root") from None
 
 
+_OWNER = ".generating.json"  # inside a temporary folder while it is written: who writes it (pid, host)
+
+
+def _owner() -> dict:
+    import socket
+
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def remove_stale_partials(root: str | os.PathLike, older_than_s: float = 600.0) -> int:
+    """Remove what a killed generation of ``root`` left beside it: its temporary ``.<name>.partial-*`` folders whose
+    writer is dead (same machine; or whose owner record is missing and that are older than ``older_than_s``) and the
+    ``.<name>.old-*`` folders of an interrupted replacement. Returns how many folders were removed."""
+    import time
+
+    from ..atomic import process_alive
+
+    root = Path(root)
+    if not root.parent.is_dir():
+        return 0
+    removed = 0
+    for path in root.parent.glob(f".{root.name}.partial-*"):
+        try:
+            owner = json.loads((path / _OWNER).read_text())
+            host, pid = owner["host"], int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            try:  # no owner record: killed before writing it, or finished and being renamed right now
+                stale = time.time() - path.stat().st_mtime > older_than_s and not (path / CARD_NAME).exists()
+            except OSError:
+                continue
+        else:
+            stale = host == _owner()["host"] and not process_alive(pid)
+        if stale and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    for path in root.parent.glob(f".{root.name}.old-*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def make_synthetic(root, preset: str, seed: int = 0, n_train: int | None = None, n_test: int | None = None,
                    image_size: int = 224, overwrite: bool = False) -> Path:
-    """Generate (or find cached) a synthetic dataset in the on-disk layout under ``root``; returns ``root``."""
+    """Generate (or find cached) a synthetic dataset in the on-disk layout under ``root``; returns ``root``.
+
+    The set is written into a temporary folder beside ``root`` and renamed into place when complete; what a killed
+    generation left there is removed by the next call (:func:`remove_stale_partials`)."""
     preset, seed, size = _check_preset(preset), _check_seed(seed), _check_size(image_size)
     plan = _plan(preset, _split_sizes(preset, n_train, n_test))
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"root={str(root)!r} is an existing file; expected a folder (new or generated here)")
     card = _card(preset, seed, size, plan)
+    remove_stale_partials(root)  # what a generation killed earlier (kill -9, power loss) left beside root
     if not overwrite and _is_cached(root, card):
         return root
     if root.is_dir() and any(root.iterdir()):
@@ -964,10 +1011,12 @@ def make_synthetic(root, preset: str, seed: int = 0, n_train: int | None = None,
     tmp = root.with_name(f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
+        (tmp / _OWNER).write_text(json.dumps(_owner()))
         for split, counts in plan.items():
             pixels = _write_split(tmp, preset, seed, size, split, counts)
             card["pixel_fraction"][split] = _fractions(preset, pixels)
         (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / _OWNER).unlink()
         _publish(tmp, root, card, overwrite)
     finally:
         if tmp.exists():

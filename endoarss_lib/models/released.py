@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -589,17 +587,14 @@ def read_released_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
                                 f"{sorted(RELEASED_CHECKPOINTS.values())}, about 387 MB each)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # noqa: BLE001 - a text file, random bytes, a truncated zip, pickled objects, ...
+        from .weights import why_unreadable
+
         raise WeightsError(
-            f"{path}: torch.load(weights_only=True) refused it: it pickles objects other than tensors and plain "
-            f"containers ({str(exc).splitlines()[0]}). The authors' checkpoints are plain state dicts; do not load "
-            f"an untrusted file with weights_only=False. Re-download the file or check you have the right one."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise WeightsError(
-            f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); the "
-            f"file is probably truncated or corrupt ({path.stat().st_size} bytes; the released files are about "
-            f"387 MB). Download it again and compare its sha256.") from None
+            f"{path}: cannot be read as a released EndoARSS checkpoint: {why_unreadable(path, exc)} "
+            f"({path.stat().st_size} bytes; the authors' files are plain state dicts of about 387 MB: "
+            f"{sorted(RELEASED_CHECKPOINTS.values())}). Download the file again and compare its sha256; a file that "
+            f"holds pickled objects is never unpickled here, because unpickling runs code") from None
     notes: list[str] = []
     while isinstance(obj, Mapping) and not _all_tensors(obj):
         key = next((k for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)

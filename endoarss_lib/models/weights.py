@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["WeightsError", "RandomInitWarning", "read_state_dict", "file_sha256", "load_state_dict_strict",
-           "hub_offline", "hub_mode", "why_unreadable"]
+           "hub_offline", "hub_mode", "why_unreadable", "key_prefix"]
 
 
 class WeightsError(RuntimeError):
@@ -133,6 +133,49 @@ def _fmt(keys: Sequence[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def key_prefix(keys: Sequence[str], model_keys: Sequence[str]) -> tuple[str, int]:
+    """The prefix that, stripped from ``keys``, makes the most of them model keys (``teacher.backbone.`` of a DINO
+    training checkpoint, ``encoder.``, ...), and how many model keys it matches; ``('', n)`` when none does better
+    than the keys as they are."""
+    from collections import Counter
+
+    own = set(model_keys)
+    direct = sum(k in own for k in keys)
+    counts: Counter = Counter()
+    for key in keys:
+        for i, char in enumerate(key):
+            if char == "." and key[i + 1:] in own:
+                counts[key[:i + 1]] += 1
+    if not counts:
+        return "", direct
+    # the most matches; on a tie the teacher (what DINO evaluates and releases), then the shortest prefix
+    prefix, n = max(counts.items(), key=lambda item: (item[1], "teacher" in item[0], -len(item[0])))
+    return (prefix, n) if n > direct else ("", direct)
+
+
+def _advice(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], missing: Sequence[str],
+            source: str) -> str:
+    """What to do about a failed strict load, never advice that would leave the backbone random."""
+    prefix, matched = key_prefix(list(sd), list(own))
+    if prefix and matched >= len(own) // 2:
+        out = f"{Path(source).with_suffix('')}_stripped.pth"
+        return (f"  The file's keys carry the prefix {prefix!r}: without it {matched} of the model's {len(own)} keys "
+                f"match (a DINO / iBOT training checkpoint holds the teacher and student like this). Save the "
+                f"backbone alone, without the prefix, and pass that file:\n"
+                f"    python -c \"import torch; from endoarss_lib.models.weights import read_state_dict; "
+                f"sd = read_state_dict('{source}'); torch.save({{k[{len(prefix)}:]: v for k, v in sd.items() if "
+                f"k.startswith('{prefix}')}}, '{out}')\"\n"
+                f"  Do not use weights_allow_missing for this: the backbone would stay randomly initialised.")
+    if missing and len(missing) > max(2, len(own) // 10):
+        return (f"  {len(missing)} of the model's {len(own)} tensors are not in the file: it does not hold weights for "
+                f"this backbone (another architecture or size?). Choose the backbone the file was trained for, or the "
+                f"file for this backbone. Allowing the missing keys (weights_allow_missing) would train on a randomly "
+                f"initialised backbone: do not.")
+    return ("  When a few keys are known to differ (e.g. a head the file lacks or extra buffers it has), the model "
+            "options weights_allow_missing= / weights_allow_unexpected= accept those named keys (fnmatch patterns); "
+            "the backbone's own weights must all load.")
+
+
 def load_state_dict_strict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -158,6 +201,6 @@ def load_state_dict_strict(
             lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {_fmt(shapes)}")
-        lines.append("  (build_model options weights_allow_missing= / weights_allow_unexpected= accept named keys)")
+        lines.append(_advice(sd, own, missing, source))
         raise WeightsError("\n".join(lines))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)

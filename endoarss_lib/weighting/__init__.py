@@ -32,7 +32,7 @@ from .task_grads import task_gradients
 
 __all__ = ["Weighting", "GradWeighting", "LossWeighting", "EW", "DBMTL", "AlignedMTL", "MoCo", "STCH", "GMCoord",
            "db_mtl", "aligned_mtl", "alignment_matrix", "moco", "gm_coord_coefficients", "WEIGHTINGS",
-           "SEED_WEIGHTINGS", "get_weighting", "available_weightings", "task_gradients"]
+           "SEED_WEIGHTINGS", "get_weighting", "available_weightings", "canonical_name", "task_gradients"]
 
 # The paper's grid (LibMTL's methods) ...
 WEIGHTINGS: dict[str, type[Weighting]] = {cls.name: cls for cls in (EW, DBMTL, AlignedMTL, MoCo, STCH)}
@@ -57,6 +57,12 @@ def hparam_names(name: str) -> list[str]:
     """The hyper-parameters ``get_weighting(name, ...)`` accepts."""
     cls = _lookup(name)
     return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def canonical_name(name: str) -> str:
+    """The one spelling of a method's name in configs, run folders and tables: lower case with ``_`` (``DB-MTL``,
+    ``db-mtl``, ``dbmtl`` and ``db_mtl`` are all ``'db_mtl'``); ValueError listing the valid names otherwise."""
+    return _lookup(name).name.lower().replace("-", "_")
 
 
 def _lookup(name: str) -> type[Weighting]:
