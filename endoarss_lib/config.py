@@ -64,6 +64,7 @@ HASH_STABLE_DEFAULTS: dict[str, Any] = {
     "synthetic_generator": "1.0",  # not a field: the synthetic generator's version, for synthetic=true runs
     "patience": 0,
     "model.task_classes": {},
+    "model.seg_detail_channels": 0,
     "deterministic": False,
 }
 

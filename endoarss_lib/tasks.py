@@ -182,7 +182,8 @@ class Task:
     ``loss_fn(logits, target, LossOptions) -> scalar``; ``meter_factory(num_classes, MeterOptions)`` -> an object
     with ``update(prediction, target)`` and ``compute() -> dict``; ``decode(logits) -> prediction`` (what the meter
     takes: class indices, probabilities); ``head_factory(HeadSpec) -> nn.Module`` and ``forward_head(head, fmap,
-    token, out_size) -> logits``; ``progress_fn(logits, target, ignore_index)`` -> mean probability of the truth
+    token, out_size[, image]) -> logits`` (``image``: the model's input, for heads that read it; a function of four
+    arguments is called without it); ``progress_fn(logits, target, ignore_index)`` -> mean probability of the truth
     (GM-Coord); ``prior``: the check a model must pass to beat the prior predictor, ``prior_output(train_dataset,
     num_classes)`` -> the prior predictor's logits for one image; ``degenerate``: checks that call a model degenerate
     (the first that holds is reported). Optional reporting hooks: ``image_record(logits_i, target_i, num_classes,
@@ -322,16 +323,20 @@ def segmentation_head(h: HeadSpec):
     from .models.heads import SegmentationHead  # models import this registry: imported here to break the cycle
 
     return SegmentationHead(h.in_channels, h.num_classes, channels=h.config.head_channels, rates=h.config.seg_rates,
-                            feature_size=h.feature_size, dropout=h.config.seg_dropout)
+                            feature_size=h.feature_size, dropout=h.config.seg_dropout,
+                            detail_channels=getattr(h.config, "seg_detail_channels", 0) or 0)
 
 
-def forward_image_head(head, fmap, token, size):
+def forward_image_head(head, fmap, token, size, image=None):
     """An image-level head reads the feature map (and the class token when it was built with one)."""
     return head(fmap, token if getattr(head, "token_dim", None) else None)
 
 
-def forward_dense_head(head, fmap, token, size):
-    """A dense head reads the feature map and upsamples to the input size."""
+def forward_dense_head(head, fmap, token, size, image=None):
+    """A dense head reads the feature map and upsamples to the input size (a head with a detail branch also reads
+    the input image)."""
+    if getattr(head, "detail_channels", 0):
+        return head(fmap, out_size=(int(size[0]), int(size[1])), image=image)
     return head(fmap, out_size=(int(size[0]), int(size[1])))
 
 

@@ -96,3 +96,39 @@ def test_eval_determinism():
     f = torch.randn(2, 8, 6, 6)
     assert torch.equal(seg(f, (12, 12)), seg(f, (12, 12)))
     assert torch.equal(cls(f), cls(f))
+
+
+def test_detail_branch_reads_sub_patch_image_detail():
+    """With the detail branch the logits near a changed 4 x 4 image region change with the features fixed; the
+    paper's head ignores the image. The branch needs the image, and its parameters get gradients."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 16, 4, 4)
+    image = torch.randn(2, 3, 56, 56)
+    plain = SegmentationHead(16, 3, channels=8, feature_size=4).eval()
+    detail = SegmentationHead(16, 3, channels=8, feature_size=4, detail_channels=8).eval()
+    assert plain(features, (56, 56)).shape == detail(features, (56, 56), image=image).shape == (2, 3, 56, 56)
+    changed = image.clone()
+    changed[:, :, 20:24, 20:24] += 3.0  # smaller than one 14 px patch
+    delta = (detail(features, (56, 56), image=changed) - detail(features, (56, 56), image=image)).abs().sum(1)
+    assert delta[:, 18:26, 18:26].mean() > 10 * delta[:, :8, :8].mean()  # local: near the change, not far away
+    with pytest.raises(ValueError, match="image is required"):
+        detail(features, (56, 56))
+    detail.train()
+    detail(features, (56, 56), image=image).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in detail.stem.parameters())
+
+
+def test_detail_branch_through_the_model_config(tmp_path):
+    from endoarss_lib.config import preset
+    from endoarss_lib.engine import fit
+
+    base = dict(image_size=56, synthetic_n_train=24, synthetic_n_test=12, batch_size=6, epochs=1, progress=False,
+                out_dir=str(tmp_path))
+    plain = preset("smoke", model={"backbone": "vit_tiny_patch14", "arch": "tesla"}, **base)
+    detailed = preset("smoke", model={"backbone": "vit_tiny_patch14", "arch": "tesla", "seg_detail_channels": 8},
+                      **base)
+    assert plain.results_hash() == preset("smoke", model={"backbone": "vit_tiny_patch14", "arch": "tesla",
+                                                          "seg_detail_channels": 0}, **base).results_hash()
+    assert detailed.results_hash() != plain.results_hash()
+    row = fit(detailed)
+    assert 0 <= row["test_seg_miou"] <= 1

@@ -17,6 +17,8 @@ Every model's ``forward(images)`` returns ``{task: logits}``; ``features(images)
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 
@@ -32,6 +34,16 @@ __all__ = ["MultiTaskModel", "HPSModel", "TESLAModel", "MMoEModel", "DSelectKMod
 
 _TESLA_ADAPTER = re.compile(r"\.tesla_[AB]\.(\d+)$")
 _TESLA_ALPHA = re.compile(r"\.tesla_alpha\.(\d+)$")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_image(forward) -> bool:
+    """Whether a task's ``forward_head`` accepts the input image (a fifth argument)."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind == p.VAR_POSITIONAL for p in params) or len(params) >= 5
 
 
 class MultiTaskModel(nn.Module):
@@ -67,14 +79,18 @@ class MultiTaskModel(nn.Module):
     def _task_features(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         return self._post(self._encode(images))
 
-    def _head(self, task: str, fmap: torch.Tensor, tok: torch.Tensor | None, size) -> torch.Tensor:
-        """Task ``task``'s head on its features, called as the task registry says (:attr:`Task.forward_head`)."""
-        return get_task(task).forward_head(self.heads[task], fmap, tok, size)
+    def _head(self, task: str, fmap: torch.Tensor, tok: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor:
+        """Task ``task``'s head on its features, called as the task registry says (:attr:`Task.forward_head`; the
+        input images go to a forward function that takes them)."""
+        forward = get_task(task).forward_head
+        if _takes_image(forward):
+            return forward(self.heads[task], fmap, tok, images.shape[-2:], images)
+        return forward(self.heads[task], fmap, tok, images.shape[-2:])
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{task: logits}`` for the tasks the model was built with (``{"cls": (B, K), "seg": (B, S, H, W)}``)."""
         feats = self._task_features(images)
-        return {t: self._head(t, *feats[t], images.shape[-2:]) for t in self.tasks}
+        return {t: self._head(t, *feats[t], images) for t in self.tasks}
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-task feature maps (B, C, h, w) the heads read (diagnostics)."""
@@ -185,7 +201,7 @@ class TESLAModel(MultiTaskModel):
         for i, t in enumerate(self.tasks):
             o = self.backbone(images, group=i)
             feats = self._post({t: (o.maps[0], None if o.tokens is None else o.tokens[0])})
-            outs[t] = self._head(t, *feats[t], images.shape[-2:])
+            outs[t] = self._head(t, *feats[t], images)
         return outs
 
 

@@ -77,6 +77,9 @@ class ModelConfig:
     head_channels: int = _f(256, "channels of the DeepLab-V3 heads")
     seg_rates: tuple | None = _f(None, "ASPP rates; None -> chosen from the feature-map size")
     seg_dropout: float = _f(0.5, "dropout after the ASPP projection (DeepLab-V3 and the released code: 0.5)")
+    seg_detail_channels: int = _f(0, "channels of the segmentation head's image detail branch at output stride 4 "
+                                     "(a DeepLab-V3+ style decoder that can draw objects smaller than a patch); 0: "
+                                     "the paper's DeepLab-V3 head")
     cls_dropout: float = _f(0.0, "dropout before the activity classifier")
     cls_use_token: bool | None = _f(None, "concat the class token in the cls head; None -> when the backbone has one")
     # Features / backbone
