@@ -195,7 +195,21 @@ def test_notebook_04_uses_the_library_variants():
 
     nb = nbformat.read(ROOT / "notebooks" / "04_ablation_components.ipynb", as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "ablation_variants(" in code
+    assert "TABLE5_ROWS" in code
+
+
+def test_table5_rows_are_the_papers_rows():
+    """Each named variant of Table V has the row's backbone family, architecture and SMA switch."""
+    from endoarss_lib.evidence.variants import FEATURED_MODEL, TABLE5_ROWS, VARIANTS
+    from endoarss_lib.paper import ablation_variants
+
+    rows = list(ablation_variants(vit="vit_mini_patch14", cnn="resnet_tiny").values())
+    assert sorted(TABLE5_ROWS) == list(range(1, len(rows) + 1))
+    for number, options in enumerate(rows, start=1):
+        model = {**FEATURED_MODEL, **VARIANTS[TABLE5_ROWS[number]].get("model", {})}
+        assert model["backbone"] == options["backbone"], number
+        assert model["arch"] == options["arch"], number
+        assert bool(model.get("sma")) == bool(options.get("sma")), number
 
 
 # -- the paper's Table V "+-": the spread across activity classes, ignored pixels excluded ----------------------------

@@ -128,6 +128,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("mtl_beats_single_cls", "02_main_results", "the multi-task model recognises activities better than the "
           "activity-only model", "paper Table III (DINOv2 single-task rows)", "EndoARSS", "activity only",
           "cls_accuracy"),
+    Claim("db_mtl_beats_ew", "02_main_results", "DB-MTL (the paper's MTLESD weighting) segments better than equal "
+          "weighting", "paper Table II (DB-MTL rows)", "DB-MTL", "EndoARSS", "seg_miou_fg"),
     # 04: components (Table V), row for row, plus the foundation pretraining
     Claim("foundation_beats_resnet_mmoe", "04_ablation_components", "the frozen foundation model segments better "
           "than a trainable ResNet (MMoE; rows 2 vs 1)", _T5, "MMoE (no SMA)", "ResNet + MMoE", "seg_miou_fg"),
@@ -172,6 +174,10 @@ CLAIMS: tuple[Claim, ...] = (
     *(Claim(f"mtl_better_pair_{a.split('_')[-1]}", "07_segmentation_gallery", f"the multi-task model segments "
             f"{a} and {b} better than the segmentation-only model", "paper Fig. 2 and Sec. I", "EndoARSS",
             "segmentation only", f"seg_pair_iou_{a}__{b}") for a, b in _PAIRS),
+    Claim("detail_draws_small_classes", "07_segmentation_gallery", "the segmentation head's detail branch draws "
+          "the classes smaller than a patch (marking spots, bleeding) better than the paper's DeepLab-V3 head",
+          "this project (the detail branch)", "EndoARSS", "paper head (no detail)",
+          "seg_pair_iou_marking_spot__bleeding"),
     # 03: generalisation (Table IV): the same runs on the in-domain and the shifted test set, like with like
     Claim("generalisation_gap_cls", "03_generalisation", "activity recognition drops on the shifted domain "
           "(MTLEndovis -> MTLEndovis-Gen)", "paper Table IV", "in-domain", "shifted", "cls_accuracy",
@@ -188,9 +194,9 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("cmoe_helps_tesla", "10_seed_components", "Uni-Med's CMoE connector improves TESLA", "Uni-Med (seed 003)",
           "TESLA + CMoE", "EndoARSS", "seg_miou_fg"),
     Claim("gm_coord_beats_ew_seg", "10_seed_components", "UMD's GM-Coord improves on equal weighting "
-          "(segmentation)", "UMD (seed 002)", "GM-Coord", "EW", "seg_miou_fg"),
+          "(segmentation)", "UMD (seed 002)", "GM-Coord", "EndoARSS", "seg_miou_fg"),
     Claim("gm_coord_beats_ew_cls", "10_seed_components", "UMD's GM-Coord improves on equal weighting (activity)",
-          "UMD (seed 002)", "GM-Coord", "EW", "cls_accuracy"),
+          "UMD (seed 002)", "GM-Coord", "EndoARSS", "cls_accuracy"),
     Claim("cgl_helps_tail", "10_seed_components", "MEJO's CGL loss improves the recall of tail activities "
           "(long-tailed MTLEndovis)", "MEJO (seed 000)", "CGL", "EndoARSS", "recall_tail", per_image=False,
           higher_is_better=True),

@@ -43,9 +43,9 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "test": Scale("test", image_size=56, n_train=48, n_test=24, epochs=4, patience=0, seeds=(0,), diagnostics_every=2,
+    "test": Scale("test", image_size=84, n_train=48, n_test=24, epochs=6, patience=0, seeds=(0,), diagnostics_every=2,
                   decides=False, purpose="checks every code path in minutes (CI, nbval); claims nothing"),
-    "demonstration": Scale("demonstration", image_size=224, n_train=240, n_test=96, epochs=24, patience=4,
+    "demonstration": Scale("demonstration", image_size=224, n_train=240, n_test=96, epochs=12, patience=3,
                            seeds=(0, 1, 2), diagnostics_every=10, decides=True,
                            purpose="decides the claims: 3 seeds, the paper's 16 x 16 token grid, early stopping"),
 }
