@@ -814,9 +814,9 @@ def write_per_image(path: Path, arrays: dict) -> None:
             np.savez_compressed(f, **arrays)
 
 
-def read_per_image(folder: str | Path) -> dict[str, np.ndarray]:
+def read_per_image(folder: str | Path, name: str = PER_IMAGE_FILE) -> dict[str, np.ndarray]:
     """The arrays :func:`write_per_image` wrote for a run folder (RunError naming the file when absent)."""
-    path = Path(folder) / PER_IMAGE_FILE
+    path = Path(folder) / name
     if not path.is_file():
         raise RunError(f"{path}: no per-image test outcomes (runs finished before they were recorded have none); "
                        "rerun the config under another out_dir to get them")

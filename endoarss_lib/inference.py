@@ -70,10 +70,11 @@ def predict(model, dataset, indices=None, device: str = "cpu") -> list[dict]:
 
 
 def _evaluate(model, dataset: MTLDataset, tasks, device: str, batch_size: int, distances: bool, per_image: bool,
-              amp: str = "off") -> Evaluation:
+              amp: str = "off", per_image_arrays: bool = False) -> Evaluation:
     loader = make_loader(dataset, batch_size, shuffle=False)
     ev = evaluate(model, loader, resolve_device(device), tasks, spec=dataset.spec, distances=distances, amp=amp,
-                  ignore_index=dataset.ignore_index, per_image=per_image, compat_size=COMPAT_SIZE)
+                  ignore_index=dataset.ignore_index, per_image=per_image, compat_size=COMPAT_SIZE,
+                  per_image_arrays=per_image_arrays)
     for t in tasks:
         key = get_task(t).per_class
         if key is not None:
@@ -92,28 +93,29 @@ def _subset_metrics(ev: Evaluation, tasks, subset: EvalSubset) -> dict:
 
 
 def evaluate_run(folder: str | Path, split: str = "test", device: str = "cpu", distances: bool = True,
-                 per_image: bool = False, batch_size: int = 8) -> Evaluation:
+                 per_image: bool = False, batch_size: int = 8, per_image_arrays: bool = False) -> Evaluation:
     """A finished run's selected model on a split (``train``, ``val`` or ``test``) of its own data."""
     cfg = read_run_config(folder)
     model = load_run_model(folder, device=device)
     dataset = make_datasets(cfg, splits=(split,))[split]
-    return _evaluate(model, dataset, cfg.tasks, device, batch_size, distances, per_image, cfg.amp)
+    return _evaluate(model, dataset, cfg.tasks, device, batch_size, distances, per_image, cfg.amp, per_image_arrays)
 
 
 def evaluate_run_on(folder: str | Path, data_root: str | Path, dataset: str, image_size: int | None = None,
                     split: str = "test", device: str = "cpu", batch_size: int = 8, distances: bool = True,
-                    per_image: bool = False) -> Evaluation:
+                    per_image: bool = False, per_image_arrays: bool = False) -> Evaluation:
     """A finished run's selected model on another dataset (e.g. MTLEndovis-Gen), with subset means.
 
     Besides the usual keys (over every class present), ``<task>_<metric>_eval`` keys average over the dataset's
     evaluated subset only (its registry ``eval_seg_classes`` / ``eval_activities``: ``seg_miou_eval``,
     ``seg_dice_eval``; ``cls_accuracy_eval`` with ``per_image=True``); ``dataset``, ``data`` say what it was.
+    ``per_image_arrays``: every image's outcome in ``Evaluation.arrays`` (as ``test_per_image.npz`` holds them).
     """
     cfg = read_run_config(folder)
     model = load_run_model(folder, device=device)
     data = MTLDataset(data_root, split, dataset=dataset, image_size=image_size or cfg.image_size,
                       normalize=cfg.input_normalization(), ignore_index=cfg.ignore_index)
-    ev = _evaluate(model, data, cfg.tasks, device, batch_size, distances, per_image, cfg.amp)
+    ev = _evaluate(model, data, cfg.tasks, device, batch_size, distances, per_image, cfg.amp, per_image_arrays)
     spec = data.spec
     ev.update(_subset_metrics(ev, cfg.tasks, EvalSubset.of(spec)))
     ev.update({"dataset": spec.name, "data": "synthetic" if data.synthetic else "real"})
@@ -155,22 +157,34 @@ def _subset_view(ev: Evaluation, activities, classes, spec=None) -> dict:
     return _subset_metrics(ev, list(ev.values), EvalSubset(frozenset(activities), tuple(classes), spec))
 
 
-def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu"):
+def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu", outcomes: dict | None = None):
     """In-domain test vs the domain-shifted set (paper Table IV) for every run in ``rows`` (result rows), compared
     like with like: besides the metrics over everything present, ``*_eval`` columns restrict BOTH sides to the
     shifted set's evaluated activities and segmentation classes (its registry subset), so a difference is the
-    domain gap and not a change of which classes are averaged."""
+    domain gap and not a change of which classes are averaged.
+
+    ``outcomes``: a dict that receives each run's per-image outcomes on both test sets, restricted alike
+    (:func:`endoarss_lib.evidence.outcomes.restrict_outcomes`), keyed ``("in-domain" | "shifted", seed)`` (with
+    ``(variant, label, seed)`` when the rows have several variants): what the generalisation claims are decided on."""
     import pandas as pd
+
+    from .evidence.outcomes import restrict_outcomes
 
     spec = shifted.spec
     activities = set(spec.eval_activities) if spec.eval_activities is not None else set(shifted.labels)
     classes = list(spec.eval_seg_classes or range(spec.num_seg_classes))
+    several = "variant" in rows and rows["variant"].nunique() > 1
     records = []
     for _, row in rows.iterrows():
+        arrays = outcomes is not None
         for label, ev in (("in-domain", evaluate_run(row["run_dir"], "test", device, distances=False,
-                                                     per_image=True)),
+                                                     per_image=True, per_image_arrays=arrays)),
                           ("shifted", evaluate_run_on(row["run_dir"], shifted.root, spec.name, shifted.image_size,
-                                                      device=device, distances=False, per_image=True))):
+                                                      device=device, distances=False, per_image=True,
+                                                      per_image_arrays=arrays))):
+            if arrays:
+                key = (row["variant"], label, int(row["seed"])) if several else (label, int(row["seed"]))
+                outcomes[key] = restrict_outcomes(ev.arrays, labels=sorted(activities), classes=classes)
             metrics = {f"test_{k}": v for k, v in ev.items() if isinstance(v, float)}
             metrics.update({f"test_{k}": v for k, v in _subset_view(ev, activities, classes, spec).items()})
             records.append(_evaluation_row(row, ev, metrics, device, {"name": row.get("name"), "test set": label}))

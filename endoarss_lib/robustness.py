@@ -32,9 +32,11 @@ from .results import ResultRow
 from .tasks import DEFAULT_TASKS, metric_info
 from .version import provenance
 
-__all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key"]
+__all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key", "pooled_outcomes"]
 
-EVAL_VERSION = "2"  # 2: compat_ values at the released 244 x 244 resolution  # bump when the evaluation itself changes, so cached cell results are recomputed
+# bump when the evaluation itself changes, so cached cell results are recomputed. 2: compat_ values at the released
+# 244 x 244 resolution; 3: every cell also keeps its per-image outcomes (<cell>.npz)
+EVAL_VERSION = "3"
 _CACHE_DIR, _CELLS_DIR = "evals", "corrupted"
 
 
@@ -46,7 +48,7 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
                          seed: int = 0, workers: int = 2, device: str = "cpu", batch_size: int = 16,
                          distances: bool = False, amp: str = "off", model_name: str | None = None,
                          id_map=None, ignore_index: int = 255, clean: bool = True,
-                         progress: bool = True) -> pd.DataFrame:
+                         progress: bool = True, outcomes: dict | None = None) -> pd.DataFrame:
     """Evaluate ``model`` on the clean and every corrupted test set; one row per (corruption, severity).
 
     ``model``: a run folder (``fit``'s ``run_dir``; its selected ``best.pt`` is loaded, and ``dataset`` /
@@ -62,8 +64,11 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     the row came from the cache). ``seed`` is the corruption seed. The metrics are those of
     :func:`endoarss_lib.engine.evaluate` (``cls_*``, ``seg_*``, correct and ``compat_``; boundary distances and SSIM
     only with ``distances=True``).
+
+    ``outcomes``: a dict that receives the per-image outcomes pooled over the corruptions (:func:`pooled_outcomes`),
+    keyed ``"all"`` (every corrupted cell) and by severity (``0``: clean): what the robustness claims are decided on.
     """
-    from .engine import resolve_device
+    from .engine import resolve_device, write_per_image
     from .inference import load_run_model
 
     names = check_names(names)
@@ -112,6 +117,7 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
                 "id_map": id_map, "eval_version": EVAL_VERSION}
     cache = out_dir / _CACHE_DIR / key
     rows = []
+    per_cell: dict[int, list[Path]] = {}
     from tqdm.auto import tqdm
 
     for (name, severity), cell in tqdm(cells.items(), desc=f"evaluating {label}", unit="cell",
@@ -120,12 +126,16 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
         entry_key = {"model": key, "cell": cell_key, **settings}
         path = cache / f"{name}_s{severity}.json"
         entry = _read_cache(path, entry_key)
-        cached = entry is not None
+        arrays_path = path.with_suffix(".npz")
+        cached = entry is not None and arrays_path.is_file()
         if not cached:
-            entry = _evaluate_cell(net, cell, dataset, image_size, tasks, torch_device, batch_size, id_map,
-                                   ignore_index, distances, amp)
+            entry, arrays = _evaluate_cell(net, cell, dataset, image_size, tasks, torch_device, batch_size, id_map,
+                                           ignore_index, distances, amp)
             entry["key"] = entry_key
+            write_per_image(arrays_path, arrays)  # before the entry: a cached entry always has its outcomes
             write_json_atomic(path, entry)
+        if outcomes is not None:
+            per_cell.setdefault(int(severity), []).append(arrays_path)
         recorded = {k: entry.get("provenance", {}).get(k) for k in _PROVENANCE}  # when the cell was evaluated
         rows.append(ResultRow(
             source="robustness", dataset=dataset, data=entry["data"], tasks="+".join(tasks), image_size=image_size,
@@ -135,7 +145,34 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
             extra={"model": label, "corruption": name, "group": CLEAN if name == CLEAN else GROUP_OF[name],
                    "severity": int(severity), "n_images": entry["n_images"], "model_key": key,
                    "cached": cached}).to_dict())
+    if outcomes is not None:
+        outcomes.update({sev: pooled_outcomes(paths) for sev, paths in per_cell.items()})
+        corrupted = [p for sev, paths in per_cell.items() if sev > 0 for p in paths]
+        if corrupted:
+            outcomes["all"] = pooled_outcomes(corrupted)
     return pd.DataFrame(rows)
+
+
+def pooled_outcomes(paths: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
+    """The per-image outcomes of several cells (corrupted versions of the same test images, in the same order)
+    pooled per image: every task's outcomes become a per-image confusion matrix summed over the cells
+    (``<task>_confusion``, (N, K, K)), so a bootstrap that resamples images takes all corrupted versions of each."""
+    from .engine import read_per_image
+
+    pooled: dict[str, np.ndarray] = {}
+    for path in paths:
+        arrays = read_per_image(Path(path).parent, name=Path(path).name)
+        if "path" not in pooled:
+            pooled["path"] = np.array([Path(p).name for p in arrays["path"]])
+        for key in [k for k in arrays if k.endswith("_pred")]:
+            task = key[:-len("_pred")]
+            k = arrays[f"{task}_prob"].shape[1]
+            conf = np.zeros((len(arrays[key]), k, k), np.int64)
+            conf[np.arange(len(conf)), arrays[f"{task}_true"].astype(int), arrays[key].astype(int)] = 1
+            pooled[f"{task}_confusion"] = pooled.get(f"{task}_confusion", 0) + conf
+        for key in [k for k in arrays if k.endswith("_confusion")]:
+            pooled[key] = pooled.get(key, 0) + arrays[key]
+    return pooled
 
 
 _PROVENANCE = ("device", "deterministic", "library_version", "git_commit", "git_dirty", "python_version", "platform",
@@ -207,11 +244,12 @@ def _evaluate_cell(net, cell: Path, dataset: str, image_size: int, tasks, device
                       ignore_index=ignore_index)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     start = time.perf_counter()
-    metrics = evaluate(net, loader, device, tasks, spec=data.spec, distances=distances, amp=amp,
-                       ignore_index=ignore_index, compat_size=COMPAT_SIZE)
+    ev = evaluate(net, loader, device, tasks, spec=data.spec, distances=distances, amp=amp,
+                  ignore_index=ignore_index, compat_size=COMPAT_SIZE, per_image_arrays=True)
+    metrics = dict(ev)
     if not distances:  # not computed: leave the NaN placeholders out of the rows
         metrics = {k: v for k, v in metrics.items() if not metric_info(k)[1].needs_distances}
-    return {"data": "synthetic" if data.synthetic else "real", "n_images": len(data), "metrics": metrics,
-            "seconds": round(time.perf_counter() - start, 3),
-            "provenance": {**provenance(device), "device": str(device),
-                           "deterministic": torch.are_deterministic_algorithms_enabled()}}
+    return ({"data": "synthetic" if data.synthetic else "real", "n_images": len(data), "metrics": metrics,
+             "seconds": round(time.perf_counter() - start, 3),
+             "provenance": {**provenance(device), "device": str(device),
+                            "deterministic": torch.are_deterministic_algorithms_enabled()}}, ev.arrays)

@@ -205,3 +205,13 @@ def test_paper_backbone_models_build_and_run(name, lo, hi):
         out = model(torch.randn(1, 3, 56, 56))
         assert out["seg"].shape == (1, S, 56, 56) and out["cls"].shape == (1, K)
         assert model.features(torch.randn(1, 3, 56, 56))["cls"].shape == (1, 384, 4, 4)
+
+
+def test_parameter_sentence_states_the_shares():
+    from endoarss_lib.models.report import parameter_sentence
+
+    report = {"backbone": {"total": 900, "trainable": 0}, "lora": {"total": 60, "trainable": 60},
+              "heads": {"total": 40, "trainable": 40}, "total": {"total": 1000, "trainable": 100}}
+    text = parameter_sentence(report)
+    assert "100 of 1,000 parameters train (10.0%)" in text and "900 are frozen (90.0%)" in text
+    assert "largest trainable part is lora (60.0%" in text

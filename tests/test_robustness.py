@@ -357,3 +357,29 @@ def test_evaluate_model_and_root_errors(tiny_root, tmp_path):
 
 def test_corruptions_constant_matches_library():
     assert set(GROUP_OF) == set(CORRUPTIONS)
+
+
+def test_pooled_outcomes_per_image_sum_the_cells(tiny_root, tmp_path):
+    """The outcomes pooled over corrupted cells give the cells' pooled metrics: accuracy = the mean of the cells'
+    accuracies (same images per cell), mIoU = that of the summed confusion; severity keys pool one severity."""
+    from endoarss_lib.evidence.outcomes import outcome_value
+
+    names, severities = ["gamma", "contrast"], [1, 3]
+    outcomes = {}
+    frame = evaluate_corruptions(TinyNet(), tiny_root, tmp_path, dataset="mtlesd", image_size=SIZE, names=names,
+                                 severities=severities, workers=1, progress=False, outcomes=outcomes)
+    corrupted = frame[frame["severity"] > 0]
+    assert set(outcomes) == {0, 1, 3, "all"}
+    assert outcome_value(outcomes["all"], "cls_accuracy") == pytest.approx(corrupted["cls_accuracy"].mean())
+    assert outcome_value(outcomes[0], "cls_accuracy") == pytest.approx(
+        frame.loc[frame["severity"] == 0, "cls_accuracy"].item())
+    n = int(frame["n_images"].iloc[0])
+    assert outcomes["all"]["seg_confusion"].shape[0] == n
+    assert outcomes["all"]["seg_confusion"].sum() == len(corrupted) * outcomes[0]["seg_confusion"].sum()
+    for severity in severities:
+        at = corrupted[corrupted["severity"] == severity]
+        assert outcome_value(outcomes[severity], "cls_accuracy") == pytest.approx(at["cls_accuracy"].mean())
+    again = {}
+    evaluate_corruptions(TinyNet(), tiny_root, tmp_path, dataset="mtlesd", image_size=SIZE, names=names,
+                         severities=severities, workers=1, progress=False, outcomes=again)  # from the cache
+    assert np.array_equal(again["all"]["seg_confusion"], outcomes["all"]["seg_confusion"])

@@ -83,6 +83,8 @@ def outcome_value(arrays: Mapping[str, np.ndarray], key: str, idx: np.ndarray | 
     if f"{task}_confusion" in arrays:
         conf = arrays[f"{task}_confusion"]
         total = (conf if idx is None else conf[idx]).sum(0)
+        if metric in _SINGLE:  # per-image confusions of a single-label task (outcomes pooled over conditions)
+            return float(_classification_from_confusion(total)[metric])
         if metric in _DENSE:
             return float(_segmentation_from_confusion(total)[metric])
         if metric == "miou_eval":

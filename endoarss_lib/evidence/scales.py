@@ -29,6 +29,8 @@ class Scale:
     diagnostics_every: int  # task-gradient conflict every k steps (the same for every run of a scale: runs are shared)
     decides: bool  # whether verdicts are computed (False: "not decided (test scale)")
     purpose: str
+    corruptions: tuple[str, ...] | None = None  # the robustness study's corruptions (None: all 19)
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # and severities
 
     def caption(self) -> str:
         """What a table at this scale is (every caption starts with it)."""
@@ -44,10 +46,12 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "test": Scale("test", image_size=84, n_train=48, n_test=24, epochs=6, patience=0, seeds=(0,), diagnostics_every=2,
-                  decides=False, purpose="checks every code path in minutes (CI, nbval); claims nothing"),
+                  decides=False, purpose="checks every code path in minutes (CI, nbval); claims nothing",
+                  corruptions=("gaussian_noise", "motion_blur", "smoke", "elastic_transform"), severities=(1, 5)),
     "demonstration": Scale("demonstration", image_size=224, n_train=240, n_test=96, epochs=12, patience=3,
                            seeds=(0, 1, 2), diagnostics_every=10, decides=True,
-                           purpose="decides the claims: 3 seeds, the paper's 16 x 16 token grid, early stopping"),
+                           purpose="decides the claims: 3 seeds, the paper's 16 x 16 token grid, early stopping",
+                           corruptions=None, severities=(1, 3, 5)),
 }
 
 

@@ -23,6 +23,7 @@ import copy
 from typing import Iterable
 
 __all__ = ["FEATURED", "FEATURED_MODEL", "FEATURED_FIELDS", "VARIANTS", "CNN", "pick", "variant_options",
+           "NOTEBOOK_VARIANTS", "NOTEBOOK_DATASETS", "notebook_variants",
            "featured_label", "featured_model", "TABLE5_ROWS"]
 
 FEATURED = "EndoARSS"
@@ -99,3 +100,30 @@ def featured_model(backbone: str = "") -> dict:
 # TESLA is off). tests/test_fidelity.py checks them against the transcribed table.
 TABLE5_ROWS: dict[int, str] = {1: "ResNet + MMoE", 2: "MMoE (no SMA)", 3: "ResNet + TESLA", 4: "TESLA (no SMA)",
                                5: "MMoE + SMA", 6: FEATURED}
+
+
+# The variants each notebook trains (its claims' sides, and what its figures show), by notebook; a notebook with two
+# datasets has a second entry "<notebook>:<role>". scripts/demonstration_runs.py trains them all, in this order.
+NOTEBOOK_VARIANTS: dict[str, list[str]] = {
+    "04_ablation_components": [*TABLE5_ROWS.values(), "pretraining off"],
+    "02_main_results": [FEATURED, "MMoE + SMA", "HPS + SMA", "segmentation only", "activity only", "DB-MTL"],
+    "07_segmentation_gallery": [FEATURED, "segmentation only", "paper head (no detail)"],
+    "05_ablation_rank": ["rank 1", FEATURED, "rank 16"],
+    "09_task_conflict": [FEATURED, "HPS + SMA", "HPS + CMoE"],
+    "06_robustness": [FEATURED, "ResNet + MMoE", "ResNet + DSelect-k"],
+    "10_seed_components": [FEATURED, "HPS + SMA", "HPS + CMoE", "TESLA + CMoE", "GM-Coord"],
+    "10_seed_components:longtail": [FEATURED, "CGL"],
+    "03_generalisation": [FEATURED],
+    "11_paper_vs_released_code": [FEATURED, "SMA frozen (released)", "token map (released)",
+                                  "selection on test (released)"],
+    "00_quickstart": [FEATURED],
+}
+NOTEBOOK_DATASETS = {"03_generalisation": "mtlendovis", "10_seed_components:longtail": "mtlendovis"}
+
+
+def notebook_variants(notebook: str) -> dict[str, dict]:
+    """``{name: changes}`` of the variants ``notebook`` trains (``"10_seed_components:longtail"`` for a second
+    dataset's)."""
+    if notebook not in NOTEBOOK_VARIANTS:
+        raise KeyError(f"no variants for {notebook!r}; notebooks: {list(NOTEBOOK_VARIANTS)}")
+    return pick(NOTEBOOK_VARIANTS[notebook])

@@ -80,3 +80,17 @@ def count_gflops(model: nn.Module, image_size: int | None = None, by_component: 
         out["connector"] = g("connector")
     out.update(heads)
     return out
+
+
+def parameter_sentence(report: dict[str, dict[str, int]]) -> str:
+    """What a :func:`parameter_report` says, in words computed from it: the share of the parameters that trains and
+    the share the frozen backbone holds (no adjective the numbers do not support)."""
+    total = report["total"]["total"]
+    trainable = report["total"]["trainable"]
+    frozen = sum(r["total"] - r["trainable"] for k, r in report.items() if k != "total")
+    parts = [f"{trainable:,} of {total:,} parameters train ({trainable / total:.1%})",
+             f"{frozen:,} are frozen ({frozen / total:.1%})"]
+    biggest = max(((k, r["trainable"]) for k, r in report.items() if k != "total"), key=lambda kv: kv[1])
+    if trainable:
+        parts.append(f"the largest trainable part is {biggest[0]} ({biggest[1] / trainable:.1%} of what trains)")
+    return "; ".join(parts) + "."

@@ -1,0 +1,71 @@
+"""Train every run the notebooks use at a scale (default: demonstration), most important notebooks first.
+
+    python scripts/demonstration_runs.py                 # all, resuming where it stopped (the run store)
+    python scripts/demonstration_runs.py --list          # what would train, and how many runs
+    python scripts/demonstration_runs.py --only 04_ablation_components 02_main_results
+
+The configurations are exactly those the notebooks make (``endoarss_lib.evidence.variants.NOTEBOOK_VARIANTS`` with
+the featured configuration and the scale's sizes, seeds and early stopping), so ``make executed`` afterwards finds
+every training finished in the run store (``results/runs``) and only evaluates. A run shared by several notebooks
+trains once. Interrupt it at any time: rerunning resumes each unfinished run from its last epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan(scale: str, only=None) -> list[tuple[str, object]]:
+    """``[(notebook key, {RunKey: TrainConfig})]`` in training order, each run listed once."""
+    from endoarss_lib.evidence.variants import NOTEBOOK_DATASETS, NOTEBOOK_VARIANTS, featured_model, notebook_variants
+    from endoarss_lib.experiment import Experiment
+
+    seen, out = set(), []
+    for key in NOTEBOOK_VARIANTS:
+        notebook = key.partition(":")[0]
+        if only and notebook not in only and key not in only:
+            continue
+        exp = Experiment(notebook, scale=scale, dataset=NOTEBOOK_DATASETS.get(key, "mtlesd"), model=featured_model(),
+                         out_dir=str(ROOT / "results" / "demonstration_runs"))
+        configs = {k: c for k, c in exp.variants(notebook_variants(key), seeds=exp.seeds).items()
+                   if (c.dataset, c.results_hash()) not in seen}
+        seen.update((c.dataset, c.results_hash()) for c in configs.values())
+        out.append((key, exp, configs))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="demonstration", choices=("demonstration", "test"))
+    p.add_argument("--only", nargs="*", help="notebooks (or notebook:role keys) to train for")
+    p.add_argument("--list", action="store_true", help="print the runs and exit")
+    p.add_argument("--jobs", type=int, default=0, help="runs at once (0: one per CPU core or GPU)")
+    args = p.parse_args(argv)
+    work = plan(args.scale, args.only)
+    total = sum(len(c) for _, _, c in work)
+    print(f"{total} runs at the {args.scale} scale", flush=True)
+    if args.list:
+        for key, _, configs in work:
+            print(f"{key}: {len(configs)} runs: {sorted({k.variant for k in configs})}")
+        return 0
+    started = time.time()
+    for key, exp, configs in work:
+        if not configs:
+            continue
+        t = time.time()
+        rows = exp.run(configs, jobs=args.jobs)
+        print(f"{key}: {len(rows)} runs in {time.time() - t:.0f} s (total {time.time() - started:.0f} s)",
+              flush=True)
+    print(f"done: {total} runs in {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
