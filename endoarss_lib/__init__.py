@@ -2,19 +2,33 @@
 
 Public API: ``make_synthetic``, ``MTLDataset``, ``build_model``, ``fit``, ``preset``, ``TrainConfig``,
 ``get_weighting``, ``classification_metrics``, ``segmentation_metrics``, ``list_pretrained``, ``get_pretrained``;
-the evaluation pass is ``endoarss_lib.engine.evaluate`` (``endoarss_lib.evaluate`` is the command line that evaluates
-a checkpoint: ``python -m endoarss_lib.evaluate --help``).
+the evaluation pass is ``endoarss_lib.training.engine.evaluate`` (``endoarss_lib.evaluate`` is the command line that
+evaluates a checkpoint: ``python -m endoarss_lib.evaluate --help``).
+
+Layout (data flows one way; ``tests/test_layout.py`` enforces it): ``version``, ``coerce``, ``atomic``, ``cli`` ->
+``data`` -> ``metrics`` -> ``tasks`` -> ``models``, ``weighting`` -> ``config`` -> ``training`` -> ``evidence``,
+``evaluation`` -> ``robustness`` -> ``experiments``, ``foundation`` -> the commands ``train`` and ``evaluate``.
+The modules that moved into subpackages keep their old paths (``endoarss_lib.engine`` is
+``endoarss_lib.training.engine``, with a DeprecationWarning): see :mod:`endoarss_lib._compat`.
 Importing the package changes nothing outside it (no environment variables are set).
 """
+from . import _compat
 from .version import __version__
 
 from .config import TrainConfig, preset  # noqa: E402
 from .data import MTLDataset, make_synthetic  # noqa: E402
-from .engine import fit  # noqa: E402
 from .metrics import classification_metrics, segmentation_metrics  # noqa: E402
 from .models import build_model, get_pretrained, list_pretrained  # noqa: E402
+from .training.engine import fit  # noqa: E402
 from .weighting import get_weighting  # noqa: E402
+
+_compat.install()
 
 __all__ = ["make_synthetic", "MTLDataset", "build_model", "fit", "preset", "TrainConfig",
            "get_weighting", "classification_metrics", "segmentation_metrics", "list_pretrained", "get_pretrained",
            "__version__"]
+
+
+def __getattr__(name: str):
+    """The old module paths as attributes (``endoarss_lib.engine``): imported through :mod:`._compat` with a warning."""
+    return _compat.moved_attribute(name)

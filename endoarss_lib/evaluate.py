@@ -79,8 +79,8 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
     """Evaluate the released model (``checkpoint``, or random weights with ``random_init=True``) on the test split
     of ``data_root``; returns the result row (see the module docstring)."""
     from .data import MTLDataset
-    from .engine import COMPAT_SIZE, _peak_memory_mib, evaluate, resolve_device
-    from .results import ResultRow
+    from .training.engine import COMPAT_SIZE, _peak_memory_mib, evaluate, resolve_device
+    from .experiments.results import ResultRow
 
     if (checkpoint is None) == (not random_init):
         raise ValueError("pass exactly one of a checkpoint (--released PATH) or random_init=True (--random-init)")
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     cannot be used; the message names it) or 2 (a bad option: unknown dataset, id map, architecture option, or a
     checkpoint that does not fit the dataset). ``--debug`` shows tracebacks."""
     from .data import DataError
-    from .engine import RunError
+    from .training.engine import RunError
     from .models.weights import WeightsError
 
     args = _parser().parse_args(argv)

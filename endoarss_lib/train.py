@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 def _failures() -> tuple:
     from .atomic import LockHeld
     from .data import DataError
-    from .engine import CheckpointMismatch, RunError
+    from .training.engine import CheckpointMismatch, RunError
     from .models.weights import WeightsError
 
     return (DataError, RunError, CheckpointMismatch, WeightsError, LockHeld, OSError)
@@ -62,7 +62,7 @@ def _run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from .engine import fit
+    from .training.engine import fit
 
     row = fit(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -30,7 +30,7 @@ _INSTALL = "pip install tensorboard (or pip install 'endoarss[tensorboard]')"
 def require_tensorboard():
     """``torch.utils.tensorboard.SummaryWriter``; a ConfigError naming the field and the install command when the
     tensorboard package is missing."""
-    from .coerce import ConfigError
+    from ..coerce import ConfigError
 
     try:
         from torch.utils.tensorboard import SummaryWriter

@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import write_json_atomic
+from ..atomic import write_json_atomic
 from .corrupted_sets import CLEAN, DONE_NAME, build_corrupted_set, clean_cell
 from .corruptions import CORRUPTIONS, GROUP_OF, SEVERITIES, check_names, check_severities
-from .models.pretrained import is_synthetic_pretrained
-from .results import ResultRow
-from .tasks import DEFAULT_TASKS, metric_info
-from .version import provenance
+from ..models.pretrained import is_synthetic_pretrained
+from ..experiments.results import ResultRow
+from ..tasks import DEFAULT_TASKS, metric_info
+from ..version import provenance
 
 __all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key", "pooled_outcomes"]
 
@@ -68,8 +68,8 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     ``outcomes``: a dict that receives the per-image outcomes pooled over the corruptions (:func:`pooled_outcomes`),
     keyed ``"all"`` (every corrupted cell) and by severity (``0``: clean): what the robustness claims are decided on.
     """
-    from .engine import resolve_device, write_per_image
-    from .inference import load_run_model
+    from ..training.engine import resolve_device, write_per_image
+    from ..evaluation.inference import load_run_model
 
     names = check_names(names)
     severities = check_severities(severities)
@@ -157,7 +157,7 @@ def pooled_outcomes(paths: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]
     """The per-image outcomes of several cells (corrupted versions of the same test images, in the same order)
     pooled per image: every task's outcomes become a per-image confusion matrix summed over the cells
     (``<task>_confusion``, (N, K, K)), so a bootstrap that resamples images takes all corrupted versions of each."""
-    from .engine import read_per_image
+    from ..training.engine import read_per_image
 
     pooled: dict[str, np.ndarray] = {}
     for path in paths:
@@ -237,8 +237,8 @@ def _evaluate_cell(net, cell: Path, dataset: str, image_size: int, tasks, device
                    ignore_index: int, distances: bool, amp: str) -> dict:
     from torch.utils.data import DataLoader
 
-    from .data import MTLDataset
-    from .engine import COMPAT_SIZE, evaluate
+    from ..data import MTLDataset
+    from ..training.engine import COMPAT_SIZE, evaluate
 
     data = MTLDataset(cell, "test", dataset=dataset, image_size=image_size, id_map=id_map,
                       ignore_index=ignore_index)

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 __all__ = ["run_grid", "grid", "visible_gpus", "gpu_slots", "process_pool", "auto_jobs"]
 

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .engine import autocast, resolve_device, train_step
-from .tasks import get_task
-from .weighting import get_weighting
+from ..training.engine import autocast, resolve_device, train_step
+from ..tasks import get_task
+from ..weighting import get_weighting
 
 __all__ = ["measure_inference", "measure_training", "achieved_tflops", "paper_comparison", "MEMORY_DEFINITIONS",
            "MEMORY_KINDS", "PAPER_EFFICIENCY", "cost_model", "gflops_table", "benchmark_corruptions"]
@@ -283,7 +283,7 @@ def benchmark_corruptions(image: np.ndarray, names: Sequence[str] | str | None =
                           seed: int = 0) -> pd.DataFrame:
     """Seconds per image of each corruption on ``image`` (mean over severities and repeats, after one warm-up call
     that absorbs one-off costs such as imports). A measurement for notebooks and benchmarks, not a test."""
-    from .corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
+    from ..robustness.corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
 
     names, severities = check_names(CORRUPTIONS if names is None else names), check_severities(severities)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -307,7 +307,7 @@ def cost_model(backbone: str, arch: str = "tesla", sma: bool = False, sma_dim: i
     warning silenced, seeded so that two calls build the same model."""
     import warnings
 
-    from .models import RandomInitWarning, build_model
+    from ..models import RandomInitWarning, build_model
 
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", RandomInitWarning)
@@ -320,7 +320,7 @@ def gflops_table(backbone: str, image_size: int, sma_dim: int, archs: Sequence[s
                  **options) -> pd.DataFrame:
     """Forward GFLOPs per image (FlopCounterMode, a multiply-add = 2 FLOPs) with and without SMA for each
     architecture, split into backbone, SMA and heads, with SMA's share."""
-    from .models import count_gflops
+    from ..models import count_gflops
 
     rows = []
     for a in archs:

@@ -13,8 +13,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .atomic import atomic_path
-from .data.dataset import to_uint8_image
+from ..atomic import atomic_path
+from ..data.dataset import to_uint8_image
 
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
            "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves",
@@ -320,8 +320,8 @@ def corruption_grid(image: np.ndarray, names: Sequence[str] | str | None = None,
                     severities: Sequence[int] | int = (1, 2, 3, 4, 5), seed: int = 0, note: str = "",
                     panel_inches: float = 0.9):
     """A figure: one row per corruption (clean image, then each severity), the group beside the name."""
-    from .corrupted_sets import CLEAN
-    from .corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
+    from ..robustness.corrupted_sets import CLEAN
+    from ..robustness.corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
 
     names, severities = check_names(CORRUPTIONS if names is None else names), check_severities(severities)
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -349,8 +349,8 @@ def corruption_grid(image: np.ndarray, names: Sequence[str] | str | None = None,
 def plot_severity_curves(frame: pd.DataFrame, metrics: Sequence[str] = ("cls_accuracy", "seg_miou"),
                          models: Sequence[str] | None = None, note: str = "", percent: bool = True):
     """Fig. 6: each metric against severity (0 = clean), averaged over the corruptions, one line per model."""
-    from .corrupted_sets import CLEAN
-    from .robustness_report import _check_frame, column_name, metric_label, severity_table
+    from ..robustness.corrupted_sets import CLEAN
+    from ..robustness.report import _check_frame, column_name, metric_label, severity_table
 
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     table = severity_table(frame, metrics, models, percent=percent)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .atomic import write_json_atomic, write_text_atomic
+from ..atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note",
            "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single", "compare",
@@ -108,7 +108,7 @@ class ResultRow:
     def with_provenance(cls, device=None, **fields) -> "ResultRow":
         """A row whose provenance fields are this process's (:func:`endoarss_lib.version.provenance` on
         ``device``); ``device`` is also recorded."""
-        from .version import provenance
+        from ..version import provenance
 
         return cls(**{**provenance(device), "device": None if device is None else str(device), **fields})
 
@@ -154,7 +154,7 @@ class Row(dict):
             parts.append(f"it was written with schema version {version or 0} (before {SCHEMA_VERSION}) and lacks "
                          f"{list(self.missing)}")
         if isinstance(key, str) and key.startswith(("test_", "val_")):
-            from .tasks import split_key
+            from ..tasks import split_key
 
             try:
                 task = split_key(key, registered=False)[1]
@@ -254,7 +254,7 @@ def degenerate(df: pd.DataFrame, metric_prefix: str = "test_") -> list[str]:
 
     and identical results across rows that are different configurations (every test metric equal).
     """
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     p = metric_prefix
     msgs = []
@@ -287,7 +287,7 @@ def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
     """Whether a row's model beats the prior predictor on each task it was tested on (the task's ``prior`` check:
     activity accuracy above the majority class's share, what always answering the most frequent class scores;
     foreground mIoU above 0, what predicting background everywhere scores)."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     return {task.name: task.beats_prior(lambda metric, t=task.name: row.get(f"{prefix}{t}_{metric}"))
             for task in list(TASKS.values()) if f"{prefix}{task.name}_{task.prior.metric}" in row}
@@ -296,7 +296,7 @@ def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
 def assert_learns(row: Mapping, what: str = "the featured model") -> None:
     """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`).
     Notebooks call it on their default parameters, so their tests fail when a default run is degenerate."""
-    from .tasks import get_task
+    from ..tasks import get_task
 
     failed = [t for t, ok in beats_prior(row).items() if not ok]
     if failed:
@@ -321,8 +321,8 @@ def delta_m_against_single(rows: pd.DataFrame, metrics: Mapping[str, bool] | Non
     """
     import numpy as np
 
-    from .metrics import delta_m
-    from .tasks import DEFAULT_TASKS, TASKS, delta_m_keys, split_key
+    from ..metrics import delta_m
+    from ..tasks import DEFAULT_TASKS, TASKS, delta_m_keys, split_key
 
     if metrics is None:
         present = [t for t in TASKS if t in DEFAULT_TASKS or any(c.startswith(f"test_{t}_") for c in rows)]
@@ -362,7 +362,7 @@ def compare(rows: pd.DataFrame, by: str, a, b, metric: str, seed: str = "seed") 
     """
     import numpy as np
 
-    from .tasks import higher_is_better
+    from ..tasks import higher_is_better
 
     try:
         higher = higher_is_better(metric)
@@ -416,10 +416,10 @@ def demonstration_table(rows: Sequence[Mapping]) -> pd.DataFrame:
     """One row per run for ``results/tables/demonstration.csv``: its configuration name (``variant``), seed, whether it
     is the featured configuration, the test metrics, and the test IoU of every segmentation class by name
     (``test_seg_iou_<class>``, from the run's per-image outcomes)."""
-    from .data import get_spec
-    from .engine import RunError, read_per_image
-    from .evidence.outcomes import outcome_value
-    from .evidence.variants import FEATURED
+    from ..data import get_spec
+    from ..training.engine import RunError, read_per_image
+    from ..evidence.outcomes import outcome_value
+    from ..evidence.variants import FEATURED
 
     out = []
     for row in rows:

@@ -54,7 +54,7 @@ class PaperMetric(NamedTuple):
 def _paper_to_ours() -> dict[str, PaperMetric]:
     """The paper's columns from the task registry (each ``compat_`` metric names its column and the correct metric
     shown beside it)."""
-    from .tasks import paper_columns
+    from ..tasks import paper_columns
 
     return {column: PaperMetric(f"test_{task}_{m.name}", f"test_{task}_{m.beside}", m.paper_scale, m.note)
             for column, (task, m) in paper_columns().items()}
@@ -146,7 +146,7 @@ def _paper_backbone(name, sma) -> str:
 def _paper_task(tasks) -> str:
     """'cls+seg' (the paper's two tasks) -> both, 'cls' -> cls, 'seg' -> seg (already-paper values and rows with
     other tasks pass through)."""
-    from .tasks import DEFAULT_TASKS
+    from ..tasks import DEFAULT_TASKS
 
     parts = set(str(tasks).split("+"))
     return "both" if parts == set(DEFAULT_TASKS) or tasks == "both" else str(tasks)

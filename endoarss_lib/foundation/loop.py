@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_path, write_json_atomic
+from ..atomic import atomic_path, write_json_atomic
 
 __all__ = ["PretrainConfig", "pretrain_rng", "render_pool", "MultiCrop", "DINOHead", "SelfDistillation", "sinkhorn_knopp",
            "pretrain", "extract_features", "evaluate_backbone", "main", "PRETRAIN_PRESETS"]
@@ -102,7 +102,7 @@ class PretrainConfig:
     def __post_init__(self):
         for f in ("presets", "global_scale", "local_scale", "mask_ratio"):
             setattr(self, f, tuple(getattr(self, f)))
-        from .data.synthetic import SYNTHETIC_PRESETS
+        from ..data.synthetic import SYNTHETIC_PRESETS
 
         bad = [p for p in self.presets if p not in SYNTHETIC_PRESETS]
         if bad or not self.presets:
@@ -126,13 +126,13 @@ class PretrainConfig:
 # ------------------------------------------------------------------------------------------------------ images
 def pretrain_rng(seed: int, preset: str, index: int) -> np.random.Generator:
     """Generator of pretraining image ``index`` of ``preset`` (disjoint from every dataset image's generator)."""
-    from .data.synthetic import _PRESET_IDS
+    from ..data.synthetic import _PRESET_IDS
 
     return np.random.default_rng(np.random.SeedSequence([PRETRAIN_TAG, int(seed), _PRESET_IDS[preset], int(index)]))
 
 
 def _render_chunk(args) -> np.ndarray:
-    from .data.synthetic import preset_activities, render_sample
+    from ..data.synthetic import preset_activities, render_sample
 
     seed, preset, start, stop, size = args
     out = np.empty((stop - start, size, size, 3), np.uint8)
@@ -327,7 +327,7 @@ class SelfDistillation(nn.Module):
 
     def __init__(self, cfg: PretrainConfig):
         super().__init__()
-        from .models.backbones import create_timm_backbone
+        from ..models.backbones import create_timm_backbone
 
         self.cfg = cfg
         vit, _ = create_timm_backbone(cfg.backbone, cfg.global_size, pretrained=False,
@@ -477,7 +477,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .models.weights import file_sha256
+    from ..models.weights import file_sha256
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -489,7 +489,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
     images = render_pool(cfg, progress=progress) if pool is None else pool
     render_s = time.perf_counter() - t_render
     model = SelfDistillation(cfg).to(device)
-    from .engine import native_bf16
+    from ..training.engine import native_bf16
 
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(device))
     groups = _param_groups(model.student)
@@ -583,7 +583,7 @@ def _config_json(cfg: PretrainConfig) -> dict:
 
 
 def _generator_version() -> str:
-    from .data.synthetic import GENERATOR_VERSION
+    from ..data.synthetic import GENERATOR_VERSION
 
     return GENERATOR_VERSION
 
@@ -605,8 +605,8 @@ def extract_features(vit: nn.Module, images: torch.Tensor, batch_size: int = 64)
 
 
 def _probe_data(preset: str, n_train: int, n_test: int, size: int, seed: int):
-    from .data.synthetic import activity_counts, preset_activities, render_sample, sample_rng
-    from .data.registry import DATASETS, SYNTHETIC_PRESETS
+    from ..data.synthetic import activity_counts, preset_activities, render_sample, sample_rng
+    from ..data.registry import DATASETS, SYNTHETIC_PRESETS
 
     spec = DATASETS[SYNTHETIC_PRESETS[preset]]
     out = {}
@@ -641,8 +641,8 @@ def evaluate_backbone(weights, backbone: str = "vit_mini_patch14", preset: str =
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from .metrics import segmentation_metrics
-    from .models.backbones import create_timm_backbone
+    from ..metrics import segmentation_metrics
+    from ..models.backbones import create_timm_backbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -690,7 +690,7 @@ def record_metrics(weights, backbone: str, layerscale_init: float, progress: boo
     pretraining adds."""
     import warnings
 
-    from .models.weights import RandomInitWarning
+    from ..models.weights import RandomInitWarning
 
     out = evaluate_backbone(weights, backbone, progress=progress)
     out["weights"] = Path(weights).name
@@ -705,10 +705,10 @@ def record_metrics(weights, backbone: str, layerscale_init: float, progress: boo
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
-    from .cli import add_standard_options, prog
+    from ..cli import add_standard_options, prog
 
     p = argparse.ArgumentParser(
-        prog=prog("endoarss_lib.pretrain", "endoarss-pretrain"),
+        prog=prog("endoarss_lib.foundation", "endoarss-pretrain"),
         description="Pretrain the project's small DINOv2-architecture ViT with DINO + iBOT + KoLeo on unlabelled "
                     "synthetic endoscopic images; writes <out>/<name>.safetensors and <name>.json (the weight "
                     "record). Defaults reproduce the bundled weights (about 50 minutes on 2 CPU cores).")
@@ -722,7 +722,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", type=type(default[0]), default=default,
                            help=f"(default: {' '.join(map(str, default))})")
         elif isinstance(default, bool):
-            from .coerce import coerce
+            from ..coerce import coerce
 
             p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v, n=f.name: coerce(n, v, bool),
                            default=default, help=f"true or false (default: {default})")
@@ -735,7 +735,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 0, 1 (a file cannot be written or read) or 2 (a bad option); ``--debug`` shows
     tracebacks."""
-    from .cli import run_command
+    from ..cli import run_command
 
     args = _parser().parse_args(argv)
     return run_command(lambda: _run(args), debug=args.debug, usage=(ValueError,))

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .weighting.task_grads import loss_roots, rows_matrix, task_gradients
+from ..weighting.task_grads import loss_roots, rows_matrix, task_gradients
 
 __all__ = ["task_gradient_matrix", "pair_stats", "conflict_record", "block_of", "conflict_summary"]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import MTLDataset, make_loader
-from .data.dataset import to_uint8_image
-from .engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
+from ..data import MTLDataset, make_loader
+from ..data.dataset import to_uint8_image
+from ..training.engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
                      read_run_config, resolve_device, seed_everything, weights_digest)
-from .metrics import per_activity_spread
-from .results import ResultRow
-from .tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
+from ..metrics import per_activity_spread
+from ..experiments.results import ResultRow
+from ..tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
            "generalisation_table", "group_recalls"]
@@ -168,7 +168,7 @@ def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu", outcome
     ``(variant, label, seed)`` when the rows have several variants): what the generalisation claims are decided on."""
     import pandas as pd
 
-    from .evidence.outcomes import restrict_outcomes
+    from ..evidence.outcomes import restrict_outcomes
 
     spec = shifted.spec
     activities = set(spec.eval_activities) if spec.eval_activities is not None else set(shifted.labels)

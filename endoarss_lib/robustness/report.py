@@ -27,7 +27,7 @@ _KEY_COLUMNS = ("model", "corruption", "severity")
 
 def metric_label(metric: str) -> str:
     """The short label of a result key from the task registry (``cls_accuracy`` -> ``AC``)."""
-    from .tasks import metric_info
+    from ..tasks import metric_info
 
     try:
         return metric_info(metric)[1].label
@@ -229,7 +229,7 @@ def paper_beside(table: pd.DataFrame, data: str = "synthetic") -> pd.DataFrame:
 
     The paper's columns are what its evaluation computes, so they sit beside our ``cls_compat_ac`` /
     ``seg_compat_miou``; ``data`` labels our side (SYNTHETIC data are not comparable, only the procedure is)."""
-    from .paper import load_paper_table
+    from ..evaluation.paper import load_paper_table
 
     paper = load_paper_table("table7")
     paper = paper.assign(model=paper["backbone"] + " + " + paper["arch"])

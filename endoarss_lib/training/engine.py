@@ -33,18 +33,18 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from .atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, write_json_atomic,
+from ..atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, write_json_atomic,
                      write_text_atomic)
-from .config import ConfigError, TrainConfig
-from .data import MTLDataset, make_loader, make_synthetic
+from ..config import ConfigError, TrainConfig
+from ..data import MTLDataset, make_loader, make_synthetic
 from .diagnostics import conflict_record, task_gradient_matrix
 from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_ddp
 from .losses import make_cls_loss, task_losses
-from .models import build_model_from_config
-from .models.pretrained import is_synthetic_pretrained
-from .tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
-from .results import ResultRow, read_row
-from .weighting import get_weighting
+from ..models import build_model_from_config
+from ..models.pretrained import is_synthetic_pretrained
+from ..tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
+from ..experiments.results import ResultRow, read_row
+from ..weighting import get_weighting
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
            "build_run_model", "checkpoint_info", "COMPAT_SIZE",
@@ -224,7 +224,7 @@ def _save(path: Path, obj: dict) -> None:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as "[enforce fail at inline_container.cc]"
-        from .atomic import why_not_written
+        from ..atomic import why_not_written
 
         raise RunError(f"{path}: the checkpoint cannot be written: {why_not_written(path, exc)}. The run folder keeps "
                        f"its last complete checkpoint; rerunning the same command resumes from it") from None
@@ -248,7 +248,7 @@ def _damaged_checkpoint_advice(path: Path) -> str:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`fit` (``weights_only=True``); RunError naming the file if it cannot be read."""
-    from .models.weights import why_unreadable
+    from ..models.weights import why_unreadable
 
     path = Path(path)
     if not path.is_file():
@@ -655,7 +655,7 @@ def _claimed(folder: Path, cfg: TrainConfig):
     one training per folder. A live holder training another config is a LockHeld error (nothing of either run is
     touched); one training the same config is waited for (its result is then returned); a killed holder's lock is
     taken over. A run folder this call created and left empty is removed again."""
-    from .atomic import why_not_written
+    from ..atomic import why_not_written
 
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
@@ -724,8 +724,8 @@ def _fit(cfg: TrainConfig) -> dict:
         _check_data(result_path, row.get("data_fingerprint"), fingerprints)
         weights = cfg.model.pretrained
         if row.get("weights_sha256") is not None and isinstance(weights, str):
-            from .models.pretrained import get_pretrained, is_pretrained_name
-            from .models.weights import file_sha256
+            from ..models.pretrained import get_pretrained, is_pretrained_name
+            from ..models.weights import file_sha256
 
             now = (get_pretrained(weights).sha256 if is_pretrained_name(weights)
                    else file_sha256(weights) if Path(weights).is_file() else None)

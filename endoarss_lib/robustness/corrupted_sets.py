@@ -25,7 +25,7 @@ from PIL import Image
 
 import os
 
-from .atomic import copy_atomic, remove_stale_temporaries, write_bytes_atomic
+from ..atomic import copy_atomic, remove_stale_temporaries, write_bytes_atomic
 from .corruptions import (CORRUPTIONS, GENERATOR_VERSION, GEOMETRIC, MIN_SIDE, SEVERITIES, check_name,
                           check_seed, check_severity, corrupt, package_version)
 
@@ -85,7 +85,7 @@ def build_corrupted_set(root: str | os.PathLike, out_dir: str | os.PathLike, *, 
 def cell_key(fingerprint: str, split: str, name: str, severity: int, seed: int,
              size: tuple[int, int] | None) -> dict:
     """What a corrupted cell depends on; a cell on disk is reused only when its marker holds this exact key."""
-    from .version import __version__
+    from ..version import __version__
 
     return {"dataset": fingerprint, "split": split, "corruption": name, "severity": severity, "seed": int(seed),
             "image_size": None if size is None else list(size), "generator_version": GENERATOR_VERSION,
@@ -103,7 +103,7 @@ def _check_size(image_size) -> tuple[int, int] | None:
 
 def list_split(root: Path, split: str) -> list[tuple[Path, Path | None]]:
     """Sorted (image, mask or None) paths relative to ``root`` for ``root/<split>/<activity>/image/*``."""
-    from .data.io import IMAGE_SUFFIXES, DataError
+    from ..data.io import IMAGE_SUFFIXES, DataError
 
     split_dir = root / split
     if not split_dir.is_dir():

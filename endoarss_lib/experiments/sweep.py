@@ -64,9 +64,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from .atomic import LockHeld, folder_lock, remove_stale_temporaries, write_json_atomic
-from .runner import gpu_slots, process_pool, visible_gpus  # noqa: F401 (re-exported)
-from .version import git_commit
+from ..atomic import LockHeld, folder_lock, remove_stale_temporaries, write_json_atomic
+from ..training.runner import gpu_slots, process_pool, visible_gpus  # noqa: F401 (re-exported)
+from ..version import git_commit
 from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, write_table
 
 __all__ = ["GridError", "Grid", "Config", "SweepReport", "load_grid", "expand", "config_id", "config_state",
@@ -203,7 +203,7 @@ def _read(path: Path) -> dict:
     """The grid file's top-level mapping, with only known keys."""
     import yaml
 
-    from .coerce import UniqueKeyLoader
+    from ..coerce import UniqueKeyLoader
 
     try:
         data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is refused, naming its lines
@@ -575,9 +575,9 @@ def _minutes(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file, another
     sweep holds the grid's lock, or the executor cannot be used)."""
-    from .cli import add_standard_options, prog, run_command
+    from ..cli import add_standard_options, prog, run_command
 
-    parser = argparse.ArgumentParser(prog=prog("endoarss_lib.sweep", "endoarss-sweep"), description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("endoarss_lib.experiments.sweep", "endoarss-sweep"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_standard_options(parser)
     parser.add_argument("grid", help="grid file (YAML)")
