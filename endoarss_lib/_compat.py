@@ -42,7 +42,7 @@ MOVED = {
     "results": "experiments.results",
     "viz": "experiments.viz",
     "bench": "experiments.bench",
-    "pretrain": "foundation.loop",
+    "pretrain": "foundation",
 }
 
 # Frames the warning must not point at: the import machinery and this package's own forwarding code.

@@ -80,7 +80,7 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
     of ``data_root``; returns the result row (see the module docstring)."""
     from .data import MTLDataset
     from .training.engine import COMPAT_SIZE, _peak_memory_mib, evaluate, resolve_device
-    from .experiments.results import ResultRow
+    from .training.rows import ResultRow
 
     if (checkpoint is None) == (not random_init):
         raise ValueError("pass exactly one of a checkpoint (--released PATH) or random_init=True (--random-init)")

@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import load_file
 from scipy.spatial.distance import cdist
 
-from endoarss_lib import pretrain as pt
+from endoarss_lib import foundation as pt
+from endoarss_lib.foundation.crops import _MEAN, _STD
+from endoarss_lib.foundation.losses import _koleo
+from endoarss_lib.foundation.schedules import _schedules
 from endoarss_lib.models import build_model
 from endoarss_lib.models.lora import LoRALinear
 from endoarss_lib.models.pretrained import DEFAULT_PRETRAINED, get_pretrained, list_pretrained, verified_file
@@ -38,7 +41,7 @@ def test_koleo_matches_scipy_nearest_neighbour_distances():
     d = cdist(zn, zn)
     np.fill_diagonal(d, np.inf)
     ref = -np.mean(np.log(d.min(1) + 1e-8))
-    assert pt._koleo(torch.tensor(z)).item() == pytest.approx(ref, rel=1e-10)
+    assert _koleo(torch.tensor(z)).item() == pytest.approx(ref, rel=1e-10)
 
 
 def test_multicrop_shapes_ranges_and_determinism():
@@ -49,8 +52,8 @@ def test_multicrop_shapes_ranges_and_determinism():
     assert [tuple(v.shape) for v in a] == [(3, 3, 28, 28)] * 2 + [(3, 3, 14, 14)] * 2
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     # ImageNet-normalised values of [0, 1] images
-    lo = ((0 - pt._MEAN) / pt._STD).min().item()
-    hi = ((1 - pt._MEAN) / pt._STD).max().item()
+    lo = ((0 - _MEAN) / _STD).min().item()
+    hi = ((1 - _MEAN) / _STD).max().item()
     assert all(v.min() >= lo - 1e-5 and v.max() <= hi + 1e-5 for v in a)
     # the two global crops differ (different boxes, flips, colours)
     assert not torch.equal(a[0], a[1])
@@ -58,7 +61,7 @@ def test_multicrop_shapes_ranges_and_determinism():
 
 def test_schedules_endpoints():
     cfg = pt.PretrainConfig()
-    start, mid, end = pt._schedules(cfg, 0.0), pt._schedules(cfg, cfg.warmup), pt._schedules(cfg, 1.0)
+    start, mid, end = _schedules(cfg, 0.0), _schedules(cfg, cfg.warmup), _schedules(cfg, 1.0)
     assert start["lr"] == 0 and mid["lr"] == pytest.approx(cfg.lr) and end["lr"] == pytest.approx(cfg.min_lr)
     assert start["momentum"] == pytest.approx(cfg.momentum_teacher) and end["momentum"] == pytest.approx(1.0)
     assert start["teacher_temp"] == cfg.warmup_teacher_temp and end["teacher_temp"] == cfg.teacher_temp

@@ -19,7 +19,7 @@ from ..data.dataset import to_uint8_image
 from ..training.engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
                      read_run_config, resolve_device, seed_everything, weights_digest)
 from ..metrics import per_activity_spread
-from ..experiments.results import ResultRow
+from ..training.rows import ResultRow
 from ..tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",

@@ -1,26 +1,30 @@
-"""Result rows and tables: one row schema, rows saved atomically beside a notebook's outputs, aggregated into tables.
+"""Result tables: rows saved atomically beside a notebook's outputs, aggregated into tables, summarised over seeds,
+read for degenerate models, Delta_m against single-task baselines, and compared in words.
 
-A *row* is a flat dict with the fields of :class:`ResultRow` (``schema_version`` first): what was evaluated
-(dataset, synthetic or real, tasks, backbone, weights, architecture, weighting, seed), its metrics (``test_*``,
-``val_*``), cost, and provenance (library version, git commit and dirty flag, Python, platform, torch, CUDA, cuDNN,
-GPU, the deterministic switch). Training (:func:`endoarss_lib.engine.fit`), evaluation (:mod:`endoarss_lib.inference`),
-robustness cells (:mod:`endoarss_lib.robustness`) and the released model's evaluation (:mod:`endoarss_lib.evaluate`)
-all write it (``source`` says which). :func:`read_row` reads any row back, an older one included: fields it lacks are
-None and listed in ``row.missing``, and asking it for a key it does not hold says what it holds instead of a bare
-KeyError. A notebook run saves its rows as ``<out_dir>/rows.json``; the sweep collects those files into tables.
+A *row* has the one schema of :mod:`endoarss_lib.training.rows` (:class:`ResultRow`, :func:`read_row`; re-exported
+here): training (:func:`endoarss_lib.training.engine.fit`), evaluation (:mod:`endoarss_lib.evaluation.inference`),
+robustness cells (:mod:`endoarss_lib.robustness.evaluation`) and the released model's evaluation
+(:mod:`endoarss_lib.evaluate`) all write it (``source`` says which). A notebook run saves its rows as
+``<out_dir>/rows.json``; the sweep collects those files into tables.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..atomic import write_json_atomic, write_text_atomic
+from ..data import get_spec
+from ..evidence.outcomes import outcome_value
+from ..evidence.variants import FEATURED
+from ..metrics import delta_m
+from ..tasks import DEFAULT_TASKS, TASKS, delta_m_keys, get_task, higher_is_better, split_key
+from ..training.engine import RunError, read_per_image
+from ..training.rows import ROW_FIELDS, ROW_SOURCES, SCHEMA_VERSION, ResultRow, Row, RowKeyError, read_row
 
 __all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_seeds", "ROWS_FILE", "provenance_note",
            "degenerate", "caption", "beats_prior", "assert_learns", "delta_m_against_single", "compare",
@@ -28,155 +32,6 @@ __all__ = ["write_table", "save_rows", "load_rows", "rows_frame", "summarise_see
            "ROW_SOURCES"]
 
 ROWS_FILE = "rows.json"
-
-# ------------------------------------------------------------------------------------------------ the row schema
-
-SCHEMA_VERSION = 1  # 1: the first versioned schema (provenance, source; older rows have no schema_version)
-ROW_SOURCES = ("train", "evaluate", "robustness", "released", "prior")
-
-
-@dataclass
-class ResultRow:
-    """The one schema of result rows (every writer fills it; :meth:`to_dict` flattens it to the stored dict).
-
-    ``source``: ``train`` (fit), ``evaluate`` (a run evaluated again, e.g. on a shifted set), ``robustness`` (one
-    corruption cell), ``released`` (the authors' checkpoint), ``prior`` (the prior predictor). ``metrics``: result
-    keys (``test_<task>_<metric>``, ``val_...``; a robustness cell's keys have no split) flattened into the row;
-    ``extra``: the source's own keys (a robustness cell's corruption and severity, the released checkpoint's file),
-    flattened too. Fields that do not apply to a source are None. ``seed``: the seed of the row's randomness (the
-    training seed; for a robustness cell the corruption seed). Provenance (``library_version`` ... ``gpu_name``):
-    :func:`endoarss_lib.version.provenance`; ``git_dirty`` is None outside a git checkout.
-    """
-
-    source: str
-    dataset: str | None = None
-    data: str | None = None  # "synthetic" | "real"
-    backbone: str | None = None
-    arch: str | None = None
-    sma: bool | None = None
-    weighting: str | None = None
-    tasks: str | None = None  # "cls+seg"
-    connector: str | None = None
-    cls_loss: str | None = None
-    model_label: str | None = None
-    paper_backbone: str | None = None
-    pretrained: str | None = None
-    pretrained_name: str | None = None
-    weights_sha256: str | None = None
-    random_init_backbone: bool | None = None
-    synthetic_pretrained_backbone: bool | None = None
-    seed: int | None = None
-    preset: str | None = None
-    image_size: int | None = None
-    epochs: int | None = None
-    best_epoch: int | None = None
-    epochs_trained: int | None = None  # fewer than ``epochs`` when early stopping (``patience``) stopped the run
-    patience: int | None = None
-    select_on: str | None = None
-    compat_eval_size: int | None = None
-    metrics: dict = field(default_factory=dict)
-    params_total: int | None = None
-    params_trainable: int | None = None
-    wall_time_s: float | None = None
-    device: str | None = None
-    peak_memory_mib: float | None = None
-    peak_memory_kind: str | None = None
-    deterministic: bool | None = None
-    library_version: str | None = None
-    git_commit: str | None = None
-    git_dirty: bool | None = None
-    python_version: str | None = None
-    platform: str | None = None
-    torch_version: str | None = None
-    cuda_version: str | None = None
-    cudnn_version: int | None = None
-    gpu_name: str | None = None
-    config_hash: str | None = None
-    data_fingerprint: dict | None = None
-    run_dir: str | None = None
-    extra: dict = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-
-    def __post_init__(self):
-        if self.source not in ROW_SOURCES:
-            raise ValueError(f"source={self.source!r}: expected one of {ROW_SOURCES}")
-        clash = sorted((set(self.metrics) | set(self.extra)) & set(ROW_FIELDS) | set(self.metrics) & set(self.extra))
-        if clash:
-            raise ValueError(f"result row: keys {clash} appear twice (schema fields, metrics and extra keys must differ)")
-
-    @classmethod
-    def with_provenance(cls, device=None, **fields) -> "ResultRow":
-        """A row whose provenance fields are this process's (:func:`endoarss_lib.version.provenance` on
-        ``device``); ``device`` is also recorded."""
-        from ..version import provenance
-
-        return cls(**{**provenance(device), "device": None if device is None else str(device), **fields})
-
-    def to_dict(self) -> "Row":
-        """The stored form: ``schema_version`` and ``source`` first, then the fields in order, ``metrics`` and
-        ``extra`` flattened in place."""
-        out = Row({"schema_version": self.schema_version, "source": self.source})
-        for f in dataclasses.fields(self):
-            if f.name in ("schema_version", "source"):
-                continue
-            value = getattr(self, f.name)
-            if f.name in ("metrics", "extra"):
-                out.update(value)
-            else:
-                out[f.name] = value
-        return out
-
-
-ROW_FIELDS = ("schema_version", "source") + tuple(
-    f.name for f in dataclasses.fields(ResultRow) if f.name not in ("metrics", "extra", "schema_version", "source"))
-
-
-class RowKeyError(KeyError):
-    """A key a result row does not hold (the message says what the row holds and which schema fields it lacks)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class Row(dict):
-    """A result row: a plain dict (JSON, DataFrames, ``==`` with dicts) whose ``missing`` lists the schema fields the
-    stored row lacked (an older row: they read None); a key it does not hold raises :class:`RowKeyError` saying
-    why, not a bare KeyError."""
-
-    def __init__(self, *args, missing: Sequence[str] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.missing = tuple(missing)
-
-    def __missing__(self, key):
-        version = dict.get(self, "schema_version")
-        parts = [f"this result row has no {key!r}"]
-        if self.missing:
-            parts.append(f"it was written with schema version {version or 0} (before {SCHEMA_VERSION}) and lacks "
-                         f"{list(self.missing)}")
-        if isinstance(key, str) and key.startswith(("test_", "val_")):
-            from ..tasks import split_key
-
-            try:
-                task = split_key(key, registered=False)[1]
-            except KeyError:
-                task = None
-            tasks = str(dict.get(self, "tasks") or "")
-            if task is not None and tasks and task not in tasks.split("+"):
-                parts.append(f"its model was trained on {tasks}, not {task!r}")
-            else:
-                held = sorted(k for k in self if isinstance(k, str) and k.startswith(key.split("_", 1)[0] + "_"))
-                parts.append(f"its {key.split('_', 1)[0]} metrics: {held[:12]}{' ...' if len(held) > 12 else ''}")
-        raise RowKeyError("; ".join(parts))
-
-
-def read_row(data: Mapping) -> Row:
-    """A stored row as a :class:`Row`: every schema field present (those an older row lacks are None, listed in
-    ``row.missing``; ``schema_version`` 0 marks a row written before the schema)."""
-    missing = tuple(f for f in ROW_FIELDS if f not in data)
-    row = Row(data, missing=missing)
-    for name in missing:
-        row[name] = 0 if name == "schema_version" else None
-    return row
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, note: str) -> tuple[Path, Path]:
@@ -254,8 +109,6 @@ def degenerate(df: pd.DataFrame, metric_prefix: str = "test_") -> list[str]:
 
     and identical results across rows that are different configurations (every test metric equal).
     """
-    from ..tasks import TASKS
-
     p = metric_prefix
     msgs = []
     names = df["name"] if "name" in df else df.get("model_label", pd.Series(range(len(df)), index=df.index))
@@ -287,8 +140,6 @@ def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
     """Whether a row's model beats the prior predictor on each task it was tested on (the task's ``prior`` check:
     activity accuracy above the majority class's share, what always answering the most frequent class scores;
     foreground mIoU above 0, what predicting background everywhere scores)."""
-    from ..tasks import TASKS
-
     return {task.name: task.beats_prior(lambda metric, t=task.name: row.get(f"{prefix}{t}_{metric}"))
             for task in list(TASKS.values()) if f"{prefix}{task.name}_{task.prior.metric}" in row}
 
@@ -296,8 +147,6 @@ def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
 def assert_learns(row: Mapping, what: str = "the featured model") -> None:
     """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`).
     Notebooks call it on their default parameters, so their tests fail when a default run is degenerate."""
-    from ..tasks import get_task
-
     failed = [t for t, ok in beats_prior(row).items() if not ok]
     if failed:
         detail = {t: {k: row.get(k) for k in (f"test_{t}_{m}" for m in get_task(t).prior.keys()) if k in row}
@@ -319,11 +168,6 @@ def delta_m_against_single(rows: pd.DataFrame, metrics: Mapping[str, bool] | Non
     the metrics of the tasks it trains (its ``tasks`` column); those not finite in the row and its baseline are left
     out (``delta_m_metrics`` names those used). NaN where a baseline is missing.
     """
-    import numpy as np
-
-    from ..metrics import delta_m
-    from ..tasks import DEFAULT_TASKS, TASKS, delta_m_keys, split_key
-
     if metrics is None:
         present = [t for t in TASKS if t in DEFAULT_TASKS or any(c.startswith(f"test_{t}_") for c in rows)]
         metrics = delta_m_keys(present)
@@ -360,10 +204,6 @@ def compare(rows: pd.DataFrame, by: str, a, b, metric: str, seed: str = "seed") 
     it. With one seed the sentence says that noise cannot be judged. The metric's direction comes from the task
     registry (for HD a lower value is ahead).
     """
-    import numpy as np
-
-    from ..tasks import higher_is_better
-
     try:
         higher = higher_is_better(metric)
     except KeyError:
@@ -416,11 +256,6 @@ def demonstration_table(rows: Sequence[Mapping]) -> pd.DataFrame:
     """One row per run for ``results/tables/demonstration.csv``: its configuration name (``variant``), seed, whether it
     is the featured configuration, the test metrics, and the test IoU of every segmentation class by name
     (``test_seg_iou_<class>``, from the run's per-image outcomes)."""
-    from ..data import get_spec
-    from ..training.engine import RunError, read_per_image
-    from ..evidence.outcomes import outcome_value
-    from ..evidence.variants import FEATURED
-
     out = []
     for row in rows:
         record = {"variant": row.get("variant", row.get("name")), "seed": row.get("seed"),

@@ -1,7 +1,7 @@
-"""``python -m endoarss_lib.foundation``: the pretraining command line."""
+"""``python -m endoarss_lib.foundation``: the pretraining command line (:mod:`endoarss_lib.foundation.cli`)."""
 import sys
 
-from .loop import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,7 @@ from ..atomic import write_json_atomic
 from .corrupted_sets import CLEAN, DONE_NAME, build_corrupted_set, clean_cell
 from .corruptions import CORRUPTIONS, GROUP_OF, SEVERITIES, check_names, check_severities
 from ..models.pretrained import is_synthetic_pretrained
-from ..experiments.results import ResultRow
+from ..training.rows import ResultRow
 from ..tasks import DEFAULT_TASKS, metric_info
 from ..version import provenance
 

@@ -43,7 +43,7 @@ from .losses import make_cls_loss, task_losses
 from ..models import build_model_from_config
 from ..models.pretrained import is_synthetic_pretrained
 from ..tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
-from ..experiments.results import ResultRow, read_row
+from .rows import ResultRow, read_row
 from ..weighting import get_weighting
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
