@@ -13,14 +13,13 @@ The modules that moved into subpackages keep their old paths (``endoarss_lib.eng
 Importing the package changes nothing outside it (no environment variables are set).
 """
 from . import _compat
+from .config import TrainConfig, preset
+from .data import MTLDataset, make_synthetic
+from .metrics import classification_metrics, segmentation_metrics
+from .models import build_model, get_pretrained, list_pretrained
+from .training.engine import fit
 from .version import __version__
-
-from .config import TrainConfig, preset  # noqa: E402
-from .data import MTLDataset, make_synthetic  # noqa: E402
-from .metrics import classification_metrics, segmentation_metrics  # noqa: E402
-from .models import build_model, get_pretrained, list_pretrained  # noqa: E402
-from .training.engine import fit  # noqa: E402
-from .weighting import get_weighting  # noqa: E402
+from .weighting import get_weighting
 
 _compat.install()
 

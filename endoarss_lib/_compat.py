@@ -2,8 +2,9 @@
 
 ``import endoarss_lib.engine``, ``from endoarss_lib.engine import fit``, ``mock.patch("endoarss_lib.engine.fit")``,
 a pickle that names an old path and ``python -m endoarss_lib.sweep`` all reach the module at its new path: the
-**same module object** (``endoarss_lib.engine is endoarss_lib.training.engine``), not a copy, so patching, ``isinstance``
-and module state behave as before. Each use of an old path warns once with a DeprecationWarning naming the new one.
+**same module object** (``endoarss_lib.engine is endoarss_lib.training.engine``), not a copy, so patching,
+``isinstance`` and module state behave as before. The first use of an old path warns with a DeprecationWarning
+naming the new one.
 
 :data:`MOVED` is the table (old name -> new name, both relative to the package); :func:`install` puts the finder on
 ``sys.meta_path`` (the package's ``__init__`` calls it, and resolves ``endoarss_lib.engine`` as an attribute through

@@ -2,9 +2,15 @@
 write leaves, and a folder lock (one writer at a time, a dead owner's lock taken over)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
+import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,8 +61,6 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Copy a file atomically (the copy appears whole or not at all)."""
-    import shutil
-
     with atomic_path(path) as tmp:
         shutil.copyfile(source, tmp)
     return Path(path)
@@ -65,8 +69,6 @@ def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
 def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 600.0, recursive: bool = False) -> int:
     """Delete this module's temporary files (``.*.tmp``) older than ``older_than_s`` in ``folder``: what a write
     killed mid-way leaves behind (a live writer's file is younger). Returns how many were removed."""
-    import time
-
     folder = Path(folder)
     if not folder.is_dir():
         return 0
@@ -84,9 +86,6 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60
 def why_not_written(path: str | os.PathLike, exc: BaseException) -> str:
     """Why a write to ``path`` failed, in words, with what to do: a full disk, a read-only or foreign folder, a name
     too long, or the error itself (torch reports a full disk as ``[enforce fail at inline_container.cc]``)."""
-    import errno
-    import shutil
-
     path = Path(path)
     folder = next((p for p in [path.parent, *path.parents] if p.exists()), None)
     code = getattr(exc, "errno", None)
@@ -130,10 +129,6 @@ def process_alive(pid: int) -> bool:
 
 
 def _owner_record(what: str, info: dict | None = None) -> dict:
-    import socket
-    import time
-    import uuid
-
     return {**(info or {}), "pid": os.getpid(), "host": socket.gethostname(), "what": what, "token": uuid.uuid4().hex,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -159,8 +154,6 @@ def _create_lock(lock: Path, owner: dict) -> bool:
 
 def _owner_is_gone(lock: Path, held: dict | None, host: str) -> bool:
     """A lock whose owner process is dead (same host) or that was never completed (unreadable, over a minute old)."""
-    import time
-
     if held is None:
         try:
             return time.time() - lock.stat().st_mtime > 60
@@ -170,9 +163,6 @@ def _owner_is_gone(lock: Path, held: dict | None, host: str) -> bool:
 
 
 def _acquire(lock: Path, owner: dict, wait_for=None, poll_s: float = 1.0) -> None:
-    import time
-    import warnings
-
     tries, told, unwritten = 0, False, 0
     while tries < 5:
         tries += 1

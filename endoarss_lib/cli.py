@@ -11,11 +11,15 @@ unless ``--debug``), with the exit codes of ``docs/troubleshooting.md``:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable
+
+from .atomic import why_not_written
+from .version import __version__
 
 __all__ = ["prog", "add_standard_options", "run_command", "say", "describe_os_error", "EXIT_OK", "EXIT_FAILED",
            "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -32,8 +36,6 @@ def prog(module: str, script: str) -> str:
 
 def add_standard_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--version`` (the package version) and ``--debug`` (tracebacks instead of one-line errors)."""
-    from .version import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s (endoarss) {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full Python traceback of an error (for bug reports) instead of the message")
@@ -50,10 +52,6 @@ def say(text: str, file=None) -> None:
 
 def describe_os_error(exc: OSError) -> str:
     """An OSError as a message naming the file, saying what happened and what to do."""
-    import errno
-
-    from .atomic import why_not_written
-
     path = exc.filename if getattr(exc, "filename", None) is not None else None
     if path is None:
         return str(exc)

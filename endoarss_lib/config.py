@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,16 @@ import yaml
 
 from .coerce import (ConfigError, DuplicateKeyError, Text, canonical_choice, check_fields, coerce, did_you_mean,
                      field_help, read_text_yaml)
+from .data import synthetic as _synthetic  # GENERATOR_VERSION read at call time (tests set it)
 from .data.io import data_home  # noqa: F401 - where generated data go (defined in data/, re-exported here)
-from .data.registry import get_spec, list_datasets
-from .models.build import ModelConfig
+from .data.registry import SYNTHETIC_PRESETS, get_spec, list_datasets
+from .models.architectures import ARCHITECTURES
+from .models.backbones import BACKBONES
+from .models.build import CONNECTORS, TOKEN_MAPS, ModelConfig
+from .models.connectors import CMOE_ROUTERS
+from .models.pretrained import get_pretrained, is_pretrained_name, weights_transforms
+from .tasks import TASKS, get_task, metric_info, result_keys
+from .weighting import available_weightings, canonical_name, get_weighting, hparam_names
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
            "data_home", "synthetic_root", "CUDA_NUM_WORKERS", "HASH_STABLE_DEFAULTS",
@@ -36,9 +46,8 @@ def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_siz
     """Where the synthetic stand-in of ``dataset`` with these sizes lives: ``<data home>/synthetic_<dataset>_s<seed>_
     <n_train>-<n_test>_<size>px_v<generator version>`` (the one place this name is made; a new generator version gets
     new folders, so the runs on older data keep theirs)."""
-    from .data.synthetic import GENERATOR_VERSION
-
-    return data_home() / f"synthetic_{dataset}_s{seed}_{n_train}-{n_test}_{image_size}px_v{GENERATOR_VERSION}"
+    version = _synthetic.GENERATOR_VERSION
+    return data_home() / f"synthetic_{dataset}_s{seed}_{n_train}-{n_test}_{image_size}px_v{version}"
 
 
 def _f(default, help: str, choices: tuple | None = None, **kw):
@@ -164,7 +173,6 @@ class TrainConfig:
         except ConfigError:
             raise ConfigError(f"dataset={self.dataset!r} is not registered; expected one of {datasets}"
                               f"{did_you_mean(self.dataset, datasets)}") from None
-        from .weighting import available_weightings, canonical_name
 
         try:
             self.weighting = canonical_name(self.weighting)
@@ -186,8 +194,6 @@ class TrainConfig:
 
         Every task's class count is read from the dataset spec through the task registry (``Task.classes_field``):
         into the model option of that name where ModelConfig has one, else into ``model.task_classes``."""
-        from .tasks import TASKS, get_task
-
         spec = self.data_spec
         given = self.model.to_dict() if isinstance(self.model, ModelConfig) else self.model
         if not isinstance(given, dict):
@@ -233,8 +239,6 @@ class TrainConfig:
     def data_spec(self):
         """The registry spec of the data the run reads: the synthetic preset's with ``synthetic=true`` (it shares the
         real dataset's class counts), the dataset's own otherwise. Class counts come from it."""
-        from .data.registry import SYNTHETIC_PRESETS
-
         if self.synthetic and self.dataset in SYNTHETIC_PRESETS:
             return get_spec(SYNTHETIC_PRESETS[self.dataset])
         return self.spec
@@ -274,8 +278,6 @@ class TrainConfig:
             raise ConfigError(f"stop_after_epochs={self.stop_after_epochs!r}: expected null or an int >= 0")
         spec = self.spec
         if self.synthetic:
-            from .data.registry import SYNTHETIC_PRESETS
-
             if self.dataset not in SYNTHETIC_PRESETS:
                 raise ConfigError(f"dataset={self.dataset!r} has no synthetic stand-in; with synthetic=true use one "
                                   f"of {sorted(SYNTHETIC_PRESETS)}, or set synthetic=false and data_root=<folder>")
@@ -343,8 +345,6 @@ class TrainConfig:
 
     def _check_loss_weights(self) -> None:
         """Task-loss weights: known tasks, finite, >= 0, and not all zero for the tasks the model trains."""
-        from .tasks import TASKS
-
         TASK_NAMES = tuple(TASKS)  # the live registry (a task registered later counts)
         weights = {}
         for key, value in self.loss_weights.items():
@@ -366,15 +366,12 @@ class TrainConfig:
         self.loss_weights = weights
 
     def _check_weighting(self) -> None:
-        from .weighting import available_weightings, get_weighting
-
         try:
             get_weighting(self.weighting, **self.weighting_hparams)
         except (TypeError, ValueError) as exc:
             if "unknown weighting" in str(exc):
                 raise ConfigError(f"weighting={self.weighting!r}: expected one of {available_weightings()}") \
                     from None
-            from .weighting import hparam_names
 
             unknown = [k for k in self.weighting_hparams if k not in hparam_names(self.weighting)]
             hint = did_you_mean(unknown[0], hparam_names(self.weighting)) if unknown else ""
@@ -398,8 +395,6 @@ class TrainConfig:
                               "BCE loss)")
 
     def _check_select_metric(self) -> None:
-        from .tasks import metric_info, result_keys
-
         if self.select_metric == "score":
             return
         key = self.select_metric[len("val_"):] if self.select_metric.lower().startswith("val_") else self.select_metric
@@ -455,7 +450,6 @@ class TrainConfig:
         ``(mean, std)`` pair."""
         if self.normalize is not None:
             return self.normalize
-        from .models.pretrained import weights_transforms
 
         return weights_transforms(self.model.pretrained, self.model.backbone).normalize
 
@@ -495,13 +489,9 @@ def _results_hash(values: dict) -> str:
     data = {k: v for k, v in values.items() if k not in _NOT_IN_HASH}
     data["model"] = dict(data["model"])
     if data.get("synthetic") and data.get("data_root") is None:
-        from .data.synthetic import GENERATOR_VERSION
-
-        data["synthetic_generator"] = GENERATOR_VERSION  # new synthetic pixels: new run folders
+        data["synthetic_generator"] = _synthetic.GENERATOR_VERSION  # new synthetic pixels: new run folders
     normalization = data.get("normalize")  # the normalisation used, however it was asked for
     if normalization is None:
-        from .models.pretrained import weights_transforms
-
         normalization = weights_transforms(data["model"].get("pretrained"), data["model"].get("backbone")).normalize
     data["normalize"] = normalization if isinstance(normalization, str) else [list(v) for v in normalization]
     for key, default in HASH_STABLE_DEFAULTS.items():
@@ -510,7 +500,6 @@ def _results_hash(values: dict) -> str:
                 data["model"].pop(key[len("model."):], None)
         elif data.get(key, default) == default:
             data.pop(key, None)
-    from .models.pretrained import get_pretrained, is_pretrained_name
 
     if is_pretrained_name(data["model"].get("pretrained")):
         data["pretrained_sha256"] = get_pretrained(data["model"]["pretrained"]).sha256
@@ -606,7 +595,6 @@ def _same_or_canonical(kind: str, value: Any) -> Any:
     try:
         if kind == "dataset":
             return canonical_choice("dataset", value, list_datasets())
-        from .weighting import canonical_name
 
         return canonical_name(value)
     except ValueError:
@@ -657,11 +645,6 @@ _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on"), ("false", "no", "off", "none"
 
 
 def _model_choices() -> dict[str, tuple]:
-    from .models.architectures import ARCHITECTURES
-    from .models.backbones import BACKBONES
-    from .models.build import CONNECTORS, TOKEN_MAPS
-    from .models.connectors import CMOE_ROUTERS
-
     return {"backbone": tuple(BACKBONES), "arch": tuple(ARCHITECTURES),
             "connector": tuple(c for c in CONNECTORS if c is not None), "cmoe_router": tuple(CMOE_ROUTERS),
             "token_map": tuple(TOKEN_MAPS), "tesla_alpha": ("onehot", "soft")}
@@ -684,8 +667,6 @@ def _pretrained_value(value: Any) -> Any:
 def _canonical_model_options(given: dict) -> dict:
     """Model options with registry names in their one spelling (``model.arch=DSelect-K`` -> ``dselect_k``), task
     names checked, and ``pretrained`` read as text (:func:`_pretrained_value`)."""
-    from .tasks import TASKS
-
     TASK_NAMES = tuple(TASKS)  # the live registry (a task registered later counts)
     out = dict(given)
     choices = _model_choices()
@@ -715,8 +696,6 @@ def _canonical_model_options(given: dict) -> dict:
 
 def _check_finite(name: str, value: Any) -> None:
     """Every number inside ``value`` (a mapping of hyper-parameters) is finite."""
-    import math
-
     if isinstance(value, dict):
         for k, v in value.items():
             _check_finite(f"{name}.{k}", v)
@@ -763,9 +742,6 @@ def _check_run_name(value: str) -> None:
 
 def _text_hint(hint: Any) -> bool:
     """Whether a field holds text (``str`` or ``str | None``): its command-line value is kept exactly as typed."""
-    import types
-    import typing
-
     if hint is str:
         return True
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -786,16 +762,12 @@ def _value(hint: Any, text: str, where: str) -> Any:
 
 
 def _dict_fields(hints: dict) -> list[str]:
-    import typing
-
     return [n for n, h in hints.items() if h is dict or typing.get_origin(h) is dict]
 
 
 def _set_key(out: dict, key: str, raw: Any, where: str, hints: dict, from_text: bool) -> None:
     """Set ``key`` (``field``, ``model.<option>`` or ``<mapping field>.<entry>``) in ``out``; ``raw`` is the
     command-line text (``from_text``) or a value already read from YAML."""
-    import typing
-
     names = list(hints)
     top, _, rest = key.partition(".")
     if top == "preset" and from_text:
@@ -835,8 +807,6 @@ def parse_overrides(items) -> dict:
     (``loss_weights.cls=2`` updates one entry). Unknown fields and options are errors with the closest names; a key
     given twice is an error (the second would silently win).
     """
-    import typing
-
     hints = typing.get_type_hints(TrainConfig)
     out: dict = {}
     seen: dict[str, str] = {}
@@ -859,8 +829,6 @@ def parse_overrides(items) -> dict:
 def _expand_file_keys(data: dict, path: Path) -> dict:
     """A config file's top-level mapping with dotted keys (``loss_weights.cls: 2``, ``model.arch: hps``) set like
     the command line's; unknown fields are left for :func:`preset` to report (with the closest names)."""
-    import typing
-
     hints = typing.get_type_hints(TrainConfig)
     out: dict = {}
     for key, value in data.items():

@@ -31,8 +31,15 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_json_atomic
 from .cli import add_standard_options, prog, run_command
 from .coerce import ConfigError
+from .data import DataError, MTLDataset
+from .data.dataset import read_id_map
+from .models.released import build_released_model, load_released_checkpoint
+from .models.weights import WeightsError
+from .training.engine import COMPAT_SIZE, RunError, _peak_memory_mib, evaluate, resolve_device
+from .training.rows import ResultRow
 
 __all__ = ["evaluate_released", "main", "MODEL_SOURCES"]
 
@@ -52,7 +59,6 @@ def _weighting_from_name(path: str | None) -> str | None:
 def _id_map(value):
     if value is None or value in ("identity", "released", "spec"):
         return None if value == "spec" else value
-    from .data.dataset import read_id_map
 
     path = Path(value).expanduser()
     if not path.is_file():
@@ -62,8 +68,6 @@ def _id_map(value):
 
 
 def _load_model(checkpoint, random_init: bool, dataset: str, seed: int, arch: dict):
-    from .models.released import build_released_model, load_released_checkpoint
-
     if random_init:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -78,10 +82,6 @@ def evaluate_released(checkpoint: str | Path | None, data_root: str | Path, data
                       amp: str = "off", arch: dict | None = None, progress: bool = False) -> dict:
     """Evaluate the released model (``checkpoint``, or random weights with ``random_init=True``) on the test split
     of ``data_root``; returns the result row (see the module docstring)."""
-    from .data import MTLDataset
-    from .training.engine import COMPAT_SIZE, _peak_memory_mib, evaluate, resolve_device
-    from .training.rows import ResultRow
-
     if (checkpoint is None) == (not random_init):
         raise ValueError("pass exactly one of a checkpoint (--released PATH) or random_init=True (--random-init)")
     start = time.perf_counter()
@@ -160,10 +160,6 @@ def main(argv=None) -> int:
     """Entry point; prints the result row as JSON; returns the exit status: 0, 1 (the checkpoint, the data or a file
     cannot be used; the message names it) or 2 (a bad option: unknown dataset, id map, architecture option, or a
     checkpoint that does not fit the dataset). ``--debug`` shows tracebacks."""
-    from .data import DataError
-    from .training.engine import RunError
-    from .models.weights import WeightsError
-
     args = _parser().parse_args(argv)
     return run_command(lambda: _run(args), debug=args.debug,
                        failures=(WeightsError, DataError, RunError, FileNotFoundError, OSError),
@@ -171,8 +167,6 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from .atomic import write_json_atomic
-
     checkpoint = None if args.released is None else Path(args.released).expanduser()
     row = evaluate_released(checkpoint, Path(args.data_root).expanduser(), args.dataset, image_size=args.image_size,
                             device=args.device, batch_size=args.batch_size, num_workers=args.workers,

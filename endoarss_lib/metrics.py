@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 from scipy.spatial.distance import directed_hausdorff
+from skimage.metrics import structural_similarity
 
 __all__ = ["ClassificationMeter", "SegmentationMeter", "MultiLabelMeter", "average_precision",
            "classification_metrics", "segmentation_metrics",
@@ -407,7 +408,6 @@ def _compat_hausdorff(pred: np.ndarray, target: np.ndarray) -> float:
 
 def _compat_ssim(pred: np.ndarray, target: np.ndarray) -> float:
     """The released "SSIM": scikit-image on uint8 class-index maps, data range of the prediction; NaN if constant."""
-    from skimage.metrics import structural_similarity  # imported late: only the compat value needs it
     p, t = pred.astype(np.uint8), target.astype(np.uint8)
     data_range = int(p.max()) - int(p.min())
     if data_range == 0:

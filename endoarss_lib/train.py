@@ -17,8 +17,13 @@ import sys
 
 import yaml
 
+from .atomic import LockHeld
 from .cli import add_standard_options, prog, run_command
 from .config import PRESETS, ConfigError, config_help, load_config
+from .data import DataError
+from .models.weights import WeightsError
+from .training import engine
+from .training.engine import CheckpointMismatch, RunError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,11 +54,6 @@ def main(argv=None) -> int:
 
 
 def _failures() -> tuple:
-    from .atomic import LockHeld
-    from .data import DataError
-    from .training.engine import CheckpointMismatch, RunError
-    from .models.weights import WeightsError
-
     return (DataError, RunError, CheckpointMismatch, WeightsError, LockHeld, OSError)
 
 
@@ -62,9 +62,7 @@ def _run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from .training.engine import fit
-
-    row = fit(cfg)
+    row = engine.fit(cfg)  # looked up at call time (tests replace engine.fit)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(row, indent=2, default=str))
     return 0

@@ -38,8 +38,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import PIL
 import torch
+import torchvision
+from tqdm.auto import tqdm
 
+from ..version import __version__
 from .io import DataError, data_home, image_size_of
 
 __all__ = ["ImageCache", "open_cache", "cache_key", "cache_folder", "default_cache_dir", "CACHE_FORMAT"]
@@ -70,11 +74,6 @@ def _kind(dataset) -> str:
 
 def cache_key(dataset) -> dict:
     """Everything the cached arrays of ``dataset`` depend on (see the module docstring)."""
-    import PIL
-    import torchvision
-
-    from ..version import __version__
-
     t = dataset.transform
     key = {"format": CACHE_FORMAT, "endoarss": __version__, "torch": torch.__version__,
            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "fingerprint": dataset.fingerprint(),
@@ -126,8 +125,6 @@ def _index(shapes: list[tuple[int, int]]) -> np.ndarray:
 
 def _fill(dataset, folder: Path, index: np.ndarray, dtype: np.dtype, resized: bool, progress: bool) -> None:
     """Decode every item into the memory-mapped files of ``folder``."""
-    from tqdm.auto import tqdm
-
     pixels = int((index[:, 1] * index[:, 2]).sum())
     images = np.memmap(folder / IMAGES, np.uint8, "w+", shape=(3 * pixels,))
     masks = np.memmap(folder / MASKS, dtype, "w+", shape=(pixels,))

@@ -17,8 +17,10 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
+from .cache import open_cache
 from .io import (IMAGE_SUFFIXES, MASK_SUFFIX, VALIDATE_HINT, DataError, map_mask_ids, read_image, read_index_mask,
                  shown_path)
+from .loader import fingerprint
 from .registry import DatasetSpec, get_spec, resolve_id_map
 
 __all__ = ["Sample", "MTLDataset", "index_split", "stratified_split", "read_card", "JointTransform", "IMAGENET_MEAN",
@@ -366,15 +368,11 @@ class MTLDataset(Dataset):
     def use_cache(self, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
         """Read items from a decoded-image cache (built first if missing; :mod:`endoarss_lib.data.cache`): the
         same items, bitwise, without decoding the files every epoch. Returns the cache's folder."""
-        from .cache import open_cache
-
         self.cache = open_cache(self, cache_dir, progress)
         return self.cache.folder
 
     def fingerprint(self) -> str:
         """Content hash of this split's files (images, masks) and of the root's side files (card, id map)."""
-        from .loader import fingerprint
-
         return fingerprint(self.root, [p for s in self.samples for p in (s.image, s.mask)])
 
     def __len__(self) -> int:

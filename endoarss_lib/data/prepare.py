@@ -24,8 +24,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .dataset import CARD_NAME, ID_MAP_NAME, read_id_map, resolve_spec, root_id_map, scan_split, stratified_split
 from ..atomic import write_json_atomic
+from ..cli import add_standard_options, prog, run_command, say
+from .dataset import CARD_NAME, ID_MAP_NAME, read_id_map, resolve_spec, root_id_map, scan_split, stratified_split
 from .io import DataError, image_size_of, map_mask_ids, read_image, read_index_mask, shown_path
 from .registry import DatasetSpec, get_spec
 
@@ -457,8 +458,6 @@ def _id_map_arg(value: str | None):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..cli import add_standard_options, prog
-
     parser = argparse.ArgumentParser(prog=prog("endoarss_lib.data.prepare", "endoarss-prepare"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_standard_options(parser)
@@ -497,15 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status: 0, 1 (validate found problems; or a file could not be
     read or written) or 2 (a bad argument, or a conversion refused: the message names the file). ``--debug`` shows
     tracebacks."""
-    from ..cli import run_command
-
     args = _parser().parse_args(argv)
     return run_command(lambda: _run(args), debug=args.debug, usage=(DataError, ValueError))
 
 
 def _run(args) -> int:
-    from ..cli import say
-
     if args.command == "sources":
         print(SOURCES)
         return 0

@@ -13,6 +13,8 @@ import functools
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..atomic import process_alive
 from .registry import DATASETS, SYNTHETIC_PRESETS, DatasetSpec
 
 __all__ = ["make_synthetic", "remove_stale_partials", "render_sample", "sample_rng", "activity_counts",
@@ -952,8 +955,6 @@ _OWNER = ".generating.json"  # inside a temporary folder while it is written: wh
 
 
 def _owner() -> dict:
-    import socket
-
     return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
@@ -961,10 +962,6 @@ def remove_stale_partials(root: str | os.PathLike, older_than_s: float = 600.0) 
     """Remove what a killed generation of ``root`` left beside it: its temporary ``.<name>.partial-*`` folders whose
     writer is dead (same machine; or whose owner record is missing and that are older than ``older_than_s``) and the
     ``.<name>.old-*`` folders of an interrupted replacement. Returns how many folders were removed."""
-    import time
-
-    from ..atomic import process_alive
-
     root = Path(root)
     if not root.parent.is_dir():
         return 0

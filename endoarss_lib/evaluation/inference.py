@@ -12,15 +12,17 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..data import MTLDataset, make_loader
 from ..data.dataset import to_uint8_image
+from ..evidence.outcomes import restrict_outcomes
+from ..metrics import per_activity_spread
+from ..tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 from ..training.engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
                      read_run_config, resolve_device, seed_everything, weights_digest)
-from ..metrics import per_activity_spread
 from ..training.rows import ResultRow
-from ..tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
            "generalisation_table", "group_recalls"]
@@ -166,10 +168,6 @@ def generalisation_table(rows, shifted: MTLDataset, device: str = "cpu", outcome
     ``outcomes``: a dict that receives each run's per-image outcomes on both test sets, restricted alike
     (:func:`endoarss_lib.evidence.outcomes.restrict_outcomes`), keyed ``("in-domain" | "shifted", seed)`` (with
     ``(variant, label, seed)`` when the rows have several variants): what the generalisation claims are decided on."""
-    import pandas as pd
-
-    from ..evidence.outcomes import restrict_outcomes
-
     spec = shifted.spec
     activities = set(spec.eval_activities) if spec.eval_activities is not None else set(shifted.labels)
     classes = list(spec.eval_seg_classes or range(spec.num_seg_classes))

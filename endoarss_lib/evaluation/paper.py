@@ -18,6 +18,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
+from ..tasks import DEFAULT_TASKS, paper_columns
+
 __all__ = ["PAPER_TABLES", "PAPER_METRICS", "PAPER_TO_OURS", "PaperMetric", "paper_dir", "load_paper_table", "compact",
            "paper_table_for", "ablation_variants", "to_paper_vocabulary", "side_by_side", "DEFAULT_KEYS", "MAIN_TABLES"]
 
@@ -54,8 +56,6 @@ class PaperMetric(NamedTuple):
 def _paper_to_ours() -> dict[str, PaperMetric]:
     """The paper's columns from the task registry (each ``compat_`` metric names its column and the correct metric
     shown beside it)."""
-    from ..tasks import paper_columns
-
     return {column: PaperMetric(f"test_{task}_{m.name}", f"test_{task}_{m.beside}", m.paper_scale, m.note)
             for column, (task, m) in paper_columns().items()}
 
@@ -146,8 +146,6 @@ def _paper_backbone(name, sma) -> str:
 def _paper_task(tasks) -> str:
     """'cls+seg' (the paper's two tasks) -> both, 'cls' -> cls, 'seg' -> seg (already-paper values and rows with
     other tasks pass through)."""
-    from ..tasks import DEFAULT_TASKS
-
     parts = set(str(tasks).split("+"))
     return "both" if parts == set(DEFAULT_TASKS) or tasks == "both" else str(tasks)
 

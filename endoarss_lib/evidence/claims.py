@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .outcomes import OutcomeKeyError, outcome_higher_is_better, outcome_value
 from .stats import LEVEL, N_BOOTSTRAP, bootstrap_interval, t_interval, verdict
@@ -302,8 +303,6 @@ def sentence(v: Verdict) -> str:
 
 def claims_frame(verdicts: Sequence[Verdict]):
     """The rows of ``claims.csv`` as a DataFrame."""
-    import pandas as pd
-
     return pd.DataFrame([v.row() for v in verdicts])
 
 

@@ -25,14 +25,17 @@ import math
 import platform
 import resource
 import time
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..training.engine import autocast, resolve_device, train_step
+from ..models import RandomInitWarning, build_model, count_gflops
+from ..robustness.corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
 from ..tasks import get_task
+from ..training.engine import autocast, resolve_device, train_step
 from ..weighting import get_weighting
 
 __all__ = ["measure_inference", "measure_training", "achieved_tflops", "paper_comparison", "MEMORY_DEFINITIONS",
@@ -264,8 +267,6 @@ def _setting(row: dict) -> str:
 
 def paper_comparison(training: dict, inference: dict):
     """A table of our training / inference peak memory and images/s beside the paper's RTX 4090 numbers."""
-    import pandas as pd
-
     paper, setting = PAPER_EFFICIENCY, _setting
     rows = [("training peak memory (MiB)", paper["train_memory_mib"], training["peak_memory_mib"], setting(training),
              training["memory_kind"]),
@@ -283,8 +284,6 @@ def benchmark_corruptions(image: np.ndarray, names: Sequence[str] | str | None =
                           seed: int = 0) -> pd.DataFrame:
     """Seconds per image of each corruption on ``image`` (mean over severities and repeats, after one warm-up call
     that absorbs one-off costs such as imports). A measurement for notebooks and benchmarks, not a test."""
-    from ..robustness.corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
-
     names, severities = check_names(CORRUPTIONS if names is None else names), check_severities(severities)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r}: expected an integer >= 1")
@@ -305,10 +304,6 @@ def cost_model(backbone: str, arch: str = "tesla", sma: bool = False, sma_dim: i
                num_activities: int = 3, num_seg_classes: int = 7, **options):
     """A model built only to count its costs: random-init weights (costs do not depend on them), the random-init
     warning silenced, seeded so that two calls build the same model."""
-    import warnings
-
-    from ..models import RandomInitWarning, build_model
-
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", RandomInitWarning)
         torch.manual_seed(0)
@@ -320,8 +315,6 @@ def gflops_table(backbone: str, image_size: int, sma_dim: int, archs: Sequence[s
                  **options) -> pd.DataFrame:
     """Forward GFLOPs per image (FlopCounterMode, a multiply-add = 2 FLOPs) with and without SMA for each
     architecture, split into backbone, SMA and heads, with SMA's share."""
-    from ..models import count_gflops
-
     rows = []
     for a in archs:
         for with_sma in (False, True):

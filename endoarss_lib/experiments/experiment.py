@@ -31,8 +31,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from ..config import _DERIVED_MODEL_KEYS, ConfigError, DEFAULT_MODEL, TrainConfig, _merge_model, preset
+from ..coerce import Text, coerce, read_text_yaml, typed
+from ..config import _DERIVED_MODEL_KEYS, DEFAULT_MODEL, ConfigError, TrainConfig, _merge_model, preset, synthetic_root
+from ..data import DATASETS, MTLDataset, get_spec, make_synthetic
+from ..evidence.claims import claims_for, claims_frame, decide, sentence
+from ..evidence.scales import get_scale
+from ..evidence.variants import FEATURED, FEATURED_FIELDS, FEATURED_MODEL
 from ..models.build import ModelConfig
+from ..training.engine import make_datasets, read_per_image
+from ..training.runner import run_grid
 from .results import assert_learns, caption, save_rows, summarise_seeds, write_table
 
 __all__ = ["Experiment", "RunKey", "model_options", "project_path", "as_list", "as_mapping", "RUNS_DIR"]
@@ -70,8 +77,6 @@ def as_list(name: str, value: Any, item_type: type | None = None) -> list:
     (numbers), ``"tesla"`` -> ``["tesla"]``, ``""`` -> ``[]``. Items are converted to ``item_type`` exactly
     (``"2"`` -> 2 for ints; ``2.5`` for ints is refused); ``item_type=None`` reads text items as YAML would.
     Anything else is a ConfigError naming the parameter, what was expected and how to pass a list."""
-    from ..coerce import Text, coerce, read_text_yaml, typed
-
     def refused(why: str = "") -> ConfigError:
         example = _example(item_type)
         return ConfigError(f"{name}={value!r}: expected a list{_type_words(item_type)}{why}, e.g. {example}; with "
@@ -120,8 +125,6 @@ def as_mapping(name: str, value: Any) -> dict:
     """A notebook's dict parameter as a dict: a mapping, ``None`` or ``""`` (-> ``{}``), or YAML / JSON text such as
     ``'{"dinov2_vitb14": "/weights/dinov2.pth"}'`` (papermill ``-p`` passes it as text); ConfigError naming the
     parameter otherwise."""
-    from ..coerce import read_text_yaml, typed
-
     if value is None:
         return {}
     if isinstance(value, Mapping):
@@ -207,8 +210,6 @@ class Experiment:
         self.name = name
         self.scale = None
         if scale is not None:  # the scale fills every parameter left at None (see endoarss_lib.evidence.scales)
-            from ..evidence.scales import get_scale
-
             try:
                 self.scale = get_scale(scale)
             except ValueError as exc:
@@ -221,8 +222,6 @@ class Experiment:
             fields.setdefault("patience", sc.patience)
             fields.setdefault("diagnostics_every", sc.diagnostics_every)
             # a scaled experiment (every notebook) starts from the featured configuration, said once
-            from ..evidence.variants import FEATURED_FIELDS, FEATURED_MODEL
-
             model = dict(FEATURED_MODEL) if model is None else model
             for key, value in FEATURED_FIELDS.items():
                 fields.setdefault(key, value)
@@ -346,8 +345,6 @@ class Experiment:
 
         ``jobs``: runs trained at once in worker processes (0: one per CPU core, or one per GPU; 1: one after the
         other in this process)."""
-        from ..training.runner import run_grid
-
         rows = run_grid(configs, jobs=jobs, progress=False)
         keys = list(configs)
         if keys and any(isinstance(k, RunKey) for k in keys):
@@ -383,8 +380,6 @@ class Experiment:
 
     def datasets(self, splits=("train", "val", "test")):
         """The runs' datasets (generating the synthetic set first)."""
-        from ..training.engine import make_datasets
-
         return make_datasets(self.base, splits)
 
     def shifted_test_set(self, n_test: int | None = None):
@@ -392,9 +387,6 @@ class Experiment:
         MTLEndovis-Gen, paper Table IV): for synthetic data generated with the same seed and size (``n_test``
         images, default the experiment's), for real data the folder ``data_root`` of the Gen set must be given to
         :func:`endoarss_lib.inference.evaluate_run_on` instead."""
-        from ..config import synthetic_root
-        from ..data import DATASETS, MTLDataset, make_synthetic
-
         b = self.base
         target = next((name for name, spec in DATASETS.items() if spec.train_on == b.dataset), None)
         if target is None:
@@ -415,10 +407,6 @@ class Experiment:
         (``test_per_image.npz``) are read from its ``run_dir``; ``outcomes`` / ``values`` (``{(side, seed): ...}``)
         add or replace sides (other evaluations, non-image metrics). At the test scale nothing is decided. Writes
         ``<out>/claims.csv``."""
-        from ..data import get_spec
-        from ..training.engine import read_per_image
-        from ..evidence.claims import claims_for, claims_frame, decide
-
         claims = claims_for(self.name) if claims is None else claims
         own = {}
         for _, r in rows.iterrows():
@@ -461,8 +449,6 @@ class Experiment:
         """Stop (AssertionError naming the seed and the task) when a run of ``variant`` (default: the featured
         configuration) does not beat the prior predictor: the notebooks call it, so a degenerate default fails
         their tests."""
-        from ..evidence.variants import FEATURED
-
         variant = FEATURED if variant is None else variant
         picked = rows[rows[by] == variant]
         if picked.empty:
@@ -473,8 +459,6 @@ class Experiment:
     def show_claims(self, verdicts: Sequence):
         """The verdicts as a styled table (one row per claim), then their sentences printed: the only words a
         notebook says about a comparison."""
-        from ..evidence.claims import claims_frame, sentence
-
         frame = claims_frame(verdicts)
         for v in verdicts:
             print(sentence(v))

@@ -63,8 +63,12 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import yaml
+from tqdm.auto import tqdm
 
 from ..atomic import LockHeld, folder_lock, remove_stale_temporaries, write_json_atomic
+from ..cli import add_standard_options, prog, run_command
+from ..coerce import UniqueKeyLoader
 from ..training.runner import gpu_slots, process_pool, visible_gpus  # noqa: F401 (re-exported)
 from ..version import git_commit
 from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, write_table
@@ -201,10 +205,6 @@ def _overlaps(grid_path, parameters: dict, configurations: list[dict], axes: dic
 
 def _read(path: Path) -> dict:
     """The grid file's top-level mapping, with only known keys."""
-    import yaml
-
-    from ..coerce import UniqueKeyLoader
-
     try:
         data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is refused, naming its lines
     except (OSError, yaml.YAMLError) as error:
@@ -354,8 +354,6 @@ def _pool(jobs: int, gpus: Sequence[str]) -> ProcessPoolExecutor:
 
 def _run_all(todo: list[Config], grid: Grid, jobs: int, gpus: Sequence[str], progress: bool) -> dict[str, dict]:
     """Run the configurations (in this process for one job, else a pool); their statuses by id."""
-    from tqdm.auto import tqdm
-
     statuses = {}
     with tqdm(total=len(todo), desc=f"sweep {grid.name}", unit="run", disable=not progress) as bar:
         if jobs == 1:
@@ -412,7 +410,6 @@ def _run_submitit(todo: list[Config], grid: Grid, executor, kind: str, progress:
                   poll_s: float) -> dict[str, dict]:
     """Submit one job per configuration (a job array on Slurm), record each job, wait; their statuses by id."""
     from submitit.helpers import as_completed
-    from tqdm.auto import tqdm
 
     n = len(todo)
     jobs = executor.map_array(run_config, todo, [grid.name] * n, [grid.kernel] * n, [grid.cell_timeout] * n)
@@ -575,8 +572,6 @@ def _minutes(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; exit code 0 (all ok), 1 (a configuration failed) or 2 (bad grid file, another
     sweep holds the grid's lock, or the executor cannot be used)."""
-    from ..cli import add_standard_options, prog, run_command
-
     parser = argparse.ArgumentParser(prog=prog("endoarss_lib.experiments.sweep", "endoarss-sweep"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_standard_options(parser)

@@ -1,20 +1,25 @@
 """Pictures for notebooks: class palettes, mask overlays, sample grids, class distributions and prediction galleries."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import pandas as pd
-
+import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from PIL import Image
 
 from ..atomic import atomic_path
 from ..data.dataset import to_uint8_image
+from ..robustness.corrupted_sets import CLEAN
+from ..robustness.corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
+from ..robustness.report import _check_frame, column_name, metric_label, severity_table
 
 __all__ = ["class_palette", "overlay", "denormalize", "legend_handles", "show_samples", "plot_distributions",
            "save_figure", "data_label", "plot_prediction", "prediction_browser", "plot_training_curves",
@@ -116,7 +121,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100, colors: in
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
         return path
-    import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, bbox_inches="tight", format="png")
@@ -148,8 +152,6 @@ def plot_prediction(sample: dict, spec, ax_row=None, alpha: float = 0.6) -> Figu
 
 def prediction_browser(samples: list[dict], spec, note: str = ""):
     """An ipywidgets browser: a slider over samples, showing image, truth and prediction."""
-    import ipywidgets as widgets
-
     output = widgets.Output()
     slider = widgets.IntSlider(value=0, min=0, max=len(samples) - 1, description="sample",
                                continuous_update=False)
@@ -301,8 +303,6 @@ def plot_gallery(samples_by_model: Mapping[str, Sequence[dict]], spec, positions
 def shrink_png(src, dst: str | os.PathLike, max_side: int = 1100, colors: int = 256) -> Path:
     """A small copy of a PNG for the repository: at most ``max_side`` pixels a side, palette-quantised (octree,
     which keeps small areas of saturated class colours that median cut merges into their surroundings)."""
-    from PIL import Image
-
     if max_side < 16 or not 2 <= colors <= 256:
         raise ValueError(f"max_side={max_side!r} must be >= 16 and colors={colors!r} in [2, 256]")
     with Image.open(src) as image:
@@ -320,9 +320,6 @@ def corruption_grid(image: np.ndarray, names: Sequence[str] | str | None = None,
                     severities: Sequence[int] | int = (1, 2, 3, 4, 5), seed: int = 0, note: str = "",
                     panel_inches: float = 0.9):
     """A figure: one row per corruption (clean image, then each severity), the group beside the name."""
-    from ..robustness.corrupted_sets import CLEAN
-    from ..robustness.corruptions import CORRUPTIONS, GROUP_OF, check_names, check_severities, corrupt
-
     names, severities = check_names(CORRUPTIONS if names is None else names), check_severities(severities)
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError("image: expected a uint8 (H, W, 3) RGB array (e.g. np.asarray(PIL.Image.open(...)))")
@@ -349,9 +346,6 @@ def corruption_grid(image: np.ndarray, names: Sequence[str] | str | None = None,
 def plot_severity_curves(frame: pd.DataFrame, metrics: Sequence[str] = ("cls_accuracy", "seg_miou"),
                          models: Sequence[str] | None = None, note: str = "", percent: bool = True):
     """Fig. 6: each metric against severity (0 = clean), averaged over the corruptions, one line per model."""
-    from ..robustness.corrupted_sets import CLEAN
-    from ..robustness.report import _check_frame, column_name, metric_label, severity_table
-
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     table = severity_table(frame, metrics, models, percent=percent)
     _, models = _check_frame(frame, metrics, models)

@@ -32,12 +32,12 @@ from .cli import main
 from .crops import MultiCrop
 from .heads import DINOHead
 from .images import pretrain_rng, render_pool
-from .losses import sinkhorn_knopp
 from .loop import backbone_state_dict, pretrain
+from .losses import sinkhorn_knopp
 from .objective import SelfDistillation
 from .probes import evaluate_backbone, extract_features, record_metrics
 from .recipe import PRETRAIN_PRESETS, PRETRAIN_TAG, PretrainConfig
 
-__all__ = ["PretrainConfig", "pretrain_rng", "render_pool", "MultiCrop", "DINOHead", "SelfDistillation", "sinkhorn_knopp",
-           "pretrain", "extract_features", "evaluate_backbone", "main", "PRETRAIN_PRESETS", "PRETRAIN_TAG",
-           "backbone_state_dict", "record_metrics"]
+__all__ = ["PretrainConfig", "pretrain_rng", "render_pool", "MultiCrop", "DINOHead", "SelfDistillation",
+           "sinkhorn_knopp", "pretrain", "extract_features", "evaluate_backbone", "main", "PRETRAIN_PRESETS",
+           "PRETRAIN_TAG", "backbone_state_dict", "record_metrics"]

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, write_json_atomic
-from ..data.synthetic import GENERATOR_VERSION
+from ..data import synthetic
 from ..models.weights import file_sha256
 from ..training.engine import native_bf16
 from .crops import MultiCrop
@@ -136,4 +136,4 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
 
 
 def _generator_version() -> str:
-    return GENERATOR_VERSION
+    return synthetic.GENERATOR_VERSION

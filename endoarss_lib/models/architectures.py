@@ -25,10 +25,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..tasks import get_task
 from .connectors import released_token_map, tokens_from_map
 from .gates import DSelectKGate, SoftmaxGate, image_descriptor
 from .lora import merge_lora, unmerge_lora
-from ..tasks import get_task
+from .report import parameter_report
 
 __all__ = ["MultiTaskModel", "HPSModel", "TESLAModel", "MMoEModel", "DSelectKModel", "ARCHITECTURES"]
 
@@ -143,8 +144,6 @@ class MultiTaskModel(nn.Module):
 
     def parameter_report(self) -> dict[str, dict[str, int]]:
         """``{component: {"total": n, "trainable": n}}`` plus a ``"total"`` row."""
-        from .report import parameter_report
-
         return parameter_report(self)
 
     # -- provenance / inference helpers ----------------------------------------------------------------------------

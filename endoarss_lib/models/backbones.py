@@ -8,6 +8,7 @@ class token; None for ResNet).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
@@ -154,8 +156,6 @@ def create_timm_backbone(
                                     f".safetensors file, a bundled name {list_pretrained()}, or false)")
     convert = None
     if cfg.family == "vit":
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         convert = checkpoint_filter_fn  # official DINOv2 names (mask_token, w12/w3), pos_embed resampling
     load_state_dict_strict(model, read_state_dict(path), source=path, allow_missing=allow_missing,
                            allow_unexpected=tuple(allow_unexpected) + cfg.ignore_unexpected, convert=convert)
@@ -459,6 +459,4 @@ def build_backbone(name: str, image_size: int = 224, pretrained=False, sma: nn.M
 
 
 def _lcm(a: int, b: int) -> int:
-    import math
-
     return a * b // math.gcd(a, b)

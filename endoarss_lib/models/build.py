@@ -7,12 +7,13 @@ from typing import Any
 
 from torch import nn
 
+from ..coerce import check_fields
+from ..tasks import DEFAULT_TASKS, HeadSpec, TASKS as TASK_REGISTRY, check_tasks, get_task
 from .architectures import ARCHITECTURES, MultiTaskModel
 from .backbones import BACKBONES, VIT_LORA_TARGETS, build_backbone
 from .connectors import CMOE_ROUTERS, CMoEConnector, released_grid
 from .lora import QKV_CHUNKS
 from .sma import SMA
-from ..tasks import DEFAULT_TASKS, HeadSpec, TASKS as TASK_REGISTRY, check_tasks, get_task
 
 def _f(default, help: str):
     """A ModelConfig field with its help text (the training command's ``--help`` lists it)."""
@@ -107,8 +108,6 @@ class ModelConfig:
                                 "{presence: 2}); taken from the dataset")
 
     def __post_init__(self):
-        from ..coerce import check_fields
-
         if isinstance(self.pretrained, os.PathLike):
             self.pretrained = os.fspath(self.pretrained)
         if isinstance(self.pretrained, str) and self.pretrained.strip().lower() in ("false", "no", "off", "none", ""):

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from .weights import WeightsError, file_sha256
@@ -64,9 +66,6 @@ class WeightsTransforms:
         return tuple(self.mean), tuple(self.std)
 
     def __call__(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
         size = size or self.image_size
         x = images.float() / 255.0 if not images.is_floating_point() else images.float()
         if size is not None and tuple(x.shape[-2:]) != (size, size):

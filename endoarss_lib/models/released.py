@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from ..data import get_spec
 from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from .connectors import released_grid, released_token_map
 from .sma import EMA, patchify, unpatchify
-from .weights import RandomInitWarning, WeightsError, file_sha256
+from .weights import RandomInitWarning, WeightsError, file_sha256, why_unreadable
 
 __all__ = ["ReleasedConfig", "ReleasedModel", "ReleasedEncoder", "ReleasedViT", "ReleasedSMA", "DVLoRALinear",
            "DeepLabClassHead", "build_released_model", "load_released_checkpoint", "read_released_state_dict",
@@ -533,7 +534,6 @@ def _component(name: str) -> str:
 def _task_sizes(dataset: str | None, num_activities: int | None, num_seg_classes: int | None) -> tuple:
     if dataset is None:
         return num_activities, num_seg_classes
-    from ..data import get_spec
 
     spec = get_spec(dataset)
     for label, given, expected in (("num_activities", num_activities, spec.num_activities),
@@ -588,8 +588,6 @@ def read_released_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a text file, random bytes, a truncated zip, pickled objects, ...
-        from .weights import why_unreadable
-
         raise WeightsError(
             f"{path}: cannot be read as a released EndoARSS checkpoint: {why_unreadable(path, exc)} "
             f"({path.stat().st_size} bytes; the authors' files are plain state dicts of about 387 MB: "

@@ -9,11 +9,15 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import pickle
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 __all__ = ["WeightsError", "RandomInitWarning", "read_state_dict", "file_sha256", "load_state_dict_strict",
@@ -64,9 +68,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def why_unreadable(path: str | os.PathLike, exc: BaseException) -> str:
     """What a file that torch / safetensors could not read is, in words (never torch's advice to unpickle it)."""
-    import pickle
-    import zipfile
-
     path = Path(path)
     size = path.stat().st_size if path.is_file() else 0
     if size == 0:
@@ -102,8 +103,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path} (expected an existing .pth / .safetensors file)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             sd = load_file(str(path), device="cpu")
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,8 +136,6 @@ def key_prefix(keys: Sequence[str], model_keys: Sequence[str]) -> tuple[str, int
     """The prefix that, stripped from ``keys``, makes the most of them model keys (``teacher.backbone.`` of a DINO
     training checkpoint, ``encoder.``, ...), and how many model keys it matches; ``('', n)`` when none does better
     than the keys as they are."""
-    from collections import Counter
-
     own = set(model_keys)
     direct = sum(k in own for k in keys)
     counts: Counter = Counter()

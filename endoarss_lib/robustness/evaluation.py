@@ -23,14 +23,19 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..atomic import write_json_atomic
+from ..data import MTLDataset
+from ..evaluation.inference import load_run_model
+from ..models.pretrained import is_synthetic_pretrained
+from ..tasks import DEFAULT_TASKS, metric_info
+from ..training.engine import COMPAT_SIZE, evaluate, read_per_image, resolve_device, write_per_image
+from ..training.rows import ResultRow
+from ..version import provenance
 from .corrupted_sets import CLEAN, DONE_NAME, build_corrupted_set, clean_cell
 from .corruptions import CORRUPTIONS, GROUP_OF, SEVERITIES, check_names, check_severities
-from ..models.pretrained import is_synthetic_pretrained
-from ..training.rows import ResultRow
-from ..tasks import DEFAULT_TASKS, metric_info
-from ..version import provenance
 
 __all__ = ["CLEAN", "EVAL_VERSION", "evaluate_corruptions", "model_key", "pooled_outcomes"]
 
@@ -68,9 +73,6 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     ``outcomes``: a dict that receives the per-image outcomes pooled over the corruptions (:func:`pooled_outcomes`),
     keyed ``"all"`` (every corrupted cell) and by severity (``0``: clean): what the robustness claims are decided on.
     """
-    from ..training.engine import resolve_device, write_per_image
-    from ..evaluation.inference import load_run_model
-
     names = check_names(names)
     severities = check_severities(severities)
     for label, value, low in (("seed", seed, 0), ("workers", workers, 1), ("batch_size", batch_size, 1)):
@@ -118,7 +120,6 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     cache = out_dir / _CACHE_DIR / key
     rows = []
     per_cell: dict[int, list[Path]] = {}
-    from tqdm.auto import tqdm
 
     for (name, severity), cell in tqdm(cells.items(), desc=f"evaluating {label}", unit="cell",
                                        disable=not progress):
@@ -157,8 +158,6 @@ def pooled_outcomes(paths: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]
     """The per-image outcomes of several cells (corrupted versions of the same test images, in the same order)
     pooled per image: every task's outcomes become a per-image confusion matrix summed over the cells
     (``<task>_confusion``, (N, K, K)), so a bootstrap that resamples images takes all corrupted versions of each."""
-    from ..training.engine import read_per_image
-
     pooled: dict[str, np.ndarray] = {}
     for path in paths:
         arrays = read_per_image(Path(path).parent, name=Path(path).name)
@@ -235,11 +234,6 @@ def _read_cache(path: Path, key: dict) -> dict | None:
 
 def _evaluate_cell(net, cell: Path, dataset: str, image_size: int, tasks, device, batch_size: int, id_map,
                    ignore_index: int, distances: bool, amp: str) -> dict:
-    from torch.utils.data import DataLoader
-
-    from ..data import MTLDataset
-    from ..training.engine import COMPAT_SIZE, evaluate
-
     data = MTLDataset(cell, "test", dataset=dataset, image_size=image_size, id_map=id_map,
                       ignore_index=ignore_index)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..evaluation.paper import load_paper_table
+from ..tasks import metric_info
 from .corrupted_sets import CLEAN
 from .corruptions import CORRUPTIONS, GROUP_OF
 
@@ -27,8 +29,6 @@ _KEY_COLUMNS = ("model", "corruption", "severity")
 
 def metric_label(metric: str) -> str:
     """The short label of a result key from the task registry (``cls_accuracy`` -> ``AC``)."""
-    from ..tasks import metric_info
-
     try:
         return metric_info(metric)[1].label
     except KeyError:
@@ -229,8 +229,6 @@ def paper_beside(table: pd.DataFrame, data: str = "synthetic") -> pd.DataFrame:
 
     The paper's columns are what its evaluation computes, so they sit beside our ``cls_compat_ac`` /
     ``seg_compat_miou``; ``data`` labels our side (SYNTHETIC data are not comparable, only the procedure is)."""
-    from ..evaluation.paper import load_paper_table
-
     paper = load_paper_table("table7")
     paper = paper.assign(model=paper["backbone"] + " + " + paper["arch"])
     wide = paper.pivot_table(index="corruption", columns="model", values=["AC", "mIoU"], aggfunc="first")

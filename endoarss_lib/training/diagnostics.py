@@ -9,6 +9,7 @@ import re
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
+import pandas as pd
 import torch
 
 from ..weighting.task_grads import loss_roots, rows_matrix, task_gradients
@@ -73,8 +74,6 @@ def conflict_summary(diag, by: str = "model"):
     mean cosine and its std over seeds, share of conflicting steps (cosine < 0), mean magnitude similarity, the
     median norm ratio ``|g_seg| / |g_cls|`` (which task drives the shared update), and the first / last epoch's mean
     cosine. A pandas DataFrame, one row per group."""
-    import pandas as pd
-
     rows = []
     for name, d in diag.groupby(by, sort=False):
         first, last = d["epoch"].min(), d["epoch"].max()

@@ -40,7 +40,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..models.architectures import MultiTaskModel
 from ..models.backbones import GroupBatchNorm2d
+from ..weighting.base import GradWeighting, LossWeighting
 
 __all__ = ["global_mean", "average_gradients", "GlobalBatchNorm2d", "GlobalGroupBatchNorm2d", "convert_batchnorm",
            "prepare_data_parallel", "uses_ddp", "unwrap", "world_size"]
@@ -187,8 +189,6 @@ def uses_ddp(model: nn.Module) -> bool:
 
 def _separate_regulariser(model: nn.Module) -> bool:
     """The model backpropagates a regulariser on its own (DSelect-k): a second backward per forward."""
-    from ..models.architectures import MultiTaskModel
-
     return type(model).regularization_loss is not MultiTaskModel.regularization_loss
 
 
@@ -196,8 +196,6 @@ def prepare_data_parallel(model: nn.Module, weighting, device: torch.device) -> 
     """Under an initialised process group of more than one rank: global-batch BatchNorm, the weighting's
     global-batch hand-off, and DDP for loss-level weightings (see the module docstring). Returns the model to train
     (``model`` itself, or its DDP wrapper); a no-op in a single process."""
-    from ..weighting.base import GradWeighting, LossWeighting
-
     if world_size() == 1:
         return model
     convert_batchnorm(model)

@@ -32,19 +32,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from ..atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, write_json_atomic,
-                     write_text_atomic)
+from ..atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, why_not_written, write_json_atomic,
+                      write_text_atomic)
 from ..config import ConfigError, TrainConfig
 from ..data import MTLDataset, make_loader, make_synthetic
+from ..models import build_model_from_config
+from ..models.pretrained import get_pretrained, is_pretrained_name, is_synthetic_pretrained
+from ..models.weights import file_sha256, why_unreadable
+from ..tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
+from ..weighting import get_weighting
 from .diagnostics import conflict_record, task_gradient_matrix
 from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_ddp
 from .losses import make_cls_loss, task_losses
-from ..models import build_model_from_config
-from ..models.pretrained import is_synthetic_pretrained
-from ..tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
 from .rows import ResultRow, read_row
-from ..weighting import get_weighting
+from .tblog import TensorBoardLog, require_tensorboard
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
            "build_run_model", "checkpoint_info", "COMPAT_SIZE",
@@ -224,8 +227,6 @@ def _save(path: Path, obj: dict) -> None:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as "[enforce fail at inline_container.cc]"
-        from ..atomic import why_not_written
-
         raise RunError(f"{path}: the checkpoint cannot be written: {why_not_written(path, exc)}. The run folder keeps "
                        f"its last complete checkpoint; rerunning the same command resumes from it") from None
 
@@ -248,8 +249,6 @@ def _damaged_checkpoint_advice(path: Path) -> str:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`fit` (``weights_only=True``); RunError naming the file if it cannot be read."""
-    from ..models.weights import why_unreadable
-
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
@@ -377,8 +376,6 @@ def evaluate(model, loader, device, tasks, num_activities: int | None = None, nu
     outcome (:func:`_per_image_outcomes`, plus ``path``) in ``Evaluation.arrays``, in loader order (``fit`` writes
     them for the test split: ``test_per_image.npz``).
     """
-    from tqdm.auto import tqdm
-
     model.eval()
     spec = spec if spec is not None else getattr(getattr(loader, "dataset", None), "spec", None)
     classes = task_classes(tasks, spec, num_classes, num_activities=num_activities, num_seg_classes=num_seg_classes)
@@ -464,8 +461,6 @@ def train_step(model, batch: dict, weighting, tasks, *, device=None, amp: str = 
 
 
 def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, world: int) -> dict:
-    from tqdm.auto import tqdm
-
     model, raw_model, optimizer, weighting = state["model"], state["raw_model"], state["optimizer"], state["weighting"]
     tasks = cfg.tasks
     shared = raw_model.trainable_shared_parameters()
@@ -655,8 +650,6 @@ def _claimed(folder: Path, cfg: TrainConfig):
     one training per folder. A live holder training another config is a LockHeld error (nothing of either run is
     touched); one training the same config is waited for (its result is then returned); a killed holder's lock is
     taken over. A run folder this call created and left empty is removed again."""
-    from ..atomic import why_not_written
-
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
             what = "run folder" if parent == folder else "out_dir" if parent == folder.parent else "parent folder"
@@ -710,8 +703,6 @@ def _fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row."""
     rank, world = _distributed()
     if cfg.tensorboard:
-        from .tblog import require_tensorboard
-
         require_tensorboard()  # a missing package is a config error before anything runs
     folder = run_dir(cfg)
     result_path = folder / "result.json"
@@ -724,9 +715,6 @@ def _fit(cfg: TrainConfig) -> dict:
         _check_data(result_path, row.get("data_fingerprint"), fingerprints)
         weights = cfg.model.pretrained
         if row.get("weights_sha256") is not None and isinstance(weights, str):
-            from ..models.pretrained import get_pretrained, is_pretrained_name
-            from ..models.weights import file_sha256
-
             now = (get_pretrained(weights).sha256 if is_pretrained_name(weights)
                    else file_sha256(weights) if Path(weights).is_file() else None)
             if now is not None and now != row["weights_sha256"]:
@@ -742,8 +730,6 @@ def _fit(cfg: TrainConfig) -> dict:
     if rank == 0:
         write_json_atomic(folder / "config.json", {**cfg.to_dict(), "config_hash": state["config_hash"]})
     if rank == 0 and cfg.tensorboard:
-        from .tblog import TensorBoardLog
-
         state["tensorboard"] = TensorBoardLog(folder, cfg.tasks)
     eval_kw = dict(device=device, tasks=cfg.tasks, spec=datasets["train"].spec, amp=cfg.amp,
                    ignore_index=cfg.ignore_index)

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..tasks import get_task
+
 __all__ = ["task_losses", "CGLLoss", "cgl_loss", "cgl_weights", "class_groups", "progress_scores", "CLS_LOSSES",
            "make_cls_loss", "CLS_LOSS_TASK"]
 
@@ -55,8 +57,6 @@ def task_losses(outputs: dict[str, torch.Tensor], batch: dict, tasks, ignore_ind
     per-task ``loss_fn``); ``cls_loss`` is the activity's (:data:`CLS_LOSS_TASK`), e.g. :class:`CGLLoss`.
     ``label_smoothing`` and ``class_weights[task]`` do not apply to a replaced loss.
     """
-    from ..tasks import get_task
-
     class_weights = class_weights or {}
     replaced = dict(loss_fns or {})
     if cls_loss is not None:
@@ -71,8 +71,6 @@ def progress_scores(outputs: dict[str, torch.Tensor], batch: dict, tasks, ignore
     """Per-task progress of a batch (detached float32, one per task in ``tasks`` order): the mean softmax probability
     of the true class (:meth:`endoarss_lib.tasks.Task.progress`), GM-Coord's per-modality scores with tasks in place
     of modalities."""
-    from ..tasks import get_task
-
     return torch.stack([get_task(t).progress(outputs[t], batch, ignore_index) for t in tasks]).float()
 
 

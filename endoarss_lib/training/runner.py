@@ -7,16 +7,23 @@ The notebook sweep (:mod:`endoarss_lib.sweep`) re-executes notebooks with parame
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Mapping, Sequence
 
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from . import engine
 
 __all__ = ["run_grid", "grid", "visible_gpus", "gpu_slots", "process_pool", "auto_jobs"]
 
@@ -33,7 +40,6 @@ def visible_gpus() -> list[str]:
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
     try:
-        import torch
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - no usable torch / CUDA means no GPUs
         return []
@@ -70,8 +76,6 @@ def _init_worker(slots, threads: int | None = None) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     elif threads:
-        import torch
-
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     _die_with_parent()
@@ -85,9 +89,6 @@ def _die_with_parent() -> None:
     pipe: a kernel death signal (Linux PR_SET_PDEATHSIG) alone would wait forever. So a watcher thread waits on the
     owner's sentinel (the pipe ``multiprocessing`` keeps to the real parent, at EOF when it dies) and exits; the
     death signal stays as the immediate path for spawned workers."""
-    import multiprocessing.connection
-    import threading
-
     parent = multiprocessing.parent_process()
     if parent is not None and parent.sentinel is not None:
         def watch() -> None:
@@ -96,9 +97,6 @@ def _die_with_parent() -> None:
 
         threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
     try:
-        import ctypes
-        import signal
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before the call
@@ -128,10 +126,8 @@ def process_pool(jobs: int, gpus: Sequence[str] = (), threads: int | None = None
 
 
 def _fit_one(name: str, cfg_dict: dict) -> dict:
-    from .engine import fit
-
     try:
-        return {"name": name, "status": "ok", **fit(TrainConfig(**cfg_dict))}
+        return {"name": name, "status": "ok", **engine.fit(TrainConfig(**cfg_dict))}
     except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the others
         return {"name": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=8)}
@@ -147,8 +143,6 @@ def run_grid(configs: Mapping[str, TrainConfig], jobs: int = 1, gpus: Sequence[s
     its row (``status`` failed, ``error``); with ``raise_on_failure`` a RuntimeError naming every failed
     configuration is raised once all have run.
     """
-    from tqdm.auto import tqdm
-
     items = [(name, cfg.to_dict()) for name, cfg in configs.items()]
     if jobs == 0:
         jobs = auto_jobs(len(items), [cfg.device for cfg in configs.values()], gpus)

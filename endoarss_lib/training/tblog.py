@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..coerce import ConfigError
+
 __all__ = ["TensorBoardLog", "require_tensorboard", "TB_FOLDER"]
 
 TB_FOLDER = "tensorboard"
@@ -30,8 +32,6 @@ _INSTALL = "pip install tensorboard (or pip install 'endoarss[tensorboard]')"
 def require_tensorboard():
     """``torch.utils.tensorboard.SummaryWriter``; a ConfigError naming the field and the install command when the
     tensorboard package is missing."""
-    from ..coerce import ConfigError
-
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

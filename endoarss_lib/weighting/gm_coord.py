@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..tasks import get_task
 from .base import (Weighting, _add_grad, _flatten_task_params, _unique_trainable, as_loss_vector,
                    backward_task_specific, check_task_inputs, int_param, real_param)
 from .task_grads import task_gradients, weighted_rows
@@ -113,8 +114,6 @@ class GMCoord(Weighting):
     # -- inputs ------------------------------------------------------------------------------------------------
     def observe(self, outputs: dict[str, Tensor], batch: dict, tasks: Sequence[str], ignore_index: int = 255) -> None:
         """The engine's hook before each backward: the batch's progress scores (:meth:`Task.progress`)."""
-        from ..tasks import get_task
-
         self.set_progress(torch.stack([get_task(t).progress(outputs[t], batch, ignore_index) for t in tasks]))
 
     def set_progress(self, scores: Tensor | Sequence[float]) -> None:
