@@ -5,7 +5,7 @@ import time
 import numpy as np
 from skimage import data, transform
 
-from endoarss_lib.corruptions import CORRUPTION_GROUPS, corrupt
+from endoarss_lib.robustness.corruptions import CORRUPTION_GROUPS, corrupt
 
 
 def main(reps: int = 5, size: int = 224, severity: int = 3) -> None:

@@ -54,7 +54,7 @@ def configs(weights: str, args) -> dict[str, dict]:
 
 
 def per_class_iou(run_dir: str, device: str = "cpu") -> list[float]:
-    from endoarss_lib.inference import evaluate_run
+    from endoarss_lib.evaluation.inference import evaluate_run
     return evaluate_run(run_dir, split="test", device=device, distances=False)["seg_iou_per_class"]
 
 
@@ -106,14 +106,14 @@ def main(argv=None) -> int:
     print(note)
     print(summary.round(3).to_string())
     if not args.no_probe:
-        from endoarss_lib.pretrain import evaluate_backbone
+        from endoarss_lib.foundation import evaluate_backbone
 
         for label, weights, ls in (("pretrained", args.weights, None), ("random LayerScale 1", None, 1.0),
                                    ("random LayerScale 1e-5", None, None)):
             r = evaluate_backbone(weights, layerscale_init=ls)
             print(f"linear probe {label}: activity accuracy {r['linear_probe_accuracy']:.3f} (majority "
                   f"{r['majority_accuracy']:.3f}), patch probe fg mIoU {r['patch_probe_miou_fg']:.3f}")
-    from endoarss_lib.results import write_table
+    from endoarss_lib.experiments.results import write_table
 
     out = ROOT / "results" / "tables" / "bench_foundation"
     write_table(summary.reset_index().round(4), out, note)

@@ -7,9 +7,9 @@
 Without CUDA the default (``--device auto``) says "no CUDA device" and measures the ``--tiny`` configuration on the
 CPU (so ``make bench`` stays short there).
 
-The model is ``endoarss_lib.bench.cost_model("dinov2_vitb14", "tesla", sma=True, sma_dim=512, image_size=224)``
+The model is ``endoarss_lib.experiments.bench.cost_model("dinov2_vitb14", "tesla", sma=True, sma_dim=512, image_size=224)``
 (random init: speed and memory do not depend on the weights). Six measurements, each with
-:func:`endoarss_lib.bench.measure_inference` / :func:`~endoarss_lib.bench.measure_training` (random inputs already on
+:func:`endoarss_lib.experiments.bench.measure_inference` / :func:`~endoarss_lib.experiments.bench.measure_training` (random inputs already on
 the device; the data pipeline is ``bench_data.py``'s business):
 
 * inference (eval, no grad) at ``--inference-batch`` (default 1: the paper does not state its batch; 35.66 img/s on
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from endoarss_lib.bench import PAPER_EFFICIENCY, cost_model, measure_inference, measure_training
+from endoarss_lib.experiments.bench import PAPER_EFFICIENCY, cost_model, measure_inference, measure_training
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = dict(backbone="dinov2_vitb14", image_size=224, train_batch=16, inference_batch=1)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
             f"torch {torch.__version__}; training: {settings['weighting']} + Adam; {sdpa_report(model)}; paper: "
             f"{PAPER_EFFICIENCY['gpu']}, 224 px (memory most likely nvidia-smi's; ours: "
             f"{rows[0]['memory_kind']})" + ("; TINY smoke run, not the paper configuration" if args.tiny else ""))
-    from endoarss_lib.results import write_table
+    from endoarss_lib.experiments.results import write_table
 
     out = Path(args.out) if args.out else REPO / "results" / "tables" / ("bench_gpu_tiny" if args.tiny else
                                                                           "bench_gpu")

@@ -28,8 +28,8 @@ import warnings
 
 import torch
 
-from endoarss_lib.losses import task_losses
 from endoarss_lib.models import build_model
+from endoarss_lib.training.losses import task_losses
 from endoarss_lib.weighting import available_weightings, get_weighting
 from endoarss_lib.weighting.base import GradWeighting, _add_grad, _unique_trainable, backward_task_specific
 from endoarss_lib.weighting.task_grads import batching_failure, rows_matrix, set_default_mode

@@ -59,7 +59,7 @@ def _f(default, help: str, choices: tuple | None = None, **kw):
 
 
 # The fast embedded default model: the project's own foundation model (a DINOv2-architecture ViT pretrained on
-# synthetic images by endoarss_lib.pretrain; models.list_pretrained()), frozen, with LoRA (q, v) + TESLA.
+# synthetic images by endoarss_lib.foundation; models.list_pretrained()), frozen, with LoRA (q, v) + TESLA.
 DEFAULT_MODEL = {"backbone": "vit_mini_patch14", "pretrained": "synthdino_vit_mini14", "arch": "tesla", "sma": False}
 
 # Fields that never change a run's results (paths, workers, progress bars): left out of the results hash.

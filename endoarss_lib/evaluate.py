@@ -8,16 +8,16 @@ The checkpoint is loaded strictly into the released architecture (``endoarss_lib
 is read with ``MTLDataset`` (resized once to ``--image-size``, 244 as released, ImageNet-normalised; the model undoes
 the normalisation, so it sees pixel / 255 as the released code does) and ``engine.evaluate`` computes every metric
 (boundary distances and SSIM included) in fp32. The result row has the schema of every result row
-(:class:`endoarss_lib.results.ResultRow`, ``source`` "released"; fields of training such as ``epochs`` are None) plus
-``model_source``, ``checkpoint``, ``checkpoint_sha256``, ``id_map``, ``n_test_images``, ``released_config`` and
+(:class:`endoarss_lib.training.rows.ResultRow`, ``source`` "released"; fields of training such as ``epochs`` are None)
+plus ``model_source``, ``checkpoint``, ``checkpoint_sha256``, ``id_map``, ``n_test_images``, ``released_config`` and
 ``input_convention``.
 
 Masks: the released model's class ``c`` was trained against ``max(raw - 1, 0)`` (raw 0 and raw 1 both background),
 so ``--id-map released`` is the default; pass ``identity`` or a JSON file only if you know your masks match the
 checkpoint's ids another way.
 
-The evaluation pass itself is :func:`endoarss_lib.engine.evaluate` (this module is its command line for checkpoints;
-installed as ``endoarss-evaluate``).
+The evaluation pass itself is :func:`endoarss_lib.training.engine.evaluate` (this module is its command line for
+checkpoints; installed as ``endoarss-evaluate``).
 """
 from __future__ import annotations
 

@@ -668,7 +668,7 @@ def subset_metrics(confusion: np.ndarray, ids: Iterable[int]) -> dict[str, float
 
 def per_activity_spread(images: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Spreads over activity classes from per-image records (``label``, ``correct``, ``fg_inter``, ``fg_union``,
-    ``fg_iou``; :func:`endoarss_lib.engine.evaluate` with ``per_image=True``):
+    ``fg_iou``; :func:`endoarss_lib.training.engine.evaluate` with ``per_image=True``):
 
     * ``cls_per_class_accuracy_std``: standard deviation over activities of per-activity accuracy (recall);
     * ``seg_fg_iou_std``: standard deviation over activities of the foreground-vs-background IoU pooled over each

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def plan(scale: str, only=None) -> list[tuple[str, object]]:
     """``[(notebook key, {RunKey: TrainConfig})]`` in training order, each run listed once."""
     from endoarss_lib.evidence.variants import NOTEBOOK_DATASETS, NOTEBOOK_VARIANTS, featured_model, notebook_variants
-    from endoarss_lib.experiment import Experiment
+    from endoarss_lib.experiments.experiment import Experiment
 
     seen, out = set(), []
     for key in NOTEBOOK_VARIANTS:

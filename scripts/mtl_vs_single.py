@@ -14,8 +14,8 @@ import warnings
 
 import pandas as pd
 
-from endoarss_lib.experiment import Experiment
-from endoarss_lib.results import delta_m_against_single, write_table
+from endoarss_lib.experiments.experiment import Experiment
+from endoarss_lib.experiments.results import delta_m_against_single, write_table
 from endoarss_lib.tasks import main_keys
 
 warnings.filterwarnings("ignore")

@@ -161,7 +161,7 @@ def collect() -> None:
     claims.csv (from each notebook's output folder, written at the demonstration scale)."""
     import pandas as pd
 
-    from endoarss_lib.results import demonstration_table
+    from endoarss_lib.experiments.results import demonstration_table
 
     rows, claims = [], []
     for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):

@@ -20,8 +20,8 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,9 +29,9 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
-from unittest import mock
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -43,16 +43,16 @@ from endoarss_lib import evaluate as evaluate_cli_module
 from endoarss_lib import train
 from endoarss_lib.atomic import LockHeld, folder_lock, remove_stale_temporaries
 from endoarss_lib.config import ConfigError, apply_overrides, load_config, preset
-from endoarss_lib.corrupted_sets import build_corrupted_set
 from endoarss_lib.data import DataError, MTLDataset, make_synthetic
 from endoarss_lib.data import prepare
 from endoarss_lib.data.io import read_image
-from endoarss_lib.engine import (CheckpointMismatch, RunError, checkpoint_info, fit, read_run_config, run_dir,
-                                 selection_score)
-from endoarss_lib.experiment import Experiment, as_list, as_mapping
-from endoarss_lib.inference import load_run_model
+from endoarss_lib.evaluation.inference import load_run_model
+from endoarss_lib.experiments.experiment import Experiment, as_list, as_mapping
+from endoarss_lib.experiments.sweep import LOCK_NAME, GridError, load_grid, run_sweep, sweep_folder
 from endoarss_lib.models.weights import WeightsError, read_state_dict
-from endoarss_lib.sweep import LOCK_NAME, GridError, load_grid, run_sweep, sweep_folder
+from endoarss_lib.robustness.corrupted_sets import build_corrupted_set
+from endoarss_lib.training.engine import (CheckpointMismatch, RunError, checkpoint_info, fit, read_run_config, run_dir,
+                                          selection_score)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -855,7 +855,7 @@ def sweep_locked_by_a_live_sweep(w):
 
 @case(CommandError)
 def sweep_cli_locked(w):
-    from endoarss_lib import sweep
+    from endoarss_lib.experiments import sweep
 
     grid = sweep_grid(w.tmp)
     folder = sweep_folder(load_grid(grid), w.tmp)
@@ -1487,7 +1487,8 @@ def test_stale_partials_of_live_writers_are_kept(tmp_path):
 _RACE = """
 import sys, time
 from pathlib import Path
-from endoarss_lib import engine, train  # every import done before the start signal
+from endoarss_lib import train  # every import done before the start signal
+from endoarss_lib.training import engine
 Path(sys.argv[2]).write_text("ready")
 go = Path(sys.argv[1])
 while not go.exists():
@@ -1597,7 +1598,7 @@ def test_an_unexpected_error_is_one_line_unless_debug(shared, tmp_path, monkeypa
     def broken(cfg):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("endoarss_lib.engine.fit", broken)
+    monkeypatch.setattr("endoarss_lib.training.engine.fit", broken)
     argv = ["image_size=56", f"data_root={shared.data}", "synthetic=false", f"out_dir={tmp_path}",
             "model.backbone=vit_tiny_patch14", "model.pretrained=false"]
     assert train.main(argv) == 1
@@ -1659,7 +1660,7 @@ def test_papermill_parameters_reach_the_grid_as_lists(tmp_path):
 
 _POOL_SCRIPT = """
 import os, sys, time
-from endoarss_lib.sweep import _pool
+from endoarss_lib.experiments.sweep import _pool
 pool = _pool(1, [])
 print(pool.submit(os.getpid).result(), flush=True)
 time.sleep(600)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from endoarss_lib.bench import (MEMORY_DEFINITIONS, MEMORY_KINDS, PAPER_EFFICIENCY, achieved_tflops,
-                                measure_inference, measure_training, paper_comparison)
+from endoarss_lib.experiments.bench import (MEMORY_DEFINITIONS, MEMORY_KINDS, PAPER_EFFICIENCY, achieved_tflops,
+                                            measure_inference, measure_training, paper_comparison)
 from endoarss_lib.models import build_model
 
 SIZE = 28

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import endoarss_lib
-from endoarss_lib.bench import PAPER_EFFICIENCY
+from endoarss_lib.experiments.bench import PAPER_EFFICIENCY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 COLUMNS = ["mode", "precision", "batch_size", "images_per_s", "paper images/s", "peak_memory_mib",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from endoarss_lib.losses import CGLLoss, cgl_loss, cgl_weights, class_groups, make_cls_loss, task_losses
+from endoarss_lib.training.losses import CGLLoss, cgl_loss, cgl_weights, class_groups, make_cls_loss, task_losses
 
 
 def np_bce(z, y):

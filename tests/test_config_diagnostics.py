@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from endoarss_lib.config import PRESETS, TrainConfig, apply_overrides, load_config, preset
-from endoarss_lib.diagnostics import block_of, conflict_record, pair_stats, task_gradient_matrix
+from endoarss_lib.training.diagnostics import block_of, conflict_record, pair_stats, task_gradient_matrix
 
 
 def test_presets_carry_the_paper_and_released_values():

@@ -11,10 +11,10 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data, transform
 
-from endoarss_lib import corruptions as C
-from endoarss_lib.corrupted_sets import DONE_NAME, build_corrupted_set, image_seed
-from endoarss_lib.corruptions import (CORRUPTION_GROUPS, CORRUPTIONS, DETERMINISTIC, GEOMETRIC, OURS, corrupt,
-                                      severity_schedule)
+from endoarss_lib.robustness import corruptions as C
+from endoarss_lib.robustness.corrupted_sets import DONE_NAME, build_corrupted_set, image_seed
+from endoarss_lib.robustness.corruptions import (CORRUPTION_GROUPS, CORRUPTIONS, DETERMINISTIC, GEOMETRIC, OURS,
+                                                 corrupt, severity_schedule)
 
 RANDOM = tuple(n for n in CORRUPTIONS if n not in DETERMINISTIC)
 # Damage (PSNR to the clean image) is not monotone over severities 1..5 for these package schedules: glass_blur

@@ -13,7 +13,7 @@ import endoarss_lib
 from endoarss_lib.config import CUDA_NUM_WORKERS, preset
 from endoarss_lib.data import MTLDataset, make_synthetic
 from endoarss_lib.data import cache as cache_module
-from endoarss_lib.engine import fit
+from endoarss_lib.training.engine import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -19,10 +19,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import default_collate
 
-from endoarss_lib import engine
 from endoarss_lib.config import TrainConfig, preset
-from endoarss_lib.distributed import GlobalBatchNorm2d, GlobalGroupBatchNorm2d, uses_ddp
 from endoarss_lib.models.backbones import GroupBatchNorm2d
+from endoarss_lib.training import engine
+from endoarss_lib.training.distributed import GlobalBatchNorm2d, GlobalGroupBatchNorm2d, uses_ddp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import accuracy_score
 
 from endoarss_lib.config import ConfigError, preset
-from endoarss_lib.engine import PER_IMAGE_FILE, fit, read_per_image
 from endoarss_lib.evidence.outcomes import outcome_value
+from endoarss_lib.training.engine import PER_IMAGE_FILE, fit, read_per_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from endoarss_lib.config import preset
-from endoarss_lib.engine import CheckpointMismatch, _loader, evaluate, fit, make_datasets, run_dir, seed_everything
 from endoarss_lib.models import build_model
+from endoarss_lib.training.engine import (CheckpointMismatch, _loader, evaluate, fit, make_datasets, run_dir,
+                                          seed_everything)
 from endoarss_lib.weighting import available_weightings, get_weighting
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from endoarss_lib.config import TrainConfig, apply_overrides, preset
-from endoarss_lib.engine import _build_state, _loader, evaluate, fit, make_datasets
-from endoarss_lib.inference import load_run_model
-from endoarss_lib.losses import CGLLoss
+from endoarss_lib.evaluation.inference import load_run_model
+from endoarss_lib.training.engine import _build_state, _loader, evaluate, fit, make_datasets
+from endoarss_lib.training.losses import CGLLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

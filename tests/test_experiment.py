@@ -9,11 +9,11 @@ from sklearn.metrics import jaccard_score
 
 from endoarss_lib.config import ConfigError
 from endoarss_lib.data import make_synthetic
-from endoarss_lib.experiment import Experiment, model_options
-from endoarss_lib.inference import evaluate_run_on
+from endoarss_lib.evaluation.inference import evaluate_run_on
+from endoarss_lib.experiments.experiment import Experiment, model_options
+from endoarss_lib.experiments.results import delta_m_against_single
 from endoarss_lib.metrics import subset_metrics
-from endoarss_lib.results import delta_m_against_single
-from endoarss_lib.runner import grid, run_grid
+from endoarss_lib.training.runner import grid, run_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TINY = {"backbone": "vit_tiny_patch14", "pretrained": False}
@@ -114,7 +114,7 @@ def test_run_grid_isolates_a_failed_configuration(tmp_path, monkeypatch):
 
 
 def test_auto_jobs_one_per_core_or_per_gpu(monkeypatch):
-    from endoarss_lib import runner
+    from endoarss_lib.training import runner
 
     monkeypatch.setattr(runner, "cpu_cores", lambda: 2)
     assert runner.auto_jobs(5, ["cpu"], gpus=[]) == 2          # one run per core on a CPU
@@ -138,7 +138,7 @@ def test_config_merges_model_options_into_the_experiments_model(tmp_path):
 
 
 def test_variants_are_typed_keys_and_rows_carry_variant_and_seed(tmp_path):
-    from endoarss_lib.experiment import RunKey
+    from endoarss_lib.experiments.experiment import RunKey
 
     exp = Experiment("t", epochs=1, image_size=56, n_train=16, n_test=8, out_dir=tmp_path,
                      model={**TINY, "arch": "hps"})

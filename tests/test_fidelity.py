@@ -15,11 +15,11 @@ from PIL import Image
 
 from endoarss_lib import train
 from endoarss_lib.config import preset
+from endoarss_lib.evaluation.paper import ablation_variants, load_paper_table
 from endoarss_lib.metrics import SegmentationMeter, per_activity_spread, pil_nearest_resize
 from endoarss_lib.models import DSelectKGate, ModelConfig, build_model
 from endoarss_lib.models.heads import ASPP
 from endoarss_lib.models.lora import LoRALinear
-from endoarss_lib.paper import ablation_variants, load_paper_table
 from endoarss_lib.weighting import STCH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_notebook_04_uses_the_library_variants():
 def test_table5_rows_are_the_papers_rows():
     """Each named variant of Table V has the row's backbone family, architecture and SMA switch."""
     from endoarss_lib.evidence.variants import FEATURED_MODEL, TABLE5_ROWS, VARIANTS
-    from endoarss_lib.paper import ablation_variants
+    from endoarss_lib.evaluation.paper import ablation_variants
 
     rows = list(ablation_variants(vit="vit_mini_patch14", cnn="resnet_tiny").values())
     assert sorted(TABLE5_ROWS) == list(range(1, len(rows) + 1))
@@ -216,7 +216,7 @@ def test_table5_rows_are_the_papers_rows():
 
 
 def test_per_activity_spread_against_direct_computation():
-    from endoarss_lib.engine import _image_records
+    from endoarss_lib.training.engine import _image_records
 
     rng = np.random.default_rng(1)
     n, ignore = 12, 255

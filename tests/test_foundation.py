@@ -198,7 +198,7 @@ def test_a_new_version_of_the_bundled_weights_gets_new_run_folders(monkeypatch, 
     import dataclasses
 
     from endoarss_lib.config import preset
-    from endoarss_lib.engine import CheckpointMismatch, fit, run_dir
+    from endoarss_lib.training.engine import CheckpointMismatch, fit, run_dir
     from endoarss_lib.models import pretrained
 
     cfg = preset("smoke", out_dir=str(tmp_path))

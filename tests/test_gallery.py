@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from endoarss_lib.viz import (confused_samples, confusion_pixels, pair_counts, per_image_iou, plot_gallery,
-                              save_figure, shrink_png, worst_samples)
+from endoarss_lib.experiments.viz import (confused_samples, confusion_pixels, pair_counts, per_image_iou, plot_gallery,
+                                          save_figure, shrink_png, worst_samples)
 
 SPEC = SimpleNamespace(seg_classes=("background", "needle", "knife", "bleb"), num_seg_classes=4,
                        activities=("marking", "injection"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from endoarss_lib.losses import progress_scores
+from endoarss_lib.training.losses import progress_scores
 from endoarss_lib.weighting import GMCoord, available_weightings, get_weighting, gm_coord_coefficients
 
 

@@ -120,7 +120,7 @@ def test_detail_branch_reads_sub_patch_image_detail():
 
 def test_detail_branch_through_the_model_config(tmp_path):
     from endoarss_lib.config import preset
-    from endoarss_lib.engine import fit
+    from endoarss_lib.training.engine import fit
 
     base = dict(image_size=56, synthetic_n_train=24, synthetic_n_test=12, batch_size=6, epochs=1, progress=False,
                 out_dir=str(tmp_path))

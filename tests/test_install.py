@@ -81,8 +81,9 @@ def test_wheel_holds_the_package_data_and_metadata(installed):
 
     target, wheel = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"endoarss_lib/paper_tables/{n}" for n in ("README.md", "table2_mtlesd.csv", "table7_robustness.csv")} \
-        <= names
+    tables = {f"endoarss_lib/evaluation/paper_tables/{n}" for n in ("README.md", "table2_mtlesd.csv",
+                                                                   "table7_robustness.csv")}
+    assert tables <= names
     bundled = {f"endoarss_lib/weights/{p.name}" for p in (PACKAGE / "weights").glob("*")
                if p.suffix in (".safetensors", ".json")}
     assert bundled and bundled <= names
@@ -97,7 +98,7 @@ def test_installed_package_reads_its_own_tables_and_weights(installed, tmp_path)
     target, _ = installed
     probe = _run("""
 import json, endoarss_lib
-from endoarss_lib.paper import load_paper_table, paper_dir
+from endoarss_lib.evaluation.paper import load_paper_table, paper_dir
 from endoarss_lib.models.pretrained import verified_file
 names = endoarss_lib.list_pretrained()
 print(json.dumps({"file": endoarss_lib.__file__, "version": endoarss_lib.__version__, "paper_dir": str(paper_dir()),
@@ -109,7 +110,7 @@ print(json.dumps({"file": endoarss_lib.__file__, "version": endoarss_lib.__versi
     resolved = target.resolve()
     assert Path(info["file"]).resolve().is_relative_to(resolved)  # the installed copy, not the checkout
     assert info["version"] == endoarss_lib.__version__
-    assert Path(info["paper_dir"]).resolve() == resolved / "endoarss_lib" / "paper_tables"
+    assert Path(info["paper_dir"]).resolve() == resolved / "endoarss_lib" / "evaluation" / "paper_tables"
     assert info["table2_rows"] == 29
     assert "synthdino_vit_mini14" in info["pretrained"]
     for path in info["weights"]:  # present in the target and matching their recorded sha256 (verified_file)

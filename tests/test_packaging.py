@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import endoarss_lib
-from endoarss_lib import paper
+from endoarss_lib.evaluation import paper
 from endoarss_lib.models.weights import hub_mode
 
 try:
@@ -80,10 +80,11 @@ def test_version_is_declared_once():
 # -------------------------------------------------------------------------------------------- console scripts
 
 def test_console_scripts_are_the_documented_five():
-    assert SCRIPTS == {"endoarss-train": "endoarss_lib.train:main", "endoarss-sweep": "endoarss_lib.sweep:main",
+    assert SCRIPTS == {"endoarss-train": "endoarss_lib.train:main",
+                       "endoarss-sweep": "endoarss_lib.experiments.sweep:main",
                        "endoarss-prepare": "endoarss_lib.data.prepare:main",
                        "endoarss-evaluate": "endoarss_lib.evaluate:main",
-                       "endoarss-pretrain": "endoarss_lib.pretrain:main"}
+                       "endoarss-pretrain": "endoarss_lib.foundation:main"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -158,12 +159,12 @@ def test_citation_file_is_complete_and_matches_the_package():
 def test_paper_tables_come_from_the_package_unless_overridden(tmp_path, monkeypatch):
     monkeypatch.delenv("ENDOARSS_PAPER_DIR", raising=False)
     package = Path(endoarss_lib.__file__).resolve().parent
-    assert paper.paper_dir() == package / "paper_tables"
+    assert paper.paper_dir() == package / "evaluation" / "paper_tables"
     assert {p.name for p in paper.paper_dir().glob("*.csv")} == set(paper._FILES.values())
     assert (paper.paper_dir() / "README.md").is_file()
     # an override is read instead of the package's copy
     (tmp_path / "table2_mtlesd.csv").write_text(
-        (package / "paper_tables" / "table2_mtlesd.csv").read_text().splitlines()[0] + "\n")
+        (package / "evaluation" / "paper_tables" / "table2_mtlesd.csv").read_text().splitlines()[0] + "\n")
     monkeypatch.setenv("ENDOARSS_PAPER_DIR", str(tmp_path))
     assert paper.paper_dir() == tmp_path and len(paper.load_paper_table("table2")) == 0
     with pytest.raises(FileNotFoundError, match="ENDOARSS_PAPER_DIR is set"):

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from endoarss_lib.corruptions import CORRUPTION_GROUPS, CORRUPTIONS
+from endoarss_lib.evaluation.paper import (PAPER_METRICS, PAPER_TABLES, PAPER_TO_OURS, load_paper_table,
+                                           paper_table_for, side_by_side)
+from endoarss_lib.robustness.corruptions import CORRUPTION_GROUPS, CORRUPTIONS
 from endoarss_lib.tasks import result_keys
-from endoarss_lib.paper import (PAPER_METRICS, PAPER_TABLES, PAPER_TO_OURS, load_paper_table, paper_table_for,
-                                side_by_side)
 
 MAIN_KEYS = ["dataset", "backbone", "arch", "weighting", "task"]
 ROW_COUNTS = {"table1": 3, "table2": 29, "table3": 29, "table4": 27, "table5": 12, "table6": 8, "table7": 60}

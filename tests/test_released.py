@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from endoarss_lib.data import MTLDataset, make_synthetic
 from endoarss_lib.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from endoarss_lib.engine import evaluate
-from endoarss_lib.inference import predict
+from endoarss_lib.evaluation.inference import predict
 from endoarss_lib.models import RandomInitWarning, WeightsError
 from endoarss_lib.models.released import (DVLoRALinear, ReleasedConfig, ReleasedModel, ReleasedSMA,
-                                           build_released_model, load_released_checkpoint, read_released_state_dict)
+                                          build_released_model, load_released_checkpoint, read_released_state_dict)
+from endoarss_lib.training.engine import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 # A test size with the released names and shape logic: 2 blocks of width 32, 42 px inside (3 x 3 = 9 tokens, so the
@@ -443,7 +443,7 @@ def _manual_accuracy(model, data) -> float:
 
 
 def test_engine_evaluate_predict_and_robustness_accept_it(data_root, tmp_path):
-    from endoarss_lib.robustness import evaluate_corruptions
+    from endoarss_lib.robustness.evaluation import evaluate_corruptions
 
     model = _small()
     _randomise(model, 4)
@@ -488,7 +488,7 @@ def test_cli_evaluates_a_released_checkpoint(data_root, tmp_path, capsys):
                 "params_total", "params_trainable", "git_commit", "library_version"):
         assert key in row
     assert row["params_total"] == sum(p.numel() for p in model.parameters())
-    from endoarss_lib.results import ROW_FIELDS
+    from endoarss_lib.experiments.results import ROW_FIELDS
 
     assert row["source"] == "released" and set(ROW_FIELDS) <= set(row)  # the one row schema, provenance included
     assert row["torch_version"] == torch.__version__ and row["epochs"] is None and row["config_hash"] is None

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from endoarss_lib import engine, version
+from endoarss_lib import version
 from endoarss_lib.config import preset
-from endoarss_lib.results import ROW_FIELDS, SCHEMA_VERSION, ResultRow, Row, RowKeyError, load_rows, read_row
+from endoarss_lib.experiments.results import (ROW_FIELDS, SCHEMA_VERSION, ResultRow, Row, RowKeyError, load_rows,
+                                              read_row)
+from endoarss_lib.training import engine
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TINY = dict(image_size=56, synthetic_n_train=16, synthetic_n_test=8, batch_size=8, epochs=1, progress=False,

@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from endoarss_lib import robustness as R
 from endoarss_lib.config import preset
-from endoarss_lib.corruptions import CORRUPTIONS, corrupt
 from endoarss_lib.data import make_synthetic
-from endoarss_lib.engine import fit
-from endoarss_lib.bench import benchmark_corruptions
-from endoarss_lib.corruptions import GROUP_OF
-from endoarss_lib.robustness import evaluate_corruptions, model_key
-from endoarss_lib.robustness_report import (column_name, corruption_errors, mean_corruption_error,
+from endoarss_lib.experiments.bench import benchmark_corruptions
+from endoarss_lib.experiments.viz import corruption_grid, plot_severity_curves, save_figure
+from endoarss_lib.robustness import evaluation as R
+from endoarss_lib.robustness.corruptions import CORRUPTIONS, corrupt
+from endoarss_lib.robustness.corruptions import GROUP_OF
+from endoarss_lib.robustness.evaluation import evaluate_corruptions, model_key
+from endoarss_lib.robustness.report import (column_name, corruption_errors, mean_corruption_error,
                                             severity_table, table_vii)
-from endoarss_lib.viz import corruption_grid, plot_severity_curves, save_figure
+from endoarss_lib.training.engine import fit
 
 # ------------------------------------------------------------------------------ a hand-made two-model frame
 
@@ -269,7 +269,7 @@ def test_frame_shape_labels_and_cache(tiny_root, tmp_path, monkeypatch):
                    "seg_compat_miou"):
         assert frame[column].between(0, 1).all(), column
     assert not any("hd" in c or "ssim" in c for c in frame.columns)  # distances=False: not computed, not shown
-    from endoarss_lib.results import ROW_FIELDS
+    from endoarss_lib.experiments.results import ROW_FIELDS
 
     assert set(ROW_FIELDS) <= set(frame) and (frame["source"] == "robustness").all()  # the one row schema
     assert (frame["torch_version"] == torch.__version__).all() and (frame["seed"] == 0).all()

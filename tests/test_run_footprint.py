@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from endoarss_lib import preset
-from endoarss_lib.engine import build_run_model, fit, load_checkpoint, run_dir, weights_digest
+from endoarss_lib.training.engine import build_run_model, fit, load_checkpoint, run_dir, weights_digest
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from endoarss_lib.results import ROWS_FILE
-from endoarss_lib.sweep import (STATUS_FILE, Config, GridError, config_id, config_state, expand, gpu_slots, load_grid,
-                                main, run_sweep, visible_gpus)
+from endoarss_lib.experiments.results import ROWS_FILE
+from endoarss_lib.experiments.sweep import (STATUS_FILE, Config, GridError, config_id, config_state, expand, gpu_slots,
+                                            load_grid, main, run_sweep, visible_gpus)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

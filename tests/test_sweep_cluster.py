@@ -11,10 +11,10 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-
-from endoarss_lib.sweep import (JOB_FILE, STATUS_FILE, ExecutorError, SlurmOptions, _submitit_executor, expand,
-                                load_grid, main, run_sweep)
 from tests.test_sweep import NOTEBOOK, _snapshot, _write_grid
+
+from endoarss_lib.experiments.sweep import (JOB_FILE, STATUS_FILE, ExecutorError, SlurmOptions, _submitit_executor,
+                                            expand, load_grid, main, run_sweep)
 
 pytest.importorskip("submitit")  # the optional [cluster] dependency
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -77,7 +77,7 @@ def _killer_notebook(folder: Path) -> Path:
     nb.cells = [nbformat.v4.new_code_cell("x = 1\nkill = False\nout_dir = None", metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("import os, signal\nif kill:\n    os.kill(os.getppid(), signal.SIGKILL)"),
                 nbformat.v4.new_code_cell(
-                    "from endoarss_lib.results import save_rows\n"
+                    "from endoarss_lib.experiments.results import save_rows\n"
                     "row = {'dataset': 'synthetic_test', 'data': 'synthetic', 'backbone': 'none', 'arch': 'none', "
                     "'weighting': 'none', 'pretrained': 'random init', 'random_init_backbone': True, 'seed': 0, "
                     "'x': x, 'config_hash': str(x), 'git_commit': 'test', 'test_cls_accuracy': x / 10}\n"

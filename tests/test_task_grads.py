@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from endoarss_lib.diagnostics import task_gradient_matrix
 from endoarss_lib.models import build_model
+from endoarss_lib.training.diagnostics import task_gradient_matrix
 from endoarss_lib.weighting import get_weighting
 from endoarss_lib.weighting.task_grads import (batching_failure, get_default_mode, loss_roots, rows_matrix,
                                                set_default_mode, task_gradients)

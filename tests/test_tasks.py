@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from endoarss_lib import tasks as registry
 from endoarss_lib.config import ConfigError, preset
 from endoarss_lib.data import MTLDataset, make_loader, make_synthetic
-from endoarss_lib.engine import evaluate, fit
 from endoarss_lib.metrics import ClassificationMeter
 from endoarss_lib.models import ModelConfig
 from endoarss_lib.tasks import (DEFAULT_TASKS, IMAGE_CLASSIFICATION, TASKS, Check, Metric, Task, add_targets,
                                 delta_m_keys, get_task, headline_keys, higher_is_better, main_keys, metric_info,
                                 register_task, split_key, unregister_task)
+from endoarss_lib.training.engine import evaluate, fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def test_a_toy_task_registered_in_a_test_trains_end_to_end(tmp_path, toy_task):
                 "test_cls_accuracy", "test_seg_miou"):
         assert math.isfinite(row[key]), key
     # the toy accuracy is the accuracy of the model's coverage answers against the derived targets
-    from endoarss_lib.inference import load_run_model
+    from endoarss_lib.evaluation.inference import load_run_model
 
     model = load_run_model(row["run_dir"])
     test = MTLDataset(cfg.data_root_path(), "test", dataset="mtlesd", image_size=SIZE)
@@ -318,7 +318,7 @@ def test_presence_trains_with_every_architecture_and_weighting(tmp_path, arch, w
         assert math.isfinite(row[key]), key
     assert 0 <= row["test_presence_chance_map"] <= 1 and 0 <= row["test_presence_map"] <= 1
     if arch == "tesla":
-        from endoarss_lib.inference import load_run_model
+        from endoarss_lib.evaluation.inference import load_run_model
 
         model = load_run_model(row["run_dir"])
         assert model.backbone.num_groups == 3 and {"presence"} <= {model._owner(n) for n, _ in

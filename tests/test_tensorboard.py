@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from endoarss_lib.config import ConfigError, preset
-from endoarss_lib.engine import fit
+from endoarss_lib.training.engine import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

@@ -11,8 +11,8 @@ import torch
 
 from endoarss_lib.atomic import atomic_path, write_json_atomic
 from endoarss_lib.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from endoarss_lib.results import write_table
-from endoarss_lib.viz import class_palette, denormalize, overlay
+from endoarss_lib.experiments.results import write_table
+from endoarss_lib.experiments.viz import class_palette, denormalize, overlay
 
 
 def test_palette_is_distinct_with_black_background():
@@ -68,7 +68,7 @@ def test_atomic_files_get_umask_permissions(tmp_path):
 def test_compare_sentence_names_the_better_configuration_with_its_own_value():
     import pandas as pd
 
-    from endoarss_lib.results import compare
+    from endoarss_lib.experiments.results import compare
 
     rows = pd.DataFrame({"arch": ["tesla", "mmoe"], "seed": [0, 0], "test_cls_accuracy": [0.771, 0.854],
                          "test_seg_hd95": [3.0, 5.0]})

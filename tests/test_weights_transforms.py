@@ -12,8 +12,8 @@ from PIL import Image
 
 from endoarss_lib.config import preset
 from endoarss_lib.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from endoarss_lib.engine import make_datasets
 from endoarss_lib.models.pretrained import get_pretrained, weights_dir, weights_transforms
+from endoarss_lib.training.engine import make_datasets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 OTHER = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])  # a record's own mean / std

@@ -4,7 +4,7 @@ One module, no plotting: :func:`load_run_model` rebuilds a run's model exactly (
 pretrained file, checked by sha256, or, for a randomly initialised backbone, from the run seed) and loads its
 selected checkpoint; :func:`predict` gives per-image predictions for display; :func:`evaluate_run` evaluates a run on
 a split of its own data and :func:`evaluate_run_on` on another dataset (e.g. MTLEndovis-Gen), both through the one
-evaluation pass of :func:`endoarss_lib.engine.evaluate` (per-class, per-subset and per-image results included).
+evaluation pass of :func:`endoarss_lib.training.engine.evaluate` (per-class, per-subset and per-image results included).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..evidence.outcomes import restrict_outcomes
 from ..metrics import per_activity_spread
 from ..tasks import DEFAULT_TASKS, EvalSubset, add_targets, get_task
 from ..training.engine import (COMPAT_SIZE, Evaluation, build_run_model, evaluate, load_checkpoint, make_datasets,
-                     read_run_config, resolve_device, seed_everything, weights_digest)
+                               read_run_config, resolve_device, seed_everything, weights_digest)
 from ..training.rows import ResultRow
 
 __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_class_spread", "prior_predictor",
@@ -208,7 +208,7 @@ def _evaluation_row(run_row, ev: Evaluation, metrics: dict, device: str, extra: 
 
 def group_recalls(folder: str | Path, groups, split: str = "test", device: str = "cpu") -> dict:
     """Mean recall over the activities of each class group (e.g. MEJO's head / medium / tail from
-    :func:`endoarss_lib.losses.class_groups`, one label per activity) on a split of a run's own data, over the
+    :func:`endoarss_lib.training.losses.class_groups`, one label per activity) on a split of a run's own data, over the
     activities present in the split, and how many distinct activities the model predicts."""
     ev = evaluate_run(folder, split=split, device=device, distances=False, per_image=True)
     groups = np.asarray(groups)

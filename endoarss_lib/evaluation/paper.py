@@ -1,5 +1,5 @@
-"""The paper's tables as data (``endoarss_lib/paper_tables/*.csv``, shipped with the package) and our result rows set
-beside them.
+"""The paper's tables as data (``endoarss_lib/evaluation/paper_tables/*.csv``, shipped with the package) and our result
+rows set beside them.
 
 Each table is a tidy CSV in our vocabulary: ``dataset`` (mtlesd | mtlendovis | mtlendovis_gen), ``backbone``
 (resnet101 | dinov2 | endoarss = DINOv2 + SMA), ``arch`` (mmoe | dselect_k | tesla | single), ``weighting``
@@ -222,8 +222,8 @@ def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, on: Sequence[str] = DE
                  how: str = "left") -> pd.DataFrame:
     """Our rows (mean over seeds) beside the paper's: ``<M>_paper | <M>_compat | <M>_correct`` per paper metric M.
 
-    ``ours`` are result rows (:func:`endoarss_lib.engine.fit`); they are mapped to the paper's vocabulary first.
-    ``_compat`` is our paper-compatible value in the paper's units (x100 for fractions), ``_correct`` the correct
+    ``ours`` are result rows (:func:`endoarss_lib.training.engine.fit`); they are mapped to the paper's vocabulary
+    first. ``_compat`` is our paper-compatible value in the paper's units (x100 for fractions), ``_correct`` the correct
     metric beside it (see :data:`PAPER_TO_OURS`). ``provenance`` marks synthetic data and random-init backbones.
     ``how="left"`` keeps our configurations, ``"outer"`` also the paper's rows we did not run.
     """

@@ -217,7 +217,7 @@ def _random_batch(model, image_size: int, batch_size: int, device: torch.device)
 
 
 def _train_step(model, batch, optimizer, weighting, device, amp) -> None:
-    """One engine training step (:func:`endoarss_lib.engine.train_step`) and the optimiser step."""
+    """One engine training step (:func:`endoarss_lib.training.engine.train_step`) and the optimiser step."""
     train_step(model, batch, weighting, model.tasks, device=device, amp=amp)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -226,8 +226,8 @@ def _train_step(model, batch, optimizer, weighting, device, amp) -> None:
 def measure_training(model: torch.nn.Module, image_size: int, batch_size: int = 8, device="cpu", steps: int = 5,
                      warmup: int = 1, amp: str = "auto", weighting: str = "ew", lr: float = 1e-4) -> dict:
     """Images/s and peak memory of training steps (forward, task losses, ``weighting.backward``, Adam) on random
-    inputs, as :func:`endoarss_lib.engine.fit` does them; updates ``model``'s trainable parameters (and BatchNorm
-    statistics) in place."""
+    inputs, as :func:`endoarss_lib.training.engine.fit` does them; updates ``model``'s trainable parameters (and
+    BatchNorm statistics) in place."""
     _validate(image_size, batch_size, steps, warmup)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr={lr!r}: expected a finite number > 0")

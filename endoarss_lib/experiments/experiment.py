@@ -9,8 +9,8 @@ the output folder, and then
 * ``exp.variants({name: options}, seeds=[...], **fields)`` the configs of named variants x seeds and
   ``exp.grid(backbones=[...], archs=[...], weightings=[...])`` those of a grid, with single-task baselines for every
   (backbone, seed), both keyed by :class:`RunKey` (a name with its ``variant`` and ``seed``);
-* ``exp.run(configs)`` fits them (:func:`endoarss_lib.runner.run_grid`) and returns the result rows, with ``variant``
-  and ``seed`` columns for RunKey-keyed configs (no run name is built or parsed by hand);
+* ``exp.run(configs)`` fits them (:func:`endoarss_lib.training.runner.run_grid`) and returns the result rows, with
+  ``variant`` and ``seed`` columns for RunKey-keyed configs (no run name is built or parsed by hand);
 * ``exp.note(rows)`` is the caption every table carries (data, backbone provenance, degenerate models);
 * ``exp.write_table(df, name)`` writes ``<out_dir>/<name>.csv|md`` with that caption; ``exp.save_rows(rows)``.
 
@@ -386,7 +386,7 @@ class Experiment:
         """The domain-shifted generalisation test set of this experiment's training dataset (MTLEndovis ->
         MTLEndovis-Gen, paper Table IV): for synthetic data generated with the same seed and size (``n_test``
         images, default the experiment's), for real data the folder ``data_root`` of the Gen set must be given to
-        :func:`endoarss_lib.inference.evaluate_run_on` instead."""
+        :func:`endoarss_lib.evaluation.inference.evaluate_run_on` instead."""
         b = self.base
         target = next((name for name, spec in DATASETS.items() if spec.train_on == b.dataset), None)
         if target is None:

@@ -1,6 +1,6 @@
 """Sweeps: a grid of papermill notebook runs, one executed notebook per configuration, aggregated into tables.
 
-``python -m endoarss_lib.sweep GRID.yaml [--jobs N] [--dry-run] [--aggregate-only] [--root DIR]
+``python -m endoarss_lib.experiments.sweep GRID.yaml [--jobs N] [--dry-run] [--aggregate-only] [--root DIR]
 [--executor local|slurm|submitit-local] [--partition P] [--gpus-per-job G] [--time-limit MIN] [--slurm-folder DIR]``
 
 A grid file (YAML) names a notebook, fixed parameters and what to vary::
@@ -20,8 +20,9 @@ Each configuration's parameters get an id (a short hash) and a folder ``<root>/r
 executed notebook ``<notebook name>.ipynb`` (written under a temporary name, renamed when the run succeeds; a failed
 run keeps its partial notebook as ``<notebook stem>.failed.ipynb`` for debugging), ``status.json`` (ok / failed, the
 error, wall time, parameters, git commit) and whatever the notebook writes under ``out_dir`` (which the sweep sets to
-that folder), including ``rows.json`` (:func:`endoarss_lib.results.save_rows`). A run must leave ``rows.json``.
-The kernel runs in the notebook's folder, so path parameters are relative to it (as with ``papermill --cwd``).
+that folder), including ``rows.json`` (:func:`endoarss_lib.experiments.results.save_rows`). A run must leave
+``rows.json``. The kernel runs in the notebook's folder, so path parameters are relative to it (as with
+``papermill --cwd``).
 
 A configuration whose folder says ok for the same parameters is skipped; failed ones are retried. Several run at once
 (``--jobs``; default one per visible GPU, each job pinned to one GPU through ``CUDA_VISIBLE_DEVICES``). A failure is
@@ -320,7 +321,7 @@ def _execute(config: Config, partial: Path, kernel: str | None, cell_timeout: fl
                                execution_timeout=cell_timeout)
     if not (config.folder / ROWS_FILE).is_file():
         raise RuntimeError(f"the notebook finished without writing {ROWS_FILE} to out_dir (does it call "
-                           f"endoarss_lib.results.save_rows(rows, out_dir, ...)?)")
+                           f"endoarss_lib.experiments.results.save_rows(rows, out_dir, ...)?)")
 
 
 def _status(config: Config, grid_name: str, error: str | None, started: float) -> dict:

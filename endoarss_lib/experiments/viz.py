@@ -129,7 +129,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100, colors: in
 
 
 def plot_prediction(sample: dict, spec, ax_row=None, alpha: float = 0.6) -> Figure | None:
-    """Image, ground truth and prediction of one :func:`endoarss_lib.engine.predict` sample, side by side."""
+    """Image, ground truth and prediction of one :func:`endoarss_lib.evaluation.inference.predict` sample, side by
+    side."""
     palette = class_palette(spec.num_seg_classes)
     fig = None
     if ax_row is None:
@@ -265,10 +266,10 @@ def plot_gallery(samples_by_model: Mapping[str, Sequence[dict]], spec, positions
                  alpha: float = 0.6, show_iou: bool = True, cell: float = 2.0) -> Figure:
     """Rows = images, columns = image, ground truth and each model's prediction (Fig. 5 style), class legend below.
 
-    ``samples_by_model`` maps a model name to its :func:`endoarss_lib.engine.predict` samples (same images, same
-    order); ``positions`` picks rows (default all); ``label`` (e.g. :func:`data_label`) goes into the title. Each
-    prediction is captioned with its per-image foreground IoU and, for multi-task models, the predicted activity
-    (red when wrong).
+    ``samples_by_model`` maps a model name to its :func:`endoarss_lib.evaluation.inference.predict` samples (same
+    images, same order); ``positions`` picks rows (default all); ``label`` (e.g. :func:`data_label`) goes into the
+    title. Each prediction is captioned with its per-image foreground IoU and, for multi-task models, the predicted
+    activity (red when wrong).
     """
     reference = _check_aligned(samples_by_model)
     positions = list(range(len(reference))) if positions is None else list(positions)

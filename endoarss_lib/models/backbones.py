@@ -72,7 +72,7 @@ BACKBONES: dict[str, BackboneConfig] = {
         timm_kwargs=dict(embed_dim=192, depth=6, num_heads=3), ignore_unexpected=("head.weight", "head.bias"),
         description="DINOv2-architecture ViT, width 192, 6 blocks, 3 heads, patch 14, LayerScale (2.7 M): the "
                     "project's own foundation model (bundled weights 'synthdino_vit_mini14', pretrained by "
-                    "endoarss_lib.pretrain on synthetic images)"),
+                    "endoarss_lib.foundation on synthetic images)"),
     "resnet101": BackboneConfig(
         "resnet", "resnet101", 2048, 33, patch_size=1, frozen=False, ignore_unexpected=("fc.weight", "fc.bias"),
         description="ResNet-101 (timm), trainable, dilated (output stride 16 or 8)"),

@@ -1,7 +1,7 @@
 """Weight records of the backbones that ship with the package (torchvision-style: file, hash, transforms, metrics).
 
 A record is data: ``endoarss_lib/weights/<name>.json`` beside ``<name>.safetensors``, both written by
-``python -m endoarss_lib.pretrain``. :func:`list_pretrained` names them, :func:`get_pretrained` returns one
+``python -m endoarss_lib.foundation``. :func:`list_pretrained` names them, :func:`get_pretrained` returns one
 (:class:`PretrainedWeights`), and ``build_model(..., pretrained=NAME)`` resolves the name, checks the file's sha256
 and loads it strictly through the same code as a DINOv2 checkpoint (:func:`endoarss_lib.models.weights
 .load_state_dict_strict`).
@@ -153,7 +153,7 @@ def verified_file(name: str, backbone: str | None = None) -> PretrainedWeights:
                            f"use backbone={rec.backbone!r}")
     if not rec.file.is_file():
         raise WeightsError(f"bundled weights {name!r}: file {rec.file} is missing (a broken install or checkout?); "
-                           f"regenerate it with `python -m endoarss_lib.pretrain` (see its --help) or reinstall")
+                           f"regenerate it with `python -m endoarss_lib.foundation` (see its --help) or reinstall")
     st = os.stat(rec.file)
     key = (str(rec.file), st.st_size, st.st_mtime_ns)
     if not _VERIFIED.get(key):
@@ -166,7 +166,7 @@ def verified_file(name: str, backbone: str | None = None) -> PretrainedWeights:
 
 
 def _record_beside(path: Path) -> dict | None:
-    """A weight record (``<stem>.json`` with ``mean`` / ``std``, as ``endoarss_lib.pretrain`` writes) beside a weights
+    """A weight record (``<stem>.json`` with ``mean`` / ``std``, as ``endoarss_lib.foundation`` writes) beside a weights
     file that names that file, or None."""
     record = path.with_suffix(".json")
     if not record.is_file() or record == path:

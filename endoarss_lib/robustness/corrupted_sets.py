@@ -2,7 +2,7 @@
 
 :func:`build_corrupted_set` writes ``out_dir/<name>/<severity>`` as dataset roots (the split's layout, images as
 PNG; masks copied for photometric corruptions, warped with the image for geometric ones) using the pixel transforms
-of :mod:`endoarss_lib.corruptions`; :func:`clean_cell` writes the clean split through the very same
+of :mod:`endoarss_lib.robustness.corruptions`; :func:`clean_cell` writes the clean split through the very same
 resize-and-PNG path, so clean and corrupted rows differ only by the corruption. A cell is reused only when its marker
 (``_DONE.json``, written last) holds the current key: dataset content, split, corruption, severity, seed, size and
 the generator / package versions.
@@ -210,7 +210,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "endoarss_lib.corruptions"])  # import cv2, scipy, skimage once in the server, not per worker
+    context.set_forkserver_preload([__name__, "endoarss_lib.robustness.corruptions"])  # import cv2, scipy, skimage once in the server, not per worker
     return context
 
 

@@ -1,6 +1,6 @@
 """The paper's 19 image corruptions x 5 severities (Sec. IV-C5, Table VII, Fig. 6): pixel transforms only.
 
-The cached, parallel builder of whole corrupted test sets is :mod:`endoarss_lib.corrupted_sets`.
+The cached, parallel builder of whole corrupted test sets is :mod:`endoarss_lib.robustness.corrupted_sets`.
 
 Fifteen corruptions come from the ``imagecorruptions`` package (Michaelis et al. 2019, maintained fork
 ``imagecorruptions-imaug``), which packages ImageNet-C (Hendrycks & Dietterich, "Benchmarking Neural Network

@@ -1,15 +1,16 @@
 """Robustness under the paper's 19 corruptions x 5 severities (Sec. IV-C5, Table VII, Fig. 6): evaluation.
 
 :func:`evaluate_corruptions` evaluates one trained model (a run folder or a module) on the whole test split corrupted
-by every (corruption, severity) cell that :func:`endoarss_lib.corrupted_sets.build_corrupted_set` writes, plus a
-clean reference cell (severity 0) that goes through the same resize-and-PNG path, and returns one row per cell. Each
-cell's metrics are cached as a small JSON file keyed by the model (config hash + checkpoint hash, or a hash of the
+by every (corruption, severity) cell that :func:`endoarss_lib.robustness.corrupted_sets.build_corrupted_set` writes,
+plus a clean reference cell (severity 0) that goes through the same resize-and-PNG path, and returns one row per cell.
+Each cell's metrics are cached as a small JSON file keyed by the model (config hash + checkpoint hash, or a hash of the
 module's weights), the cell's own key (dataset content, corruption, severity, seed, size, generator and package
-versions) and the evaluation settings, so a rerun only evaluates what changed. Segmentation is always scored against
-the cell's own masks, which the builder warps for geometric corruptions (elastic transform).
+versions) and the evaluation settings, so a rerun only evaluates what changed. Segmentation is always scored against the
+cell's own masks, which the builder warps for geometric corruptions (elastic transform).
 
 The paper's views of such frames (Table VII, Fig. 6 per-severity means, corruption errors) are in
-:mod:`endoarss_lib.robustness_report`; the figures in :mod:`endoarss_lib.viz`. Metrics are fractions in [0, 1].
+:mod:`endoarss_lib.robustness.report`; the figures in :mod:`endoarss_lib.experiments.viz`. Metrics are fractions
+in [0, 1].
 """
 from __future__ import annotations
 
@@ -62,13 +63,13 @@ def evaluate_corruptions(model, data_root: str | os.PathLike, out_dir: str | os.
     written under ``out_dir/corrupted/<H>x<W>/<name>/<severity>`` (``workers`` processes; shared by every model
     evaluated with the same ``out_dir``) and per-cell results under ``out_dir/evals/<model key>/``.
 
-    Rows have the schema of every result row (:class:`endoarss_lib.results.ResultRow`, ``source`` "robustness"; the
-    model's backbone, architecture, weighting and config hash where known; provenance as recorded when the cell was
+    Rows have the schema of every result row (:class:`endoarss_lib.training.rows.ResultRow`, ``source`` "robustness";
+    the model's backbone, architecture, weighting and config hash where known; provenance as recorded when the cell was
     evaluated, None for cells cached before it was recorded) and the cell's own columns: ``model, corruption, group,
     severity`` (0 and group ``clean`` for the clean reference), ``n_images``, ``model_key`` and ``cached`` (True when
     the row came from the cache). ``seed`` is the corruption seed. The metrics are those of
-    :func:`endoarss_lib.engine.evaluate` (``cls_*``, ``seg_*``, correct and ``compat_``; boundary distances and SSIM
-    only with ``distances=True``).
+    :func:`endoarss_lib.training.engine.evaluate` (``cls_*``, ``seg_*``, correct and ``compat_``; boundary distances and
+    SSIM only with ``distances=True``).
 
     ``outcomes``: a dict that receives the per-image outcomes pooled over the corruptions (:func:`pooled_outcomes`),
     keyed ``"all"`` (every corrupted cell) and by severity (``0``: clean): what the robustness claims are decided on.

@@ -1,4 +1,4 @@
-"""The paper's views of robustness frames (rows of :func:`endoarss_lib.robustness.evaluate_corruptions`).
+"""The paper's views of robustness frames (rows of :func:`endoarss_lib.robustness.evaluation.evaluate_corruptions`).
 
 * :func:`table_vii`: per corruption, each metric averaged over severities, models side by side, their mean over the
   corruptions and the clean reference (Table VII);

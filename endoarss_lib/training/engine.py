@@ -244,7 +244,7 @@ def _damaged_checkpoint_advice(path: Path) -> str:
     if path.name == "best.pt":
         return ("The selected model cannot be rebuilt from the run folder: move the folder away (its result.json "
                 "still holds the numbers) or train this config again under another run_name / out_dir")
-    return "Check that it is a checkpoint written by endoarss_lib.engine.fit"
+    return "Check that it is a checkpoint written by endoarss_lib.training.engine.fit"
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -524,7 +524,7 @@ def _diverged(cfg: TrainConfig, epoch: int, step: int, global_step: int, what: s
 
 def _all_reduce_grads(optimizer) -> None:
     """Average the gradients over the ranks (one flat all-reduce). A gradient weighting has combined the global
-    batch's task gradients already (the same shared gradient on every rank, see endoarss_lib.distributed); this
+    batch's task gradients already (the same shared gradient on every rank, see endoarss_lib.training.distributed); this
     averages the task-specific parameters' gradients (and a regulariser's) to the global batch's."""
     average_gradients([p for group in optimizer.param_groups for p in group["params"]])
 
@@ -682,8 +682,8 @@ def _claimed(folder: Path, cfg: TrainConfig):
 
 def fit(cfg: TrainConfig) -> dict:
     """Train (or resume), select an epoch, evaluate the selected model on test once; return the result row (the
-    schema of :class:`~endoarss_lib.results.ResultRow`; a finished run's row as :func:`~endoarss_lib.results.read_row`
-    reads it, reporting where the folder is now).
+    schema of :class:`~endoarss_lib.training.rows.ResultRow`; a finished run's row as
+    :func:`~endoarss_lib.training.rows.read_row` reads it, reporting where the folder is now).
 
     The run folder is claimed first (:func:`_claimed`): of several trainings started at once into one folder,
     exactly one trains; the others are refused (another config) or wait for it (the same config). A loss or weight

@@ -3,7 +3,7 @@
 :func:`run_grid` fits every configuration (finished runs are returned from their ``result.json``, interrupted ones
 resume) and returns one result row per configuration; a configuration that fails is reported in its row (``status``
 ``failed``, ``error``) and the others go on. :func:`grid` and :func:`single_task_baselines` build the named configs.
-The notebook sweep (:mod:`endoarss_lib.sweep`) re-executes notebooks with parameters and uses the same pool.
+The notebook sweep (:mod:`endoarss_lib.experiments.sweep`) re-executes notebooks with parameters and uses the same pool.
 """
 from __future__ import annotations
 

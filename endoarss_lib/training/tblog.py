@@ -67,7 +67,8 @@ class TensorBoardLog:
                 self.writer.add_scalar(f"{prefix}/{key}", number, step)
 
     def step(self, global_step: int, result: Mapping) -> None:
-        """One optimisation step: :func:`~endoarss_lib.engine.train_step`'s losses, task weights, diagnostics."""
+        """One optimisation step: :func:`~endoarss_lib.training.engine.train_step`'s losses, task weights,
+        diagnostics."""
         self._scalars("train", {f"loss_{t}": v for t, v in result["losses"].items()}, global_step)
         weights = result.get("weights")
         if weights is not None:

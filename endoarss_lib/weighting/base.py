@@ -156,8 +156,8 @@ class Weighting:
 
     name: str = "base"
     needs_task_grads: bool = False
-    # Data parallel (endoarss_lib.distributed): a function averaging a tensor over the ranks, identically on every
-    # rank. Set, ``backward`` combines the global batch's losses (and task-gradient matrix) instead of this rank's
+    # Data parallel (endoarss_lib.training.distributed): a function averaging a tensor over the ranks, identically on
+    # every rank. Set, ``backward`` combines the global batch's losses (and task-gradient matrix) instead of this rank's
     # share. None in a single process. Not state: never saved.
     global_mean = None
 

@@ -9,8 +9,8 @@ it is implemented here:
 
 * a progress score per task from the current batch, ``s_t``: for ``cls`` the mean softmax probability of the true
   activity, for ``seg`` the mean true-class probability over the valid pixels (the engine computes them with
-  :func:`endoarss_lib.losses.progress_scores` and hands them over with :meth:`GMCoord.set_progress`; without them
-  the method falls back to ``exp(-L_t)``, the *geometric* mean true-class probability of a cross-entropy loss);
+  :func:`endoarss_lib.training.losses.progress_scores` and hands them over with :meth:`GMCoord.set_progress`; without
+  them the method falls back to ``exp(-L_t)``, the *geometric* mean true-class probability of a cross-entropy loss);
 * optionally ``relative=True``: each score divided by its value at the first modulated step (the two tasks' raw
   scores live on different scales), and ``momentum`` > 0: an exponential moving average of the scores (0 = the
   current batch only, as OGM-GE);

@@ -1,7 +1,7 @@
 """Per-task gradients: the gradients of T task losses w.r.t. a list of parameters, behind one function.
 
 :func:`task_gradients` is what every per-task gradient of the project goes through (the gradient weightings'
-``backward``, GM-Coord's ``apply_to="shared"`` path and :func:`endoarss_lib.diagnostics.task_gradient_matrix`).
+``backward``, GM-Coord's ``apply_to="shared"`` path and :func:`endoarss_lib.training.diagnostics.task_gradient_matrix`).
 It returns, per parameter, one gradient per task (``None`` where the task's loss does not reach the parameter).
 Two strategies, equal up to floating-point rounding:
 
