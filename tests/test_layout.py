@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,49 @@ def test_old_module_paths_are_the_same_modules_and_warn(tmp_path):
         assert len(r["warned"]) == 1 and r["where"] == [str(probe)], (old, r)  # one warning, at the import line
     r = result["robustness.evaluate_corruptions"]
     assert r["same"] and len(r["warned"]) == 1 and "endoarss_lib.robustness.evaluation" in r["warned"][0], r
+
+
+def test_the_library_imports_only_modules_that_exist():
+    missing = sorted(f"{imp}" for imports in IMPORTS.values() for imp in imports
+                     if _internal(imp.target) and imp.target != "endoarss_lib" and imp.target not in FILES)
+    assert not missing, f"imports of modules that do not exist (an old path?): {missing}"
+
+
+def _old_paths_in(source: str, name: str) -> list[str]:
+    """Imports of old module paths (and strings naming them, e.g. patch targets) in a file outside the package."""
+    from endoarss_lib._compat import MOVED, new_name
+
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a file's own invalid escape sequences are not this test's business
+        tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if new_name(node.module) or (node.module == "endoarss_lib" and {a.name for a in node.names} & set(MOVED)):
+                found.append(f"{name}:{node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Import):
+            found += [f"{name}:{node.lineno}: import {a.name}" for a in node.names if new_name(a.name)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [f"{name}:{node.lineno}: {word!r}" for word in node.value.replace('"', " ").split()
+                      if word.startswith("endoarss_lib.") and new_name(word.rstrip(".,:;()'"))]
+    return found
+
+
+def test_tests_benchmarks_scripts_and_notebooks_use_the_new_paths():
+    import nbformat
+
+    found = []
+    for folder in ("tests", "benchmarks", "scripts"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if path.name != Path(__file__).name:  # this file names the old paths on purpose
+                found += _old_paths_in(path.read_text(), path.relative_to(ROOT).as_posix())
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type == "code":
+                source = "\n".join(("#" + line) if line.lstrip().startswith(("%", "!")) else line
+                                   for line in cell.source.split("\n"))
+                found += _old_paths_in(source, f"{path.name} cell {i}")
+    assert not found, "old module paths (see endoarss_lib._compat.MOVED for the new ones):\n" + "\n".join(found)
 
 
 def test_old_module_paths_cover_every_moved_module():
