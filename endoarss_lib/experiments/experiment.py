@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..coerce import Text, coerce, read_text_yaml, typed
 from ..config import _DERIVED_MODEL_KEYS, DEFAULT_MODEL, ConfigError, TrainConfig, _merge_model, preset, synthetic_root
-from ..data import DATASETS, MTLDataset, get_spec, make_synthetic
+from ..data import DATASETS, MTLDataset, make_synthetic
 from ..evidence.claims import claims_for, claims_frame, decide, sentence
 from ..evidence.scales import get_scale
 from ..evidence.variants import FEATURED, FEATURED_FIELDS, FEATURED_MODEL
@@ -417,7 +417,7 @@ class Experiment:
         own.update(outcomes or {})
         scale = self.scale.name if self.scale is not None else "custom"
         decides = self.scale.decides if self.scale is not None else len(self.seeds) >= 2
-        names = get_spec(self.base.dataset).seg_classes
+        names = self.base.data_spec.seg_classes  # the data the runs read (the synthetic preset names its classes)
         verdicts = []
         for claim in claims:
             sides = {claim.better, claim.worse}
