@@ -78,8 +78,10 @@ def test_checkpoint_of_another_config_is_refused_and_nothing_is_lost(tmp_path):
 
 def test_training_improves_validation_metrics_over_the_untrained_model(tmp_path):
     # A trainable ResNet on the synthetic ESD scenes: activity and foreground segmentation must both be learnt.
-    cfg = small(tmp_path, image_size=112, synthetic_n_train=48, epochs=8, model={"backbone": "resnet_tiny",
-                                                                                "arch": "hps"})
+    # Generator 1.1 draws thin and look-alike classes: 96 training images (measured: val fg mIoU 0.07 against 0.001
+    # untrained; with 48 images 0.035, short of the margin).
+    cfg = small(tmp_path, image_size=112, synthetic_n_train=96, epochs=8,
+                model={"backbone": "resnet_tiny", "arch": "hps"})
     datasets = make_datasets(cfg)
     spec = datasets["train"].spec
     seed_everything(cfg.seed)
