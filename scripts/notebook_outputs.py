@@ -10,7 +10,7 @@ at its default, which the scale fills in) through papermill (working directory `
 writes it to ``results/executed/`` with its outputs whole (embedded PNGs palette-quantised, widget state dropped,
 nothing cut) and stamps its metadata with the commit, whether the tree had uncommitted changes, the scale, the
 parameters and the wall time. Trainings are cached in the run store (``results/runs``): an interrupted ``execute``
-resumes where it stopped. At the demonstration scale it then ``collect``\s: every run the notebooks used is copied
+resumes where it stopped. At the demonstration scale it then runs ``collect``: every run the notebooks used is copied
 (``config.json``, ``result.json``, ``test_per_image.npz``; never a checkpoint) to ``results/demonstration/<run>/``,
 one row per run goes to ``results/tables/demonstration.csv`` and every notebook's claims to
 ``results/tables/claims.csv``.
