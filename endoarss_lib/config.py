@@ -30,7 +30,7 @@ from .data import synthetic as _synthetic  # GENERATOR_VERSION read at call time
 from .data.io import data_home  # noqa: F401 - where generated data go (defined in data/, re-exported here)
 from .data.registry import SYNTHETIC_PRESETS, get_spec, list_datasets
 from .models.architectures import ARCHITECTURES
-from .models.backbones import BACKBONES
+from .models.backbones import BACKBONES, RANDOM, needs_weights, where_to_get_weights
 from .models.build import CONNECTORS, TOKEN_MAPS, ModelConfig
 from .models.connectors import CMOE_ROUTERS
 from .models.pretrained import get_pretrained, is_pretrained_name, weights_transforms
@@ -39,7 +39,7 @@ from .weighting import available_weightings, canonical_name, get_weighting, hpar
 
 __all__ = ["TrainConfig", "PRESETS", "PRESET_SOURCES", "preset", "load_config", "apply_overrides", "parse_overrides",
            "data_home", "synthetic_root", "CUDA_NUM_WORKERS", "HASH_STABLE_DEFAULTS",
-           "ConfigError", "config_help", "DEFAULT_MODEL", "DictUpdate"]
+           "ConfigError", "config_help", "DEFAULT_MODEL", "DictUpdate", "require_backbone_weights"]
 
 
 def synthetic_root(dataset: str, seed: int, n_train: int, n_test: int, image_size: int) -> Path:
@@ -488,6 +488,8 @@ def _results_hash(values: dict) -> str:
     """The results hash of a config's values (:meth:`TrainConfig.to_dict`): see :meth:`TrainConfig.results_hash`."""
     data = {k: v for k, v in values.items() if k not in _NOT_IN_HASH}
     data["model"] = dict(data["model"])
+    if data["model"].get("pretrained") == RANDOM:  # random init asked for by name: the same run as pretrained=False
+        data["model"]["pretrained"] = False
     if data.get("synthetic") and data.get("data_root") is None:
         data["synthetic_generator"] = _synthetic.GENERATOR_VERSION  # new synthetic pixels: new run folders
     normalization = data.get("normalize")  # the normalisation used, however it was asked for
@@ -651,8 +653,10 @@ def _model_choices() -> dict[str, tuple]:
 
 
 def _pretrained_value(value: Any) -> Any:
-    """``model.pretrained`` as the user meant it: true/false words as booleans, any other text as a bundled weight
-    name or a path (kept as written, ``~`` expanded; ``0x10`` stays ``'0x10'``)."""
+    """``model.pretrained`` as the user meant it: true/false words as booleans, ``random`` (any case) as
+    :data:`~endoarss_lib.models.backbones.RANDOM` (random init asked for explicitly; hashed as False), any other text
+    as a bundled weight name or a path (kept as written, ``~`` expanded; ``0x10`` stays ``'0x10'``; a file named
+    ``random`` is ``./random``)."""
     if not isinstance(value, str):
         return value
     word = value.strip().lower()
@@ -660,8 +664,28 @@ def _pretrained_value(value: Any) -> Any:
         return True
     if word in _FALSE_WORDS:
         return False
+    if word == RANDOM:
+        return RANDOM
     _check_path_text("model.pretrained", value)
     return os.path.expanduser(str(value)) if value.startswith("~") else str(value)
+
+
+def require_backbone_weights(cfg: TrainConfig) -> None:
+    """Refuse to start a run whose frozen DINOv2 backbone has no weights (``model.pretrained`` false or unset, as in
+    the ``paper`` and ``released`` presets): it would train for ``epochs`` epochs on a randomly initialised backbone
+    and report numbers that mean nothing about DINOv2. A ConfigError names the file to get, its official source, its
+    sha256 where known and the override to use; ``model.pretrained=random`` asks for random init explicitly (an
+    ablation) and passes. Called when a run starts (``python -m endoarss_lib.train``), not when a config is made, so
+    ``--print-config`` and configs made in code still work."""
+    model = cfg.model
+    if not needs_weights(model.backbone, model.pretrained):
+        return
+    what = f"preset {cfg.preset!r}" if cfg.preset in ("paper", "released") else "this config"
+    raise ConfigError(
+        f"model.pretrained is not set: {what} would train a frozen, RANDOMLY INITIALISED {model.backbone} backbone for "
+        f"{cfg.epochs} epochs, whose results mean nothing about DINOv2. To use the published weights, "
+        f"{where_to_get_weights(model.backbone)}. To train on a random frozen backbone on purpose (an ablation), "
+        f"write model.pretrained={RANDOM}")
 
 
 def _canonical_model_options(given: dict) -> dict:

@@ -3,9 +3,11 @@
 Overrides are typed by their field: ``epochs=5 weighting=db_mtl augment=off model.arch=hps
 model.pretrained=/weights/dinov2.pth``; text fields keep what was typed (``run_name=007``), one entry of a mapping is
 ``loss_weights.cls=2``, names are matched ignoring case (``weighting=DB-MTL`` is ``db_mtl``). ``--print-config``
-prints the resolved config as YAML and exits. Under ``torchrun --nproc_per_node N`` the run is data-parallel.
-Rerunning the same command resumes. Errors are one message naming the field or file (exit status 2: a bad command
-line or config; 1: data, weights, run folder or disk); ``--debug`` shows the traceback. Also installed as
+prints the resolved config as YAML and exits. A frozen DINOv2 backbone without weights (``--preset paper`` /
+``released`` as they are) does not start: the error says which checkpoint to get and where;
+``model.pretrained=random`` trains on a random backbone on purpose. Under ``torchrun --nproc_per_node N`` the run is
+data-parallel. Rerunning the same command resumes. Errors are one message naming the field or file (exit status 2: a
+bad command line or config; 1: data, weights, run folder or disk); ``--debug`` shows the traceback. Also installed as
 ``endoarss-train``.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import yaml
 
 from .atomic import LockHeld
 from .cli import add_standard_options, prog, run_command
-from .config import PRESETS, ConfigError, config_help, load_config
+from .config import PRESETS, ConfigError, config_help, load_config, require_backbone_weights
 from .data import DataError
 from .models.weights import WeightsError
 from .training import engine
@@ -62,6 +64,7 @@ def _run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    require_backbone_weights(cfg)  # a frozen DINOv2 without weights (the paper preset's default) does not start
     row = engine.fit(cfg)  # looked up at call time (tests replace engine.fit)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(row, indent=2, default=str))

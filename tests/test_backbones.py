@@ -128,10 +128,12 @@ def test_missing_file():
         build_backbone(TINY, image_size=42, pretrained="/nonexistent/dinov2.pth")
 
 
-def test_pretrained_true_offline_fails_fast_with_hint():
+def test_pretrained_true_offline_fails_fast_with_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is online by default (as in timm): offline is asked for
     t = time.time()
-    with pytest.raises(WeightsError, match="local file"):
+    with pytest.raises(WeightsError, match="local file") as info:
         build_backbone("dinov2_vits14", image_size=56, pretrained=True)
+    assert "HF_HUB_OFFLINE" in str(info.value) and "dinov2_vits14_pretrain.pth" in str(info.value)
     assert time.time() - t < 30
     with pytest.raises(WeightsError, match="test-size"):
         build_backbone(TINY, image_size=42, pretrained=True)

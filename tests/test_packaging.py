@@ -203,16 +203,40 @@ def test_importing_the_package_leaves_the_model_hub_alone(tmp_path):
 def test_only_the_projects_own_hub_call_goes_offline(monkeypatch):
     from huggingface_hub import constants
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("ENDOARSS_ALLOW_HUB", raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ENDOARSS_ALLOW_HUB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with hub_mode():
+        assert constants.HF_HUB_OFFLINE is False  # online by default, as in timm / Hugging Face
+    assert constants.HF_HUB_OFFLINE is True  # restored: the rest of the process keeps its own setting
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    with hub_mode():
-        assert constants.HF_HUB_OFFLINE is True  # fail fast without ENDOARSS_ALLOW_HUB=1
-    assert constants.HF_HUB_OFFLINE is False  # restored: the rest of the process keeps the hub
-    monkeypatch.setenv("ENDOARSS_ALLOW_HUB", "1")
-    with hub_mode():
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        with hub_mode():
+            assert constants.HF_HUB_OFFLINE is True, name  # offline (fails fast) when the user says so
         assert constants.HF_HUB_OFFLINE is False
+        monkeypatch.delenv(name)
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.parametrize("value,offline", [("0", True), ("1", False)])
+def test_endoarss_allow_hub_is_a_deprecated_alias(monkeypatch, value, offline):
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ENDOARSS_ALLOW_HUB", value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", not offline)
+    with pytest.warns(FutureWarning, match="HF_HUB_OFFLINE=1"):
+        with hub_mode():
+            assert constants.HF_HUB_OFFLINE is offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the standard variable wins, without a warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hub_mode():
+            assert constants.HF_HUB_OFFLINE is True
 
 
 def test_generated_data_default_to_a_per_user_cache_never_the_package(tmp_path, monkeypatch):

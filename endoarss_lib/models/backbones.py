@@ -29,7 +29,8 @@ from .weights import (RandomInitWarning, WeightsError, file_sha256, hub_mode, hu
                       read_state_dict)
 
 __all__ = ["BackboneConfig", "BACKBONES", "BackboneOutput", "create_timm_backbone", "ViTBackbone", "ResNetBackbone",
-           "GroupBatchNorm2d", "build_backbone", "VIT_LORA_TARGETS"]
+           "GroupBatchNorm2d", "build_backbone", "VIT_LORA_TARGETS", "OFFICIAL_WEIGHTS", "RANDOM", "needs_weights",
+           "where_to_get_weights"]
 
 VIT_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -84,6 +85,50 @@ BACKBONES: dict[str, BackboneConfig] = {
 }
 
 
+# The word that asks for a randomly initialised backbone explicitly (``model.pretrained=random``): the only way a
+# frozen DINOv2 backbone trains without weights from the command line (see :func:`needs_weights`).
+RANDOM = "random"
+
+# Where the published weights of the DINOv2 backbones come from (facebookresearch/dinov2, Apache-2.0). The official
+# .pth files load as they are (strict, through timm's checkpoint_filter_fn). sha256: None where this project has not
+# recorded the file's digest (every run's result row records the digest of the file it used).
+OFFICIAL_WEIGHTS: dict[str, dict] = {
+    "dinov2_vitb14": {"file": "dinov2_vitb14_pretrain.pth", "what": "DINOv2 ViT-B/14 (LVD-142M, no registers)",
+                      "url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+                      "repository": "https://github.com/facebookresearch/dinov2",
+                      "timm": "vit_base_patch14_dinov2.lvd142m", "sha256": None},
+    "dinov2_vits14": {"file": "dinov2_vits14_pretrain.pth", "what": "DINOv2 ViT-S/14 (LVD-142M, no registers)",
+                      "url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+                      "repository": "https://github.com/facebookresearch/dinov2",
+                      "timm": "vit_small_patch14_dinov2.lvd142m", "sha256": None},
+}
+
+
+def needs_weights(name: str, pretrained) -> bool:
+    """Whether backbone ``name`` with ``pretrained`` would train a frozen backbone meant to be pretrained on random
+    weights without having been asked to: a DINOv2 size (:data:`OFFICIAL_WEIGHTS`), frozen, ``pretrained`` False /
+    None (not the explicit :data:`RANDOM`)."""
+    cfg = BACKBONES.get(name)
+    return (cfg is not None and name in OFFICIAL_WEIGHTS and cfg.frozen and cfg.has_weights
+            and (pretrained is False or pretrained is None))
+
+
+def where_to_get_weights(name: str, hub: bool = True) -> str:
+    """How to get backbone ``name``'s published weights and pass them (file, source, sha256, override), in words
+    (``hub``: also mention ``pretrained=True``)."""
+    info = OFFICIAL_WEIGHTS.get(name)
+    if info is None:
+        return f"pass a weights file for {name!r} with model.pretrained=/path/to/weights.pth (or .safetensors)"
+    digest = (f"sha256 {info['sha256']}" if info["sha256"] else
+              "sha256: not known to this project (none is recorded here to check a download against; note the one "
+              "of your file, `sha256sum FILE`: each run's result row records the digest of the file it used)")
+    return (f"get the {info['what']} checkpoint {info['file']} from {info['url']} (official repository "
+            f"{info['repository']}; the same weights, converted, are timm's {info['timm']} on the Hugging Face hub); "
+            f"{digest}. "
+            f"Pass it with model.pretrained=/path/to/{info['file']}"
+            + (" (or model.pretrained=true to download timm's copy, unless HF_HUB_OFFLINE=1)" if hub else ""))
+
+
 class BackboneOutput(NamedTuple):
     """Per-group spatial feature maps (G, B, C, h, w) and class tokens (G, B, C) or None."""
 
@@ -126,23 +171,26 @@ def create_timm_backbone(
             with hub_mode():
                 model = timm.create_model(cfg.timm_name, pretrained=True, **kwargs)
         except Exception as e:  # offline hub, missing cache, network
-            hint = (" The project's hub downloads are off (HF_HUB_OFFLINE is set, or ENDOARSS_ALLOW_HUB=1 is not)."
-                    if hub_offline() else "")
+            hint = (" Hub downloads are off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, or the deprecated "
+                    "ENDOARSS_ALLOW_HUB=0) and the weights are not in the Hugging Face cache; unset it on a machine "
+                    "with internet to download them." if hub_offline() else " Is the machine offline?")
+            where = f" To {where_to_get_weights(name, hub=False)}." if name in OFFICIAL_WEIGHTS else ""
             raise WeightsError(
                 f"pretrained=True could not fetch {cfg.timm_name} weights from the hub: {type(e).__name__}: {e}.{hint}"
                 f" Pass a local file instead: pretrained='/path/to/checkpoint.pth' (official DINOv2 .pth or a "
-                f".safetensors)") from e
+                f".safetensors).{where}") from e
         return model, {"source": f"timm hub: {cfg.timm_name}", "sha256": None}
     model = timm.create_model(cfg.timm_name, pretrained=False, **kwargs)
-    if pretrained is False or pretrained is None:
+    if pretrained is False or pretrained is None or pretrained == RANDOM:
         if cfg.warn_random_init:
             bundled = [n for n in list_pretrained() if get_pretrained(n).backbone == name]
             what = ("DINOv2" if name.startswith("dinov2") else "a pretrained foundation model" if cfg.family == "vit"
                     else "an ImageNet-pretrained " + name)
-            fix = f"pretrained={bundled[0]!r} (bundled)" if bundled else "pretrained='/path/to/weights'"
+            fix = (f"pretrained={bundled[0]!r} (bundled)" if bundled else where_to_get_weights(name)
+                   if name in OFFICIAL_WEIGHTS else "pretrained='/path/to/weights'")
             warnings.warn(
-                f"backbone {name!r} is RANDOMLY INITIALISED (pretrained=False): results mean nothing about {what}. "
-                f"Pass {fix} for real runs (a random frozen backbone is meant only as an ablation).",
+                f"backbone {name!r} is RANDOMLY INITIALISED (pretrained={pretrained!r}): results mean nothing about "
+                f"{what}. For real runs: {fix} (a random frozen backbone is meant only as an ablation).",
                 RandomInitWarning, stacklevel=3)
         return model, {"source": "random init", "sha256": None}
     record = None
@@ -153,7 +201,7 @@ def create_timm_backbone(
         path = os.fspath(pretrained)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights file not found: {path} (model.pretrained expects an existing .pth / "
-                                    f".safetensors file, a bundled name {list_pretrained()}, or false)")
+                                    f".safetensors file, a bundled name {list_pretrained()}, {RANDOM!r} or false)")
     convert = None
     if cfg.family == "vit":
         convert = checkpoint_filter_fn  # official DINOv2 names (mask_token, w12/w3), pos_embed resampling

@@ -9,8 +9,9 @@ and loads it strictly through the same code as a DINOv2 checkpoint (:func:`endoa
 Like torchvision's ``weights.transforms()``, a record says what input its weights expect:
 ``get_pretrained(NAME).transforms()`` (:class:`WeightsTransforms`: mean/std, input size). :func:`weights_transforms`
 answers it for any ``model.pretrained`` value: a bundled name (its record), a weights file (a record JSON beside it,
-else the backbone's published normalisation: ImageNet's for DINOv2 and timm's ResNets), the hub or random init (the
-backbone's). The data pipeline normalises with it unless ``TrainConfig.normalize`` overrides it.
+else the backbone's published normalisation: ImageNet's for DINOv2 and timm's ResNets), the hub or random init
+(``False`` or ``"random"``: the backbone's). The data pipeline normalises with it unless ``TrainConfig.normalize``
+overrides it.
 
 The bundled weights are **not DINOv2**: a small ViT of DINOv2's architecture pretrained by this project on synthetic
 images, so that the default runs adapt a foundation model whose features mean something. Real DINOv2 files are
@@ -186,7 +187,7 @@ def weights_transforms(pretrained: Any, backbone: str | None = None) -> WeightsT
     ``backbone``'s. Never reads the weights themselves."""
     if is_pretrained_name(pretrained):
         return get_pretrained(pretrained).transforms()
-    if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):
+    if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool) and pretrained != "random":
         data = _record_beside(Path(pretrained))
         if data is not None:
             return WeightsTransforms(tuple(data["mean"]), tuple(data["std"]), data.get("image_size"),

@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import os
 import pickle
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -32,13 +33,27 @@ class RandomInitWarning(UserWarning):
     """A backbone meant to be pretrained was randomly initialised."""
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
 def hub_offline() -> bool:
-    """Whether the project's own hub downloads (``pretrained=True``) run offline: yes when ``HF_HUB_OFFLINE`` is set,
-    or unless ``ENDOARSS_ALLOW_HUB=1`` (machines without internet then fail fast instead of retrying for a minute).
+    """Whether the project's own hub downloads (``pretrained=True``) run offline. As in timm and Hugging Face: online
+    unless ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to 1 / true, in which case a missing cache fails
+    at once instead of retrying. ``ENDOARSS_ALLOW_HUB`` (this project's old switch, which defaulted to offline) is a
+    deprecated alias: ``ENDOARSS_ALLOW_HUB=0`` still means offline, ``=1`` is the default now; either warns.
     Nothing else in the process is affected: importing the package sets no environment variable."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return True
-    return os.environ.get("ENDOARSS_ALLOW_HUB") != "1"
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "0").strip().lower() in _TRUE:
+            return True
+    legacy = os.environ.get("ENDOARSS_ALLOW_HUB")
+    if legacy is not None:
+        offline = legacy.strip().lower() not in _TRUE
+        warnings.warn(f"ENDOARSS_ALLOW_HUB={legacy!r} is deprecated: hub downloads are online by default (as in timm "
+                      f"and Hugging Face); set HF_HUB_OFFLINE=1 to keep them offline"
+                      + (" (treated as HF_HUB_OFFLINE=1 now)" if offline else " (no longer needed)"),
+                      FutureWarning, stacklevel=2)
+        return offline
+    return False
 
 
 @contextmanager
