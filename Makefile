@@ -1,17 +1,35 @@
 # The README's commands. Each target sets itself up on a fresh machine: it creates .venv if missing and installs
-# the project into it (again only when pyproject.toml or constraints.txt changes), with the tested versions of
-# constraints.txt (pyproject.toml itself declares compatible ranges only).
+# the project into it (again only when pyproject.toml, constraints.txt, requirements-lock.txt or the torch build
+# changes), with the pins of constraints.txt and the tested environment of requirements-lock.txt (make lock) as
+# constraints (pyproject.toml itself declares compatible ranges only).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.endoarss-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+# make install TORCH=cpu|cu126|cu130: torch / torchvision (at constraints.txt's versions) from the PyTorch index of
+# that build (https://download.pytorch.org/whl/<build>); TORCH=default (the default): from PyPI, as pip resolves
+# them (torch 2.14.1 on PyPI is a CUDA 13.0 build on Linux x86-64). The choice is remembered in .venv, so later
+# targets keep it; a different TORCH reinstalls torch and torchvision. Drivers, OS, disk: docs/install.md.
+TORCH_BUILDS := default cpu cu126 cu130
+TORCH_FILE := $(VENV)/.endoarss-torch
+TORCH ?= $(shell cat $(TORCH_FILE) 2>/dev/null || echo default)
+ifeq ($(filter $(TORCH),$(TORCH_BUILDS)),)
+$(error TORCH=$(TORCH): expected one of $(TORCH_BUILDS) (e.g. make install TORCH=cpu))
+endif
+TORCH_INDEX := $(if $(filter-out default,$(TORCH)),https://download.pytorch.org/whl/$(TORCH))
+TORCH_PINS := $(shell grep -E '^(torch|torchvision)==' constraints.txt)
+# The lock file of the tested environment, used as a second constraints file so that a fresh install reproduces it
+# (make install LOCK= : constraints.txt only, e.g. after changing a pin, before make lock).
+LOCK ?= requirements-lock.txt
 # No model or data hub is reachable here: fail fast instead of retrying.
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-unit test-notebooks test-browser lab bench executed book tensorboard clean
+.PHONY: install lock demo test test-unit test-notebooks test-browser lab bench executed book tensorboard clean FORCE
 
 # The JupyterLab browser test (tests/test_browser.py) needs headless Chromium: Debian's chromium + chromium-driver.
 BROWSER_TEST := tests/test_browser.py
@@ -25,12 +43,26 @@ else \
 fi
 endef
 
-$(STAMP): pyproject.toml constraints.txt
+# The torch build of .venv: rewritten (hence newer than the stamp) only when TORCH changes; a .venv installed before
+# this file existed had the PyPI build, recorded as "default" with the stamp's time.
+$(TORCH_FILE): FORCE
+	@mkdir -p $(VENV)
+	@if [ ! -f $@ ] && [ -f $(STAMP) ]; then echo default > $@; touch -r $(STAMP) $@; fi
+	@[ "$$(cat $@ 2>/dev/null)" = "$(TORCH)" ] || echo "$(TORCH)" > $@
+
+$(STAMP): pyproject.toml constraints.txt $(LOCK) $(TORCH_FILE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[notebooks,test]"
+	$(if $(and $(wildcard $(STAMP)),$(filter $(TORCH_FILE),$?)),$(PIP) uninstall -q -y torch torchvision)
+	$(if $(TORCH_INDEX),$(PIP) install -q --index-url $(TORCH_INDEX) $(TORCH_PINS))
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt $(if $(LOCK),-c $(LOCK)) -e ".[notebooks,test]"
 	@touch $@
 
 install: $(STAMP)
+
+## make lock: requirements-lock.txt, every package make install put in .venv, at its version (the tested environment)
+lock: $(STAMP)
+	$(BIN)/python scripts/lock.py > requirements-lock.txt.tmp && mv requirements-lock.txt.tmp requirements-lock.txt
+	@touch $(STAMP)
 
 ## make demo: synthetic data -> quickstart notebook (papermill, CPU) -> executed notebook, metrics table, figures
 demo: $(STAMP)

@@ -156,3 +156,176 @@ def test_installed_smoke_training_writes_nothing_into_the_package(installed, tmp
     assert any(data.iterdir())  # the synthetic data went to ENDOARSS_DATA ...
     assert _tree(target) == before  # ... and nothing into the installed package
     assert not list(work.iterdir())  # nor into the working directory
+
+
+# ------------------------------------------------------------------------------------------- install routes
+# make install TORCH=..., requirements-lock.txt, pyproject's ranges. None of these downloads anything.
+import importlib.util  # noqa: E402
+import re  # noqa: E402
+import tomllib  # noqa: E402
+
+from packaging.requirements import Requirement  # noqa: E402
+from packaging.version import Version  # noqa: E402
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+LOCK = REPO / "requirements-lock.txt"
+MAKE = shutil.which("make")
+needs_make = pytest.mark.skipif(MAKE is None, reason="GNU make is not installed")
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt's name==version lines, read here independently of the Makefile."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("endoarss_lock_script", REPO / "scripts" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_checkout(tmp_path: Path) -> tuple[Path, Path]:
+    """The Makefile's inputs in a folder, with a .venv whose python only logs the commands it is given."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    for name in ("Makefile", "pyproject.toml", "constraints.txt", "requirements-lock.txt"):
+        shutil.copy2(REPO / name, root / name)
+    log = root / "commands.log"
+    python = root / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "python $*" >> {log}\n')
+    python.chmod(0o755)
+    return root, log
+
+
+def _make(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH", "LOCK", "MAKEFLAGS", "MAKELEVEL")}
+    return subprocess.run([MAKE, "-C", str(root), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@needs_make
+@pytest.mark.parametrize("build", ["cpu", "cu126", "cu130"])
+def test_make_install_dry_run_takes_torch_from_the_pytorch_index(build, tmp_path):
+    pins = _pins()
+    done = _make(REPO, "-n", "install", f"TORCH={build}", f"VENV={tmp_path / 'venv'}")
+    assert done.returncode == 0, done.stderr
+    torch_line = (f"install -q --index-url https://download.pytorch.org/whl/{build} "
+                  f"torch=={pins['torch']} torchvision=={pins['torchvision']}")
+    assert torch_line in done.stdout, done.stdout
+    lines = done.stdout.splitlines()
+    project = [i for i, line in enumerate(lines) if '-e ".[notebooks,test]"' in line]
+    assert project and project[0] > next(i for i, line in enumerate(lines) if torch_line in line)  # torch first
+    assert "-c constraints.txt -c requirements-lock.txt" in lines[project[0]]
+
+
+@needs_make
+def test_make_install_default_and_bad_torch_builds(tmp_path):
+    done = _make(REPO, "-n", "install", f"VENV={tmp_path / 'venv'}")
+    assert done.returncode == 0 and "download.pytorch.org" not in done.stdout  # PyPI's torch, as before
+    assert '-c constraints.txt -c requirements-lock.txt -e ".[notebooks,test]"' in done.stdout
+    done = _make(REPO, "-n", "install", "TORCH=cu118", f"VENV={tmp_path / 'venv'}")
+    assert done.returncode != 0 and "TORCH=cu118: expected one of default cpu cu126 cu130" in done.stderr
+
+
+@needs_make
+def test_make_remembers_the_torch_build_and_reinstalls_torch_only_when_it_changes(tmp_path):
+    root, log = _fake_checkout(tmp_path)
+
+    def install(*args: str) -> list[str]:
+        log.write_text("")
+        done = _make(root, "install", *args)
+        assert done.returncode == 0, done.stderr
+        return [line for line in log.read_text().splitlines() if line]
+
+    first = install()
+    assert len(first) == 1 and "download.pytorch.org" not in first[0] and "uninstall" not in first[0]
+    assert install() == []  # up to date
+    cpu = install("TORCH=cpu")
+    assert [("uninstall" in c, "whl/cpu" in c) for c in cpu] == [(True, False), (False, True), (False, False)]
+    assert install() == []  # later targets keep the cpu build (remembered in .venv)
+    assert (root / ".venv" / ".endoarss-torch").read_text().strip() == "cpu"
+    back = install("TORCH=default")
+    assert len(back) == 2 and "uninstall" in back[0] and "download.pytorch.org" not in back[1]
+    # a .venv installed before the build was recorded had PyPI's torch: no reinstall
+    (root / ".venv" / ".endoarss-torch").unlink()
+    assert install() == []
+
+
+def test_lock_checker_names_every_difference():
+    lock = _lock_module()
+    locked = {"numpy": "2.0.0", "pandas": "2.2.0", "nvidia-cublas": "13.1.0", "triton": "3.0.0"}
+    have = {"numpy": "2.0.0", "pandas": "2.3.0"}
+    assert lock.mismatches(locked, have, cuda_build=False) == ["pandas: locked 2.2.0, installed 2.3.0"]
+    assert lock.mismatches(locked, have, cuda_build=True) == [
+        "nvidia-cublas: locked 13.1.0, not installed", "pandas: locked 2.2.0, installed 2.3.0",
+        "triton: locked 3.0.0, not installed"]
+    assert lock.normalise("Jupyter_Server.Terminals") == "jupyter-server-terminals"
+    assert lock.public("2.14.1+cu130") == "2.14.1"
+
+
+def test_the_running_environment_matches_the_lock_file():
+    lock = _lock_module()
+    locked = lock.read_lock(LOCK)
+    header = LOCK.read_text().splitlines()
+    environment = next(line for line in header if line.startswith("# Environment:"))
+    import torch
+
+    cuda_build = f"(CUDA {torch.version.cuda or 'none'})" in environment
+    problems = lock.mismatches(locked, lock.installed(), cuda_build=cuda_build)
+    assert not problems, ("the environment differs from requirements-lock.txt (make install reinstalls from it; after "
+                          "a deliberate upgrade run make lock): " + "; ".join(problems))
+    pins = _pins()
+    for name, version in pins.items():  # the lock agrees with the pins the install uses
+        assert locked[lock.normalise(name)] == version, name
+    here = f"Python {sys.version_info.major}.{sys.version_info.minor}."
+    if here in environment and sys.platform == "linux":  # the tested platform: the lock covers what the install pulls
+        missing = sorted(set(lock.closure()) - set(locked))
+        assert not missing, f"requirements-lock.txt lacks {missing}: pyproject.toml changed; run make lock"
+
+
+def test_pyproject_keeps_a_users_torch():
+    """Ranges only: torch and torchvision lower-bounded, never capped or pinned, and every installed version of the
+    heavy packages inside the declared ranges (so pip keeps them)."""
+    from importlib.metadata import version
+
+    deps = {Requirement(d).name.lower(): Requirement(d) for d in PYPROJECT["project"]["dependencies"]}
+    for name in ("torch", "torchvision"):
+        operators = {spec.operator for spec in deps[name].specifier}
+        assert operators == {">="}, (name, str(deps[name].specifier))  # no <, <=, ==, ~=, != : any newer build fits
+    for name in ("torch", "torchvision", "timm"):
+        installed = Version(version(name)).public
+        assert deps[name].specifier.contains(installed, prereleases=True), (name, installed, str(deps[name]))
+        assert deps[name].specifier.contains(_pins()[name]), name  # and the pins the install uses
+
+
+def test_requires_python_admits_the_tested_python_and_no_older():
+    from packaging.specifiers import SpecifierSet
+
+    declared = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert declared.contains(".".join(map(str, sys.version_info[:3])))  # the running interpreter
+    assert declared.contains("3.11.0") and not declared.contains("3.10.12")  # 3.11: the tested one (docs/install.md)
+    assert not [s for s in declared if s.operator in ("<", "<=", "==", "~=")]  # no cap (docs/install.md)
+
+
+def test_installing_the_package_keeps_the_installed_torch(tmp_path):
+    """pip's own answer, offline: installing the project into this environment would install the project only
+    (torch, torchvision and every other dependency already satisfy its ranges)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(PACKAGE, src / "endoarss_lib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    report = tmp_path / "report.json"
+    done = _pip("install", "--dry-run", "--no-build-isolation", "--report", str(report), str(src), cwd=tmp_path)
+    if done.returncode != 0 and "setuptools" in done.stderr + done.stdout:
+        pytest.skip(f"cannot build the metadata offline here: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    would = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
+    assert would == {"endoarss"}, would
