@@ -3,8 +3,9 @@
 Overrides are typed by their field: ``epochs=5 weighting=db_mtl augment=off model.arch=hps
 model.pretrained=/weights/dinov2.pth``; text fields keep what was typed (``run_name=007``), one entry of a mapping is
 ``loss_weights.cls=2``, names are matched ignoring case (``weighting=DB-MTL`` is ``db_mtl``). ``--print-config``
-prints the resolved config as YAML and exits. Under ``torchrun --nproc_per_node N`` the run is data-parallel.
-Rerunning the same command resumes. Errors are one message naming the field or file (exit status 2: a bad command
+prints the resolved config as YAML and exits. The run's log lines (start, one per epoch, end) go to stderr, the result
+row to stdout; ``--quiet`` keeps warnings only, ``--verbose`` adds debug lines. Under ``torchrun --nproc_per_node N``
+the run is data-parallel. Rerunning the same command resumes. Errors are one message naming the field or file (exit status 2: a bad command
 line or config; 1: data, weights, run folder or disk); ``--debug`` shows the traceback. Also installed as
 ``endoarss-train``.
 """
@@ -18,11 +19,12 @@ import sys
 import yaml
 
 from .atomic import LockHeld
-from .cli import add_standard_options, prog, run_command
+from .cli import add_standard_options, add_verbosity_options, prog, run_command, verbosity
 from .config import PRESETS, ConfigError, config_help, load_config
 from .data import DataError
 from .models.weights import WeightsError
 from .training import engine
+from .training.console import showing_progress
 from .training.engine import CheckpointMismatch, RunError
 
 
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                                   "smoke)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_standard_options(parser)
+    add_verbosity_options(parser)
     parser.add_argument("overrides", nargs="*", help="key=value (model.<option>=value for model options, "
                                                      "<field>.<key>=value for one entry of a mapping field)")
     return parser
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status: 0, 1 (the run failed on its data, weights, run folder or disk, or
     diverged; the message names the file) or 2 (a bad command line or config). ``--debug`` shows tracebacks."""
     args = _parser().parse_args(argv)
-    return run_command(lambda: _run(args), debug=args.debug, failures=_failures(), usage=(ConfigError,))
+    with showing_progress(verbosity(args)):  # the run's log lines on stderr (the result row goes to stdout)
+        return run_command(lambda: _run(args), debug=args.debug, failures=_failures(), usage=(ConfigError,))
 
 
 def _failures() -> tuple:
