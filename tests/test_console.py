@@ -223,3 +223,12 @@ def test_cli_log_lines_on_stderr_in_a_non_tty_log(tmp_path):
     assert len(epochs) == 1 and " INFO epoch 1/1 | train loss cls " in epochs[0]
     assert any(" INFO done: 1 epoch trained" in x for x in lines)
     assert "\r" not in done.stderr  # no progress bar redraws in a log file (progress=true is the preset's default)
+
+
+def test_a_local_pools_workers_show_the_lines_as_their_owner_does():
+    from endoarss_lib.training.runner import process_pool
+
+    assert console.shown_level() is None
+    console.show_progress("verbose")
+    with process_pool(1) as pool:
+        assert pool.submit(console.shown_level).result(timeout=300) == logging.DEBUG

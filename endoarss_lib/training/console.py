@@ -26,11 +26,12 @@ import math
 import sys
 from contextlib import contextmanager
 
-__all__ = ["show_progress", "hide_progress", "showing_progress", "log_level", "bars_wanted", "duration", "start_line", "epoch_line",
-           "LOGGER", "FORMAT", "DATEFMT"]
+__all__ = ["show_progress", "hide_progress", "showing_progress", "shown_level", "log_level", "bars_wanted", "duration", "start_line", "epoch_line",
+           "LOGGER", "FORMAT", "WORKER_FORMAT", "DATEFMT"]
 
 LOGGER = "endoarss_lib"  # the package logger: every logger of the package is below it
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
+WORKER_FORMAT = "%(asctime)s %(levelname)s [pid %(process)d] %(message)s"  # runs trained at once in a local pool
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 LEVELS = {"debug": logging.DEBUG, "verbose": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "quiet": logging.WARNING, "error": logging.ERROR}
@@ -68,10 +69,16 @@ def _handler() -> logging.Handler | None:
     return next((h for h in logging.getLogger(LOGGER).handlers if isinstance(h, _StderrHandler)), None)
 
 
-def show_progress(level: str | int | bool = "info") -> logging.Handler:
+def shown_level() -> int | None:
+    """The level :func:`show_progress` set, None when its handler is not installed (what a pool's workers copy)."""
+    return logging.getLogger(LOGGER).level if _handler() is not None else None
+
+
+def show_progress(level: str | int | bool = "info", fmt: str = FORMAT) -> logging.Handler:
     """Show the package's log lines on stderr from ``level`` up (:func:`log_level`: ``"info"`` by default,
     ``"verbose"`` for debug lines, ``"quiet"`` for warnings only). Calling it again changes the level; there is
-    never more than one such handler. The records still propagate to the root logger, so where logging is already
+    never more than one such handler. ``fmt``: the line format (:data:`FORMAT`; a local pool's workers use
+    :data:`WORKER_FORMAT`, whose process id tells parallel runs apart). The records still propagate to the root logger, so where logging is already
     configured (``logging.basicConfig``) set the ``endoarss_lib`` logger's level instead of calling this.
     :func:`hide_progress` undoes it."""
     value = log_level(level)
@@ -79,8 +86,8 @@ def show_progress(level: str | int | bool = "info") -> logging.Handler:
     handler = _handler()
     if handler is None:
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(fmt, DATEFMT))
     logger.setLevel(value)
     return handler
 
