@@ -12,6 +12,8 @@ The modules that moved into subpackages keep their old paths (``endoarss_lib.eng
 ``endoarss_lib.training.engine``, with a DeprecationWarning): see :mod:`endoarss_lib._compat`.
 Importing the package changes nothing outside it (no environment variables are set).
 """
+import logging
+
 from . import _compat
 from .config import TrainConfig, preset
 from .data import MTLDataset, make_synthetic
@@ -22,6 +24,8 @@ from .version import __version__
 from .weighting import get_weighting
 
 _compat.install()
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # a library logs, the application shows: see
+# endoarss_lib.training.console.show_progress (the command lines call it)
 
 __all__ = ["make_synthetic", "MTLDataset", "build_model", "fit", "preset", "TrainConfig",
            "get_weighting", "classification_metrics", "segmentation_metrics", "list_pretrained", "get_pretrained",

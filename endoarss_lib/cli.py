@@ -21,8 +21,8 @@ from typing import Callable
 from .atomic import why_not_written
 from .version import __version__
 
-__all__ = ["prog", "add_standard_options", "run_command", "say", "describe_os_error", "EXIT_OK", "EXIT_FAILED",
-           "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = ["prog", "add_standard_options", "add_verbosity_options", "verbosity", "run_command", "say",
+           "describe_os_error", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -40,6 +40,22 @@ def add_standard_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--debug", action="store_true",
                         help="show the full Python traceback of an error (for bug reports) instead of the message")
     return parser
+
+
+def add_verbosity_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``-q/--quiet`` (warnings and errors only, no progress bars) and ``-v/--verbose`` (debug lines too) for the
+    command's log lines on stderr; :func:`verbosity` reads them."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="log warnings and errors only (no start / epoch lines, no progress bars)")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="log debug lines too (the resolved config, loader settings, every step's losses)")
+    return parser
+
+
+def verbosity(args: argparse.Namespace) -> str:
+    """The log level the command line asks for: ``quiet``, ``verbose`` or ``info``."""
+    return "quiet" if getattr(args, "quiet", False) else "verbose" if getattr(args, "verbose", False) else "info"
 
 
 def say(text: str, file=None) -> None:

@@ -38,6 +38,7 @@ from .data import DataError, MTLDataset
 from .data.dataset import read_id_map
 from .models.released import build_released_model, load_released_checkpoint
 from .models.weights import WeightsError
+from .training.console import showing_progress
 from .training.engine import COMPAT_SIZE, RunError, _peak_memory_mib, evaluate, resolve_device
 from .training.rows import ResultRow
 
@@ -161,9 +162,10 @@ def main(argv=None) -> int:
     cannot be used; the message names it) or 2 (a bad option: unknown dataset, id map, architecture option, or a
     checkpoint that does not fit the dataset). ``--debug`` shows tracebacks."""
     args = _parser().parse_args(argv)
-    return run_command(lambda: _run(args), debug=args.debug,
-                       failures=(WeightsError, DataError, RunError, FileNotFoundError, OSError),
-                       usage=(ValueError, TypeError))
+    with showing_progress("info"):  # the package's log lines (device chosen, warnings) on stderr
+        return run_command(lambda: _run(args), debug=args.debug,
+                           failures=(WeightsError, DataError, RunError, FileNotFoundError, OSError),
+                           usage=(ValueError, TypeError))
 
 
 def _run(args) -> int:

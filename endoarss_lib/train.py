@@ -5,9 +5,11 @@ model.pretrained=/weights/dinov2.pth``; text fields keep what was typed (``run_n
 ``loss_weights.cls=2``, names are matched ignoring case (``weighting=DB-MTL`` is ``db_mtl``). ``--print-config``
 prints the resolved config as YAML and exits. A frozen DINOv2 backbone without weights (``--preset paper`` /
 ``released`` as they are) does not start: the error says which checkpoint to get and where;
-``model.pretrained=random`` trains on a random backbone on purpose. Under ``torchrun --nproc_per_node N`` the run is
-data-parallel. Rerunning the same command resumes. Errors are one message naming the field or file (exit status 2: a
-bad command line or config; 1: data, weights, run folder or disk); ``--debug`` shows the traceback. Also installed as
+``model.pretrained=random`` trains on a random backbone on purpose. The run's log lines (start, one per epoch, end) go
+to stderr, the result row to stdout; ``--quiet`` keeps warnings only, ``--verbose`` adds debug lines. Under ``torchrun
+--nproc_per_node N`` the run is data-parallel. Rerunning the same command resumes. Errors are one message naming the
+field or file (exit status 2: a bad command line or config; 1: data, weights, run folder or disk); ``--debug`` shows
+the traceback. Also installed as
 ``endoarss-train``.
 """
 from __future__ import annotations
@@ -20,11 +22,12 @@ import sys
 import yaml
 
 from .atomic import LockHeld
-from .cli import add_standard_options, prog, run_command
+from .cli import add_standard_options, add_verbosity_options, prog, run_command, verbosity
 from .config import PRESETS, ConfigError, config_help, load_config, require_backbone_weights
 from .data import DataError
 from .models.weights import WeightsError
 from .training import engine
+from .training.console import showing_progress
 from .training.engine import CheckpointMismatch, RunError
 
 
@@ -37,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                                   "smoke)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_standard_options(parser)
+    add_verbosity_options(parser)
     parser.add_argument("overrides", nargs="*", help="key=value (model.<option>=value for model options, "
                                                      "<field>.<key>=value for one entry of a mapping field)")
     return parser
@@ -52,7 +56,8 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status: 0, 1 (the run failed on its data, weights, run folder or disk, or
     diverged; the message names the file) or 2 (a bad command line or config). ``--debug`` shows tracebacks."""
     args = _parser().parse_args(argv)
-    return run_command(lambda: _run(args), debug=args.debug, failures=_failures(), usage=(ConfigError,))
+    with showing_progress(verbosity(args)):  # the run's log lines on stderr (the result row goes to stdout)
+        return run_command(lambda: _run(args), debug=args.debug, failures=_failures(), usage=(ConfigError,))
 
 
 def _failures() -> tuple:

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from ..atomic import LockHeld, folder_lock, remove_stale_temporaries, write_json_atomic
 from ..cli import add_standard_options, prog, run_command
 from ..coerce import UniqueKeyLoader
+from ..training.console import showing_progress
 from ..training.runner import gpu_slots, process_pool, visible_gpus  # noqa: F401 (re-exported)
 from ..version import git_commit
 from .results import ROWS_FILE, load_rows, provenance_note, summarise_seeds, write_table
@@ -611,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (_print_plan if args.dry_run else _print_report)(report)
         return 1 if report.failed else 0
 
-    return run_command(work, debug=args.debug, usage=(GridError, LockHeld, ExecutorError))
+    with showing_progress("info"):  # the runs' start and epoch lines on stderr (runs trained in this process)
+        return run_command(work, debug=args.debug, usage=(GridError, LockHeld, ExecutorError))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..cli import add_standard_options, prog, run_command
 from ..coerce import coerce
+from ..training.console import showing_progress
 from .loop import pretrain
 from .recipe import PretrainConfig
 
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                     "record). Defaults reproduce the bundled weights (about 50 minutes on 2 CPU cores).")
     p.add_argument("--out", default="pretrain_out", help="output folder (default: pretrain_out)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear probes at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; log warnings and errors only")
     add_standard_options(p)
     for f in fields(PretrainConfig):
         default = f.default
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 0, 1 (a file cannot be written or read) or 2 (a bad option); ``--debug`` shows
     tracebacks."""
     args = _parser().parse_args(argv)
-    return run_command(lambda: _run(args), debug=args.debug, usage=(ValueError,))
+    with showing_progress("quiet" if args.quiet else "info"):  # the package's log lines on stderr
+        return run_command(lambda: _run(args), debug=args.debug, usage=(ValueError,))
 
 
 def _run(args) -> int:

@@ -18,6 +18,7 @@ finished run's row.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -43,6 +44,7 @@ from ..models.pretrained import get_pretrained, is_pretrained_name, is_synthetic
 from ..models.weights import file_sha256, why_unreadable
 from ..tasks import TASKS, add_targets, get_task, headline_keys, higher_is_better
 from ..weighting import get_weighting
+from .console import bars_wanted, duration, epoch_line, start_line
 from .diagnostics import conflict_record, task_gradient_matrix
 from .distributed import average_gradients, prepare_data_parallel, unwrap, uses_ddp
 from .losses import make_cls_loss, task_losses
@@ -50,12 +52,14 @@ from .rows import ResultRow, read_row
 from .tblog import TensorBoardLog, require_tensorboard
 
 __all__ = ["fit", "evaluate", "Evaluation", "train_step", "make_datasets", "run_dir", "seed_everything",
-           "build_run_model", "checkpoint_info", "COMPAT_SIZE",
+           "build_run_model", "checkpoint_info", "COMPAT_SIZE", "describe_device",
            "resolve_device", "autocast", "native_bf16", "load_checkpoint", "read_checkpoint", "CheckpointMismatch",
            "RunError", "selection_score", "read_run_config", "weights_digest", "deterministic_algorithms",
            "read_per_image", "write_per_image", "PER_IMAGE_FILE"]
 
 CHECKPOINT_VERSION = 2
+
+log = logging.getLogger(__name__)  # endoarss_lib.training.engine: the run's start, epoch and end lines
 
 
 class CheckpointMismatch(RuntimeError):
@@ -105,9 +109,53 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else as given (a ConfigError if CUDA or that GPU is missing)."""
+    """'auto' -> cuda if available else cpu; anything else as given (a ConfigError if CUDA or that GPU is missing).
+    For 'auto' the choice and its reason are logged (INFO the first time in a process, then DEBUG), and a WARNING
+    says so once when a CUDA build of torch finds no GPU."""
+    device, why = describe_device(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        log.log(logging.DEBUG if why in _ANNOUNCED else logging.INFO, "device=auto: %s", why)
+        _ANNOUNCED.add(why)
+        _warn_if_no_gpu(name)
+    return device
+
+
+_ANNOUNCED: set[str] = set()  # device choices already logged at INFO in this process
+_NO_GPU_WARNED: list[bool] = []
+
+
+def _warn_if_no_gpu(name: str) -> None:
+    """A WARNING (once per process) when ``device=auto`` falls back to the CPU although torch is a CUDA build: the
+    GPU, its driver or ``CUDA_VISIBLE_DEVICES`` is likely wrong on this machine."""
+    if name != "auto" or torch.cuda.is_available() or not torch.version.cuda or _NO_GPU_WARNED:
+        return
+    _NO_GPU_WARNED.append(True)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES is not set"
+    log.warning("device=auto: torch %s is a CUDA %s build but finds no usable GPU (no GPU, no driver, or hidden by "
+                "the environment: %s); running on the CPU, which is much slower. Set device=cpu to say that is "
+                "intended", torch.__version__, torch.version.cuda, hint)
+
+
+def describe_device(name: str) -> tuple[torch.device, str]:
+    """:func:`resolve_device`'s device for ``name`` and why it was chosen, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3,
+    auto: CUDA available)`` or ``cpu (auto: no CUDA device)``; nothing is logged. ConfigError as resolve_device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            index = torch.cuda.current_device()
+            count = torch.cuda.device_count()
+            return torch.device("cuda"), (f"cuda:{index} ({torch.cuda.get_device_name(index)}, auto: CUDA available"
+                                          f"{f', {count} GPUs visible' if count > 1 else ''})")
+        why = "no CUDA device" if torch.version.cuda else f"torch {torch.__version__} is a CPU-only build"
+        return torch.device("cpu"), f"cpu (auto: {why})"
+    device = _explicit_device(name)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return device, f"cuda:{index} ({torch.cuda.get_device_name(index)}, device={name})"
+    return device, f"{device} (device={name})"
+
+
+def _explicit_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -166,7 +214,7 @@ def make_datasets(cfg: TrainConfig, splits=("train", "val", "test")) -> dict[str
                           f"every class would shift by one. Set id_map=null for this folder")
     if cfg.runtime_settings(_on_cuda(cfg))["data_cache"]:
         for dataset in datasets.values():
-            dataset.use_cache(cfg.cache_dir, progress=cfg.progress)
+            dataset.use_cache(cfg.cache_dir, progress=bars_wanted(cfg.progress))
     return datasets
 
 
@@ -470,7 +518,9 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
     weighting.set_epoch(epoch, cfg.epochs)
     sums, batches = {t: 0.0 for t in tasks}, 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress or rank > 0)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not bars_wanted(cfg.progress) or rank > 0)
+    debug = rank == 0 and log.isEnabledFor(logging.DEBUG)
     for step, batch in enumerate(bar):
         state["global_step"] += 1
         diag = bool(cfg.diagnostics_every) and state["global_step"] % cfg.diagnostics_every == 0
@@ -495,6 +545,9 @@ def _train_epoch(state: dict, loader, epoch: int, cfg: TrainConfig, rank: int, w
             sums[t] += result["losses"][t]
         batches += 1
         bar.set_postfix({t: f"{sums[t] / batches:.3f}" for t in tasks})
+        if debug:
+            log.debug("epoch %d, batch %d/%d (step %d): loss %s", epoch + 1, step + 1, len(loader),
+                      state["global_step"], " ".join(f"{t} {result['losses'][t]:.4f}" for t in tasks))
     broken = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if broken:  # a finite loss with an overflowing gradient: the optimiser step wrote inf / nan into the weights
         raise RunError(_diverged(cfg, epoch, batches - 1, state["global_step"],
@@ -690,7 +743,7 @@ def fit(cfg: TrainConfig) -> dict:
     that stops being finite stops the run with a RunError naming the epoch and step; no result row is written. With
     ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        resolve_device(cfg.device)  # device=cuda without CUDA: refused before anything is written
+        describe_device(cfg.device)  # device=cuda without CUDA: refused before anything is written
     folder = run_dir(cfg)
     with deterministic_algorithms(cfg.deterministic):
         if int(os.environ.get("RANK", "0")) != 0 or (folder / "result.json").is_file():
@@ -720,13 +773,21 @@ def _fit(cfg: TrainConfig) -> dict:
             if now is not None and now != row["weights_sha256"]:
                 raise CheckpointMismatch(f"{result_path}: this run used weights with sha256 {row['weights_sha256']},"
                                          f" but {weights} now has {now}; restore them or run under another run_name")
+        if rank == 0:
+            log.info("%s: a finished run (result.json); nothing to train, its result is returned", folder)
         return read_row({**row, "run_dir": str(folder)})  # where the folder is now (it may have been moved since)
-    device = resolve_device(cfg.device) if world == 1 else torch.device(
-        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        device, device_text = describe_device(cfg.device)
+        _warn_if_no_gpu(cfg.device)
+    else:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        device_text = f"{device} per process (torchrun, {world} processes)"
     state = _build_state(cfg, datasets, device)
     state["config_hash"] = cfg.results_hash()
     if (folder / "last.pt").is_file():
         _resume(state, folder / "last.pt", cfg, fingerprints)
+    if rank == 0:
+        _log_start(cfg, state, folder, device_text, datasets, world)
     if rank == 0:
         write_json_atomic(folder / "config.json", {**cfg.to_dict(), "config_hash": state["config_hash"]})
     if rank == 0 and cfg.tensorboard:
@@ -738,10 +799,14 @@ def _fit(cfg: TrainConfig) -> dict:
         warnings.warn("select_on='test': the epoch is chosen on the TEST split (the released protocol). The reported "
                       "test numbers are then optimistic; use it only to measure that effect", stacklevel=2)
     select_loader = _loader(datasets[select_split], cfg, shuffle=False)
+    epoch_times: list[float] = []  # this process's epochs, for the ETA
     while state["epoch"] < cfg.epochs and not _patience_spent(state, cfg):
         if cfg.stop_after_epochs is not None and state["epoch"] >= cfg.stop_after_epochs:
             if state.get("tensorboard") is not None:
                 state["tensorboard"].close()
+            if rank == 0:
+                log.info("stopped after epoch %d/%d (stop_after_epochs=%d); the same command resumes from there",
+                         state["epoch"], cfg.epochs, cfg.stop_after_epochs)
             return {"status": "stopped", "epoch": state["epoch"], "run_dir": str(folder)}
         start = time.perf_counter()
         epoch = state["epoch"]
@@ -759,16 +824,28 @@ def _fit(cfg: TrainConfig) -> dict:
         if state.get("tensorboard") is not None:
             state["tensorboard"].epoch(state["history"][-1], select_split)
         if rank == 0:
-            if score > state["best_score"] or state["best_epoch"] < 0:  # the first epoch is kept even at -inf
+            improved = score > state["best_score"] or state["best_epoch"] < 0
+            if improved:  # the first epoch is kept even at -inf
                 state["best_score"], state["best_epoch"] = score, epoch + 1
                 _save(folder / "best.pt", {"version": CHECKPOINT_VERSION, **_provenance(state, fingerprints),
                                            "epoch": epoch + 1, "model": _trainable_state(state["raw_model"])})
+                log.debug("epoch %d: best so far (%s %.4f), best.pt written", epoch + 1, cfg.select_metric, score)
             _save(folder / "last.pt", _checkpoint(state, fingerprints))
             _write_log(folder / "log.csv", state["history"])
             _write_log(folder / "diagnostics.csv", state["diagnostics"])
             _write_log(folder / "routing.csv", state["routing"])
+            epoch_times.append(time.perf_counter() - start)
+            remaining = cfg.epochs - state["epoch"]
+            log.info(epoch_line(
+                epoch=epoch + 1, epochs=cfg.epochs, losses={t: train_stats[f"train_loss_{t}"] for t in cfg.tasks},
+                split=select_split, metrics=_shown_metrics(val, cfg), select=cfg.select_metric, score=score,
+                best=improved, seconds=epoch_times[-1],
+                eta=float(np.mean(epoch_times)) * remaining if remaining else None))
         if world > 1:
             dist.barrier()  # the other ranks read best.pt / last.pt only once rank 0 has written them
+    if rank == 0 and state["epoch"] < cfg.epochs and _patience_spent(state, cfg):
+        log.info("early stop after epoch %d/%d: %s has not improved on epoch %d for %d epochs (patience=%d)",
+                 state["epoch"], cfg.epochs, cfg.select_metric, state["best_epoch"], cfg.patience, cfg.patience)
     load_checkpoint(folder / "best.pt", state["raw_model"], state["config_hash"], weights_digest(state["raw_model"]))
     test = evaluate(state["model"], _loader(datasets["test"], cfg, shuffle=False), distances=True,
                     compat_size=COMPAT_SIZE, per_image_arrays=True, **eval_kw)
@@ -780,7 +857,37 @@ def _fit(cfg: TrainConfig) -> dict:
         write_per_image(folder / PER_IMAGE_FILE, test.arrays)  # before result.json: a finished run has both
         write_json_atomic(result_path, row)
         _finish_run_folder(folder, cfg.keep_last)
+        shown = " ".join(f"{k} {test[k]:.4f}" for k in headline_keys(cfg.tasks) if k in test)
+        log.info("done: %d epoch%s trained in %s, selected epoch %d; test %s | result %s", state["epoch"],
+                 "" if state["epoch"] == 1 else "s", duration(state["wall_time_s"]), state["best_epoch"], shown,
+                 result_path)
     return row
+
+
+def _shown_metrics(val: dict, cfg: TrainConfig) -> dict:
+    """The validation metrics an epoch line shows: the tasks' headline metrics and the selection metric."""
+    keys = headline_keys(cfg.tasks) + ([cfg.select_metric] if cfg.select_metric != "score" else [])
+    return {k: val[k] for k in dict.fromkeys(keys) if k in val}
+
+
+def _precision(device: torch.device, amp: str) -> str:
+    on = amp == "bf16" or (amp == "auto" and device.type == "cuda")  # as autocast() decides
+    return f"{'bf16 autocast' if on else 'fp32'} (amp={amp})"
+
+
+def _log_start(cfg: TrainConfig, state: dict, folder: Path, device_text: str, datasets: dict, world: int) -> None:
+    """The run's start line (INFO) and what ``--verbose`` adds (DEBUG): the config and the loader settings."""
+    model = state["raw_model"]
+    params = list(model.parameters())
+    log.info(start_line(
+        resumed_epoch=state["epoch"], folder=folder, device=device_text, dataset=cfg.dataset,
+        sizes={s: len(d) for s, d in datasets.items()}, backbone=cfg.model.backbone, arch=cfg.model.arch,
+        tasks=cfg.tasks, trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params), weights=getattr(model, "weights", None) or {},
+        precision=_precision(state["device"], cfg.amp), epochs=cfg.epochs, batch_size=cfg.batch_size, world=world,
+        grad_accum=cfg.grad_accum))
+    log.debug("config %s: %s", state["config_hash"], json.dumps(cfg.to_dict(), default=str))
+    log.debug("loader: %s", cfg.runtime_settings(_on_cuda(cfg)))
 
 
 def _patience_spent(state: dict, cfg: TrainConfig) -> bool:

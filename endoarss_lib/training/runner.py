@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from . import engine
+from .console import WORKER_FORMAT, show_progress, shown_level
 
 __all__ = ["run_grid", "grid", "visible_gpus", "gpu_slots", "process_pool", "auto_jobs"]
 
@@ -69,9 +70,11 @@ def auto_jobs(n_runs: int, devices: Sequence[str] = ("cpu",), gpus: Sequence[str
     return max(1, min(n_runs, cpu_cores(), 8))
 
 
-def _init_worker(slots, threads: int | None = None) -> None:
+def _init_worker(slots, threads: int | None = None, log_level: int | None = None) -> None:
     """Pool initializer: take one GPU slot and expose only that GPU to this worker (or use ``threads`` CPU threads);
-    die with the parent."""
+    show the package's log lines on stderr as the pool's owner did (``log_level``); die with the parent."""
+    if log_level is not None:
+        show_progress(log_level, fmt=WORKER_FORMAT)
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -116,13 +119,15 @@ def _context():
 
 def process_pool(jobs: int, gpus: Sequence[str] = (), threads: int | None = None) -> ProcessPoolExecutor:
     """A pool of ``jobs`` workers, each pinned to one GPU slot (round robin over ``gpus``; without GPUs each uses
-    ``threads`` CPU threads, default torch's own choice) and dying with us."""
+    ``threads`` CPU threads, default torch's own choice) and dying with us. Where this process shows the package's
+    log lines (:func:`~endoarss_lib.training.console.show_progress`), the workers show theirs at the same level, each
+    line with the worker's process id."""
     context = _context()
     slots = context.Queue()
     for gpu in gpu_slots(jobs, gpus):
         slots.put(gpu)
     return ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                               initargs=(slots, threads))
+                               initargs=(slots, threads, shown_level()))
 
 
 def _fit_one(name: str, cfg_dict: dict) -> dict:
