@@ -196,3 +196,18 @@ def test_restricted_outcomes_compare_like_with_like():
     assert outcome_value(kept, "seg_miou_eval") == pytest.approx(ious[[0, 1, 3]].mean())
     assert outcome_value(kept, "seg_miou_eval") == pytest.approx(
         subset_metrics(kept["seg_confusion"].sum(0), [0, 1, 3])["miou"])
+
+
+def test_assert_learns_checks_the_named_tasks_only():
+    # closed-form rows: activity at the majority share (no better than always answering the commonest activity),
+    # foreground mIoU above 0 (better than predicting background everywhere)
+    from endoarss_lib.experiments.results import assert_learns
+
+    row = {"test_cls_accuracy": 1 / 3, "test_cls_majority_accuracy": 1 / 3, "test_seg_miou_fg": 0.2}
+    with pytest.raises(AssertionError, match=r"\['cls'\]"):
+        assert_learns(row)
+    assert_learns(row, tasks=["seg"])  # segmentation alone beats its prior
+    with pytest.raises(AssertionError, match=r"\['cls'\]"):
+        assert_learns(row, tasks=["cls", "seg"])
+    with pytest.raises(ValueError, match="presence"):
+        assert_learns(row, tasks=["presence"])  # a task the row was not tested on is not silently passed

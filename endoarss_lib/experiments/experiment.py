@@ -445,16 +445,17 @@ class Experiment:
         self.write_table(table, "summary", note)
         return table.style.format(precision=3, na_rep="-").set_caption(note)
 
-    def check_learning(self, rows: pd.DataFrame, variant: str | None = None, by: str = "variant") -> None:
+    def check_learning(self, rows: pd.DataFrame, variant: str | None = None, by: str = "variant",
+                       tasks: Sequence[str] | None = None) -> None:
         """Stop (AssertionError naming the seed and the task) when a run of ``variant`` (default: the featured
-        configuration) does not beat the prior predictor: the notebooks call it, so a degenerate default fails
-        their tests."""
+        configuration) does not beat the prior predictor on each of ``tasks`` (default: every task it trains): the
+        notebooks call it, so a degenerate default fails their tests."""
         variant = FEATURED if variant is None else variant
         picked = rows[rows[by] == variant]
         if picked.empty:
             raise AssertionError(f"{self.name}: no run of {variant!r} to check")
         for _, row in picked.iterrows():
-            assert_learns(row, f"{variant} (seed {row['seed']})")
+            assert_learns(row, f"{variant} (seed {row['seed']})", tasks=tasks)
 
     def show_claims(self, verdicts: Sequence):
         """The verdicts as a styled table (one row per claim), then their sentences printed: the only words a

@@ -144,10 +144,18 @@ def beats_prior(row: Mapping, prefix: str = "test_") -> dict[str, bool]:
             for task in list(TASKS.values()) if f"{prefix}{task.name}_{task.prior.metric}" in row}
 
 
-def assert_learns(row: Mapping, what: str = "the featured model") -> None:
-    """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`).
+def assert_learns(row: Mapping, what: str = "the featured model", tasks: Iterable[str] | None = None) -> None:
+    """Raise AssertionError naming the task when ``row`` does not beat the prior predictor (:func:`beats_prior`) on
+    each of ``tasks`` (default: every task the row trains; a named task the row does not train is an error).
     Notebooks call it on their default parameters, so their tests fail when a default run is degenerate."""
-    failed = [t for t, ok in beats_prior(row).items() if not ok]
+    verdicts = beats_prior(row)
+    if tasks is not None:
+        tasks = list(tasks)
+        missing = [t for t in tasks if t not in verdicts]
+        if missing:
+            raise ValueError(f"{what}: no test metrics of the task(s) {missing} to check (it has {sorted(verdicts)})")
+        verdicts = {t: verdicts[t] for t in tasks}
+    failed = [t for t, ok in verdicts.items() if not ok]
     if failed:
         detail = {t: {k: row.get(k) for k in (f"test_{t}_{m}" for m in get_task(t).prior.keys()) if k in row}
                   for t in failed}
