@@ -114,11 +114,12 @@ def _stamp(nb, scale: str, started: dt.datetime, parameters: dict) -> None:
 
 
 def _dirty() -> bool | None:
+    """Whether tracked files other than results/ (what ``execute`` itself writes) differ from the commit."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None
