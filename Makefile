@@ -75,7 +75,7 @@ demo: $(STAMP)
 ## make test: unit tests, every notebook under nbval, and the quickstart in JupyterLab in headless Chromium
 test: $(STAMP)
 	@$(call browser_status,before)
-	$(BIN)/python -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider; \
+	$(BIN)/python -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider --durations=25; \
 	status=$$?; $(call browser_status,after); exit $$status
 
 test-unit: $(STAMP)

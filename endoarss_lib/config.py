@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from .coerce import (ConfigError, DuplicateKeyError, Text, canonical_choice, check_fields, coerce, did_you_mean,
-                     field_help, read_text_yaml)
+                     field_help, read_text_yaml, typed)
 from .data import synthetic as _synthetic  # GENERATOR_VERSION read at call time (tests set it)
 from .data.io import data_home  # noqa: F401 - where generated data go (defined in data/, re-exported here)
 from .data.registry import SYNTHETIC_PRESETS, get_spec, list_datasets
@@ -204,7 +204,8 @@ class TrainConfig:
         data_values = {field_name: get_task(t).num_classes(spec) for t, field_name in own.items()}
         data_values["image_size"] = self.image_size
         for key, value in data_values.items():
-            if given.get(key) is not None and given[key] != value:
+            # a config file's values arrive as text (``3``): compare what they say, as the printed config wrote it
+            if given.get(key) is not None and typed(given[key]) != value:
                 source = "image_size" if key == "image_size" else f"dataset {self.dataset!r}"
                 raise ConfigError(f"model.{key}={given[key]!r} contradicts {source} ({value}); leave it out: it is "
                                   "taken from the data and the run")
@@ -217,7 +218,7 @@ class TrainConfig:
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         task_classes = {t: get_task(t).num_classes(spec) for t in tasks if t in TASKS and t not in own}
         for task, value in (given.get("task_classes") or {}).items():
-            if task_classes.get(task) is not None and value != task_classes[task]:
+            if task_classes.get(task) is not None and typed(value) != task_classes[task]:
                 raise ConfigError(f"model.task_classes[{task!r}]={value!r} contradicts dataset {self.dataset!r} "
                                   f"({task_classes[task]}); leave it out: it is taken from the data")
         for task in tasks:

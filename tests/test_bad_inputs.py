@@ -1757,3 +1757,21 @@ def test_corrupted_set_cells_lose_stale_temporaries(shared, tmp_path):
     build_corrupted_set(shared.data, tmp_path / "cells", **kw)
     assert not old.exists() and fresh.exists()
     assert {p: p.stat().st_mtime_ns for p in cell.rglob("*.png")} == before  # the finished cell was reused
+
+
+@pytest.mark.parametrize("argv", [["--preset", "smoke"], ["--preset", "paper", "data_root=/x"],
+                                  ["--preset", "smoke", "model.tasks=[cls, seg, presence]", "run_name=007"]])
+def test_a_printed_config_read_back_is_the_same_config(tmp_path, argv):
+    # what --print-config writes is a config file: read back through --config it must resolve to the same config
+    # (its class counts arrive as text from the file, like every value of a config file)
+    from endoarss_lib.config import load_config
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main([*argv, "--print-config"]) == 0
+    path = tmp_path / "printed.yaml"
+    path.write_text(out.getvalue())
+    original = load_config(None, [a for a in argv if "=" in a], preset_name=argv[1])
+    again = load_config(str(path), [])
+    assert again.to_dict() == original.to_dict()
+    assert again.results_hash() == original.results_hash()
