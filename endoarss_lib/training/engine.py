@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import (LockHeld, atomic_path, folder_lock, remove_stale_temporaries, why_not_written, write_json_atomic,
                       write_text_atomic)
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, require_backbone_weights
 from ..data import MTLDataset, make_loader, make_synthetic
 from ..models import build_model_from_config
 from ..models.pretrained import get_pretrained, is_pretrained_name, is_synthetic_pretrained
@@ -741,7 +741,10 @@ def fit(cfg: TrainConfig) -> dict:
     The run folder is claimed first (:func:`_claimed`): of several trainings started at once into one folder,
     exactly one trains; the others are refused (another config) or wait for it (the same config). A loss or weight
     that stops being finite stops the run with a RunError naming the epoch and step; no result row is written. With
-    ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`)."""
+    ``cfg.deterministic`` the run uses deterministic algorithms only (:func:`deterministic_algorithms`). A frozen
+    DINOv2 backbone without weights does not start (:func:`~endoarss_lib.config.require_backbone_weights`: the
+    command line, notebooks and sweeps alike)."""
+    require_backbone_weights(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         describe_device(cfg.device)  # device=cuda without CUDA: refused before anything is written
     folder = run_dir(cfg)
