@@ -52,6 +52,7 @@ from .data.dataset import read_id_map
 from .evaluation.inference import evaluate_run, evaluate_run_on
 from .models.released import build_released_model, load_released_checkpoint
 from .models.weights import WeightsError
+from .tasks import get_task
 from .training.engine import (COMPAT_SIZE, CheckpointMismatch, RunError, _peak_memory_mib, evaluate, make_datasets,
                               read_run_config, resolve_device)
 from .training.rows import ResultRow
@@ -187,10 +188,16 @@ def evaluate_run_folder(folder: str | Path, data_root: str | Path | None = None,
         if split not in ("train", "test"):
             raise ConfigError(f"--split {split}: another dataset is evaluated on its train or test split on disk")
         root = Path(data_root).expanduser()
-        ev = evaluate_run_on(folder, root, dataset or cfg.dataset, image_size, split=split, device=device,
-                             batch_size=batch_size, distances=distances)
         data = MTLDataset(root, split, dataset=dataset or cfg.dataset, image_size=image_size or cfg.image_size,
                           normalize=cfg.input_normalization(), ignore_index=cfg.ignore_index)
+        model_counts = {t: cfg.model.classes_of(t) for t in cfg.tasks}
+        data_counts = {t: get_task(t).num_classes(data.spec) for t in cfg.tasks}
+        if model_counts != data_counts:
+            raise ConfigError(f"--dataset {data.spec.name}: the run's model predicts {model_counts} classes per "
+                              f"task, the dataset has {data_counts}; a run is evaluated on datasets of its own "
+                              f"class space (e.g. a mtlendovis run on mtlendovis_gen)")
+        ev = evaluate_run_on(folder, root, dataset or cfg.dataset, image_size, split=split, device=device,
+                             batch_size=batch_size, distances=distances)
         spec, where, same = data.spec, str(root), None
     metrics = {f"{split}_{k}": v for k, v in ev.items() if isinstance(v, float)}
     per_class = {f"{split}_{k}": v for k, v in ev.items() if isinstance(v, list)}
