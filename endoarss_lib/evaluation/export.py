@@ -45,14 +45,14 @@ from ..training.engine import CheckpointMismatch, RunError
 from ..version import __version__
 from .loading import EXPORT_FORMAT, InferenceModel, load_inference_model
 
-__all__ = ["export_model", "merged_model", "max_difference", "onnx_available", "FORMATS", "main"]
+__all__ = ["export_model", "merged_model", "max_difference", "missing_onnx_packages", "FORMATS", "main"]
 
 FORMATS = ("pt2", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export(dynamo=True) needs
 _EXTRA = "pip install 'endoarss[export]' (onnx, onnxscript, onnxruntime)"
 
 
-def onnx_available() -> list[str]:
+def missing_onnx_packages() -> list[str]:
     """The packages ONNX export needs that are not installed (empty: it can run)."""
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
@@ -149,7 +149,7 @@ def export_model(model: str | Path | InferenceModel, out: str | Path, *, formats
     out = Path(out).expanduser()
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"--name {name!r}: expected a plain file name without suffix, e.g. model")
-    missing = onnx_available() if "onnx" in formats else []
+    missing = missing_onnx_packages() if "onnx" in formats else []
     if missing:
         if not skip_missing_onnx:
             raise ConfigError(f"--format onnx: ONNX export needs {', '.join(missing)}, not installed here; {_EXTRA}, "
