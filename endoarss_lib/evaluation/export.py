@@ -102,7 +102,8 @@ def _export_pt2(merged, reference, inputs, path: Path, atol: float) -> tuple[tor
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.export.save(program, f)
-        loaded = torch.export.load(str(tmp)).module()
+        with open(tmp, "rb") as f:  # a file object: the temporary name does not end in .pt2
+            loaded = torch.export.load(f).module()
         worst = _parity(reference, loaded, inputs, "exported program (torch.export, saved and loaded)", atol, path)
     return program, worst
 
