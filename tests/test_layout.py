@@ -53,7 +53,7 @@ LAYERS: list[dict[str, str]] = [
     {"robustness": "corruptions, corrupted test sets, their evaluation and report"},
     {"experiments": "what notebooks use: Experiment, sweeps, result tables, figures, cost benchmarks",
      "foundation": "self-supervised pretraining of the bundled backbone"},
-    {"train": "command line: python -m endoarss_lib.train", "evaluate": "command line: the released checkpoint"},
+    {"train": "command line: python -m endoarss_lib.train", "evaluate": "command line: a run folder or the released checkpoint"},
     {"endoarss_lib": "the package's public API (__init__)"},
 ]
 
@@ -78,6 +78,8 @@ LOCAL_IMPORTS: dict[tuple[str, str], tuple[str, str]] = {
         ("optional", "submitit: the 'cluster' extra, only for --executor slurm / submitit-local"),
     ("endoarss_lib.experiments.sweep", "submitit.helpers"):
         ("optional", "submitit: the 'cluster' extra, only for --executor slurm / submitit-local"),
+    ("endoarss_lib.evaluation.export", "onnxruntime"):
+        ("optional", "onnxruntime: the 'export' extra, only to check an exported ONNX file against the model"),
     ("endoarss_lib.training.tblog", "torch.utils.tensorboard"):
         ("optional", "tensorboard: the 'tensorboard' extra, only with TrainConfig.tensorboard"),
     ("endoarss_lib.experiments.viz", "seaborn"):
@@ -92,7 +94,7 @@ LOCAL_IMPORTS: dict[tuple[str, str], tuple[str, str]] = {
 KINDS = {"cycle", "optional", "heavy", "standalone", "platform"}
 # distribution of each optional import (checked against [project.dependencies])
 OPTIONAL_DISTRIBUTIONS = {"huggingface_hub": "huggingface-hub", "papermill": "papermill", "submitit": "submitit",
-                          "torch.utils.tensorboard": "tensorboard"}
+                          "torch.utils.tensorboard": "tensorboard", "onnxruntime": "onnxruntime"}
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -79,12 +79,14 @@ def test_version_is_declared_once():
 
 # -------------------------------------------------------------------------------------------- console scripts
 
-def test_console_scripts_are_the_documented_five():
+def test_console_scripts_are_the_documented_seven():
     assert SCRIPTS == {"endoarss-train": "endoarss_lib.train:main",
                        "endoarss-sweep": "endoarss_lib.experiments.sweep:main",
                        "endoarss-prepare": "endoarss_lib.data.prepare:main",
                        "endoarss-evaluate": "endoarss_lib.evaluate:main",
-                       "endoarss-pretrain": "endoarss_lib.foundation:main"}
+                       "endoarss-pretrain": "endoarss_lib.foundation:main",
+                       "endoarss-predict": "endoarss_lib.evaluation.predict:main",
+                       "endoarss-export": "endoarss_lib.evaluation.export:main"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

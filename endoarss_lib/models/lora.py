@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRALinear", "LoRAConv1x1", "QKV_CHUNKS", "lora_modules", "route_to_group", "merge_lora", "unmerge_lora"]
+__all__ = ["LoRALinear", "LoRAConv1x1", "QKV_CHUNKS", "lora_modules", "route_to_group", "merge_lora", "unmerge_lora",
+           "fold_lora"]
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
 
@@ -270,3 +271,19 @@ def unmerge_lora(module: nn.Module) -> None:
     """Undo :func:`merge_lora`."""
     for m in lora_modules(module):
         m.unmerge()
+
+
+def fold_lora(module: nn.Module) -> int:
+    """For inference and export, in place: fold every shared LoRA into its frozen weight (``W0 + (alpha / r) B A``
+    on the adapted chunks, :meth:`LoRALinear.merge`) and replace each wrapper that has nothing left to add (no group
+    adapters) by its plain base layer, so the module holds ordinary ``nn.Linear`` / ``nn.Conv2d`` layers there.
+    Wrappers with group (TESLA / expert) adapters stay, merged. Not reversible: call it on a copy. Returns the
+    number of wrappers replaced."""
+    merge_lora(module)
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear) and not child.num_groups and (child.merged or not child.rank):
+                setattr(parent, name, child.base)
+                replaced += 1
+    return replaced
