@@ -191,7 +191,10 @@ class Task:
     (meter key of per-class values exposed by ``inference``), ``subset(values, images, EvalSubset) -> dict`` (metrics
     over a dataset's evaluated subset), ``example_target(num_classes, batch_size, image_size, device)`` (random
     targets for benchmarks); ``min_classes``: the fewest classes a head may have; ``fixed_classes``: a class count
-    that does not depend on the dataset (a yes/no question: 2), instead of ``classes_field``.
+    that does not depend on the dataset (a yes/no question: 2), instead of ``classes_field``; ``frame_output``: what
+    one image's output is, for tools that run a model on new frames (``endoarss-predict``): ``label`` (one class of
+    the image), ``labels`` (any number of classes: multi-label) or ``mask`` (one class per pixel);
+    ``frame_column``: the stem of its columns in ``endoarss-predict``'s CSV (default: the task's name).
     """
 
     name: str
@@ -216,6 +219,16 @@ class Task:
     example_target: Callable | None = None
     min_classes: int = 2
     fixed_classes: int | None = None
+    frame_output: str = "label"
+    frame_column: str = ""
+
+    def frame_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """One image's logits as what ``endoarss-predict`` writes: per-class probabilities (``frame_output``
+        ``label``: softmax, one class per image; ``labels``: sigmoid, each class on its own) or, for ``mask``, the
+        per-pixel probabilities over the classes (softmax over the first dimension)."""
+        if self.frame_output == "labels":
+            return logits.float().sigmoid()
+        return logits.float().softmax(0)
 
     # -- metrics -------------------------------------------------------------------------------------------------
     def metric(self, name: str) -> Metric:
@@ -460,7 +473,7 @@ DENSE_SEGMENTATION = dict(loss_fn=_segmentation_loss, meter_factory=_segmentatio
                           head_factory=segmentation_head, forward_head=forward_dense_head,
                           progress_fn=_segmentation_progress, prior_output=_segmentation_prior,
                           image_record=_segmentation_record, display=_segmentation_display,
-                          example_target=_random_masks)
+                          example_target=_random_masks, frame_output="mask")
 
 # -- instrument presence: multi-label, derived from the masks ------------------------------------------------------
 
@@ -543,7 +556,7 @@ TASKS: dict[str, Task] = {
         degenerate=(Check("predicted_classes", "==", 1, "predicts one activity for every image"),
                     Check("accuracy", "<=", "majority_accuracy", "activity accuracy {value:.3f} is not above the "
                                                                   "majority class's {other:.3f}")),
-        subset=_classification_subset, **IMAGE_CLASSIFICATION),
+        subset=_classification_subset, frame_column="activity", **IMAGE_CLASSIFICATION),
     "seg": Task(
         "seg", "semantic segmentation: one class per pixel (background 0)", "num_seg_classes", "mask",
         metrics=(
@@ -587,7 +600,8 @@ TASKS: dict[str, Task] = {
                     Check("map", "<=", "chance_map", "instrument mAP {value:.3f} is not above the {other:.3f} of a "
                                                       "constant score")),
         derive_target=_presence_target, image_record=_presence_record, display=_presence_display,
-        per_class="ap_per_class", subset=_presence_subset, example_target=_random_presence, min_classes=1),
+        per_class="ap_per_class", subset=_presence_subset, example_target=_random_presence, min_classes=1,
+        frame_output="labels", frame_column="present"),
 }
 TASK_NAMES = tuple(TASKS)  # the tasks registered when the package was imported (TASKS is the live registry)
 
@@ -600,6 +614,9 @@ def get_task(name: str) -> Task:
 
 
 _REQUIRED = ("loss_fn", "meter_factory", "decode", "head_factory", "forward_head", "progress_fn", "prior")
+
+
+FRAME_OUTPUTS = ("label", "labels", "mask")  # Task.frame_output: one class per image, several, one per pixel
 
 
 def register_task(task: Task, replace: bool = False) -> Task:
@@ -616,6 +633,8 @@ def register_task(task: Task, replace: bool = False) -> Task:
     if missing:
         raise ValueError(f"task {task.name!r} lacks {missing}: every task carries its loss, meter, decoding, head "
                          "and prior")
+    if task.frame_output not in FRAME_OUTPUTS:
+        raise ValueError(f"task {task.name!r}: frame_output={task.frame_output!r}; expected one of {FRAME_OUTPUTS}")
     names = [m.name for m in task.metrics]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"task {task.name!r}: metrics must be non-empty with distinct names, got {names}")

@@ -31,7 +31,8 @@ from endoarss_lib.data.registry import get_spec
 from endoarss_lib.evaluation import predict as predict_cli
 from endoarss_lib.evaluation.inference import evaluate_run, load_run_model
 from endoarss_lib.evaluation.loading import load_inference_model
-from endoarss_lib.evaluation.predict import class_palette, overlay, predict_source
+from endoarss_lib.data.dataset import JointTransform
+from endoarss_lib.evaluation.predict import class_palette, model_input, overlay, predict_source
 from endoarss_lib.training.engine import fit, read_run_config
 
 SIZE = 56
@@ -307,3 +308,27 @@ def test_evaluate_a_run_folder_errors(tiny, tmp_path):
     assert code == 1 and str(tmp_path / "nowhere") in err
     code, err = run_main(evaluate_cli, "--random-init")
     assert code == 2 and "--data-root" in err
+
+
+def test_a_third_task_is_written_by_its_registry_entry(tiny, tmp_path):
+    # instrument presence (multi-label): its columns come from the task's frame_output / frame_column, named by the
+    # dataset's instruments, and are sigmoid probabilities of the model's own logits (not a distribution)
+    cfg = preset("smoke", synthetic_n_train=12, synthetic_n_test=4, out_dir=str(tmp_path / "runs"),  # instruments
+                 run_name="presence", image_size=SIZE, epochs=1, batch_size=6, progress=False,  # are declared
+                 model={"backbone": "vit_tiny_patch14", "pretrained": False, "tasks": ["cls", "seg", "presence"]})
+    fit(cfg)
+    model = load_inference_model(tmp_path / "runs" / "presence", "cpu")
+    assert model.instruments, "the synthetic spec declares instrument classes"
+    out = tmp_path / "out"
+    predict_source(tmp_path / "runs" / "presence", tiny["frames"], out, device="cpu", progress=False)
+    table = read_table(out)
+    present = [f"present_{name}" for name in model.instruments]
+    assert [c for c in table.columns if c.startswith("present_")] == present
+    transform = JointTransform(SIZE, normalize=model.normalize)
+    first = sorted(tiny["frames"].iterdir())[0]
+    x = model_input(np.asarray(Image.open(first).convert("RGB")), transform)[None]
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)["presence"][0].float()).numpy()
+    np.testing.assert_allclose(table.loc[table["frame"] == first.stem, present].to_numpy()[0], expected, atol=1e-5)
+    assert list(table.columns[:3]) == ["frame", "activity", "activity_id"]  # the label task as before
+    assert (out / "masks").is_dir()

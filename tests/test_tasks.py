@@ -345,3 +345,16 @@ def test_the_example_in_docs_tasks_md_registers_a_working_task():
 def test_presence_without_a_spec_says_what_to_pass():
     with pytest.raises(ValueError, match="pass spec="):
         add_targets({"mask": torch.zeros(1, 4, 4, dtype=torch.long)}, ("presence",))
+
+
+def test_a_tasks_frame_output_is_checked_when_registered():
+    cls = get_task("cls")
+    with pytest.raises(ValueError, match="frame_output='pixels'"):
+        register_task(dataclasses.replace(cls, name="toy", frame_output="pixels"))
+    assert "toy" not in TASKS
+    # the paper's tasks and presence say what one image's output is
+    assert {t: get_task(t).frame_output for t in ("cls", "seg", "presence")} == {
+        "cls": "label", "seg": "mask", "presence": "labels"}
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    torch.testing.assert_close(get_task("cls").frame_probabilities(logits), torch.softmax(logits, 0))
+    torch.testing.assert_close(get_task("presence").frame_probabilities(logits), 1 / (1 + torch.exp(-logits)))

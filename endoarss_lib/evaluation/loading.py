@@ -27,6 +27,7 @@ import torch
 from ..data import DataError
 from ..data.dataset import normalization_stats, resolve_spec
 from ..data.registry import SYNTHETIC_PRESETS, get_spec
+from ..tasks import get_task
 from ..training.engine import (RunError, build_run_model, load_checkpoint, read_run_config, resolve_device,
                                seed_everything, weights_digest)
 from .inference import load_run_model
@@ -59,6 +60,17 @@ class InferenceModel:
 
     def __call__(self, images: torch.Tensor) -> dict:
         return self.forward(images)
+
+    def class_names(self, task: str) -> tuple[str, ...]:
+        """The class names of ``task``'s output, by the dataset field its class count comes from
+        (``Task.classes_field``); empty when the model carries none for it."""
+        by_field = {"num_activities": self.activities, "num_seg_classes": self.seg_classes,
+                    "num_instruments": self.instruments}
+        return tuple(by_field.get(get_task(task).classes_field, ()))
+
+    def tasks_of(self, kind: str) -> tuple[str, ...]:
+        """The model's tasks whose ``frame_output`` is ``kind`` (``label``, ``labels`` or ``mask``)."""
+        return tuple(t for t in self.tasks if get_task(t).frame_output == kind)
 
 
 def run_class_names(cfg) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:

@@ -55,6 +55,7 @@ from ..data.dataset import JointTransform
 from ..data.io import IMAGE_SUFFIXES, read_image
 from ..models.weights import WeightsError
 from ..training.engine import CheckpointMismatch, RunError, autocast
+from ..tasks import get_task
 from ..version import __version__
 from .loading import InferenceModel, load_inference_model
 
@@ -201,13 +202,18 @@ def _video_fps(source: Path, every: int) -> float | None:
 
 @dataclass
 class FramePrediction:
-    """One frame's prediction: its name, the frame (RGB), each task's outputs at the frame's size."""
+    """One frame's prediction: its name, the frame (RGB), each task's outputs at the frame's size (by the task's
+    ``frame_output``: ``masks`` of the mask tasks, ``probs`` of the label / labels tasks)."""
 
     name: str
     image: np.ndarray
-    mask: np.ndarray | None  # (H, W) uint8 class ids
-    activity_probs: np.ndarray | None  # (K,) softmax
-    presence_probs: np.ndarray | None  # (C,) sigmoid
+    masks: dict  # task -> (H, W) uint8 class ids
+    probs: dict  # task -> (K,) probabilities (softmax for a label task, sigmoid for a labels task)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The first mask task's mask (None without one)."""
+        return next(iter(self.masks.values()), None)
 
 
 def _batches(frames: Iterable, size: int) -> Iterator[list]:
@@ -241,16 +247,17 @@ def predict_frames(model: InferenceModel, frames: Iterable[tuple[str, np.ndarray
         with autocast(model.device, model.amp):
             out = model(x)
         for i, (name, image) in enumerate(batch):
-            mask = probs = presence = None
-            if "seg" in out:
-                logits = F.interpolate(out["seg"][i:i + 1].float(), size=image.shape[:2], mode="bilinear",
-                                       align_corners=False)
-                mask = logits[0].argmax(0).to(torch.uint8).cpu().numpy()
-            if "cls" in out:
-                probs = out["cls"][i].float().softmax(0).cpu().numpy()
-            if "presence" in out:
-                presence = out["presence"][i].float().sigmoid().cpu().numpy()
-            yield FramePrediction(name, image, mask, probs, presence)
+            masks, probs = {}, {}
+            for task in model.tasks:
+                if task not in out:
+                    continue
+                if get_task(task).frame_output == "mask":
+                    logits = F.interpolate(out[task][i:i + 1].float(), size=image.shape[:2], mode="bilinear",
+                                           align_corners=False)
+                    masks[task] = logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+                else:
+                    probs[task] = get_task(task).frame_probabilities(out[task][i]).cpu().numpy()
+            yield FramePrediction(name, image, masks, probs)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -356,11 +363,18 @@ def predict_source(model: str | Path | InferenceModel, source: str | Path, out: 
     if size != model.image_size:
         warnings.warn(f"--image-size {size}: the model was trained at {model.image_size} px; predictions at another "
                       f"size may be worse", stacklevel=2)
-    if "seg" not in model.tasks and "cls" not in model.tasks:
-        raise ConfigError(f"the model's tasks {list(model.tasks)} have neither 'seg' nor 'cls': nothing to write")
-    palette = class_palette(len(model.seg_classes))
+    mask_tasks, label_tasks = model.tasks_of("mask"), model.tasks_of("label") + model.tasks_of("labels")
+    if not mask_tasks and not label_tasks:
+        raise ConfigError(f"the model's tasks {list(model.tasks)} give no mask and no image label: nothing to write")
+    if len(mask_tasks) > 1:
+        warnings.warn(f"the model has {len(mask_tasks)} mask tasks {list(mask_tasks)}: masks/ and overlays/ show the "
+                      f"first ({mask_tasks[0]})", stacklevel=2)
+    mask_names = model.class_names(mask_tasks[0]) if mask_tasks else ()
+    single = len(model.tasks_of("label")) == 1  # one image-label task: its probabilities are p_<class>
+    palette = class_palette(len(mask_names))
     fps = fps or _video_fps(source, every) or DEFAULT_FOLDER_FPS
-    rows, counts = [], np.zeros(len(model.activities), np.int64)
+    counts = {t: np.zeros(len(model.class_names(t)), np.int64) for t in model.tasks_of("label")}
+    rows = []
     frames = iter_frames(source, every, recursive)
     bar = tqdm(total=total, desc="predict", unit="frame", disable=(not sys.stderr.isatty()) if progress is None
                else not progress)
@@ -375,20 +389,24 @@ def predict_source(model: str | Path | InferenceModel, source: str | Path, out: 
                     writer.add(shown)
             elif writer is not None:
                 writer.add(pred.image)
-            if pred.activity_probs is not None:
-                k = int(pred.activity_probs.argmax())
-                counts[k] += 1
-                row.update({"activity": model.activities[k], "activity_id": k})
-                row.update({f"p_{name}": float(p) for name, p in zip(model.activities, pred.activity_probs)})
-            if pred.presence_probs is not None:
-                row.update({f"present_{name}": float(p) for name, p in zip(model.instruments, pred.presence_probs)})
+            for task, probs in pred.probs.items():
+                stem, names = get_task(task).frame_column or task, model.class_names(task)
+                names = names if len(names) == len(probs) else tuple(f"{task}_{k}" for k in range(len(probs)))
+                if get_task(task).frame_output == "label":
+                    k = int(probs.argmax())
+                    counts[task][k] += 1
+                    row.update({stem: names[k], f"{stem}_id": k})
+                    prefix = "p_" if single else f"{stem}_p_"
+                else:
+                    prefix = f"{stem}_"
+                row.update({f"{prefix}{name}": float(p) for name, p in zip(names, probs)})
             rows.append(row)
             bar.update(1)
     if writer is not None and writer.resized:
         warnings.warn(f"{video_path}: {writer.resized} frame(s) of another size than the first were resized to "
                       f"{writer.size[0]}x{writer.size[1]} in the video (their PNG outputs keep their own size)",
                       stacklevel=2)
-    if "cls" in model.tasks or "presence" in model.tasks:
+    if label_tasks:
         write_text_atomic(out / "activities.csv", pd.DataFrame(rows).to_csv(index=False))
     summary = {
         "endoarss_version": __version__, "model": model.source, "source": str(source),
@@ -396,11 +414,12 @@ def predict_source(model: str | Path | InferenceModel, source: str | Path, out: 
         else "video", "every": every, "recursive": recursive, "frames": len(rows), "image_size": size,
         "normalize": model.normalize, "device": str(model.device), "tasks": list(model.tasks),
         "activities": list(model.activities), "seg_classes": list(model.seg_classes),
-        "palette": {name: [int(c) for c in palette[k]] for k, name in enumerate(model.seg_classes)},
-        "alpha": alpha, "predicted_activities": {name: int(n) for name, n in zip(model.activities, counts)},
-        "outputs": {"masks": "masks/" if "seg" in model.tasks else None,
-                    "overlays": "overlays/" if "seg" in model.tasks else None,
-                    "activities": "activities.csv" if ("cls" in model.tasks or "presence" in model.tasks) else None,
+        "palette": {name: [int(c) for c in palette[k]] for k, name in enumerate(mask_names)},
+        "alpha": alpha,
+        "predicted": {t: {name: int(n) for name, n in zip(model.class_names(t), c)} for t, c in counts.items()},
+        "outputs": {"masks": "masks/" if mask_tasks else None,
+                    "overlays": "overlays/" if mask_tasks else None,
+                    "activities": "activities.csv" if label_tasks else None,
                     "video": None if video_path is None else str(video_path)},
         "video_fps": fps if video_path is not None else None,
         "wall_time_s": round(time.perf_counter() - start, 2)}
@@ -445,9 +464,9 @@ def _run(args) -> int:
                              batch_size=args.batch_size, device=args.device, image_size=args.image_size,
                              video=args.video, fps=args.fps, alpha=args.alpha, overwrite=args.overwrite,
                              progress=False if args.no_progress else None)
-    shown = {k: v for k, v in summary["predicted_activities"].items() if v}
+    shown = {t: {k: v for k, v in counts.items() if v} for t, counts in summary["predicted"].items()}
     print(f"{summary['frames']} frame(s) of {summary['source']} -> {Path(args.out).expanduser()}"
-          + (f"; activities predicted: {shown}" if shown else ""))
+          + "".join(f"; {t} predicted: {c}" for t, c in shown.items() if c))
     return 0
 
 
