@@ -18,6 +18,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -902,6 +903,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), prese
     ``dataset``. The file's values are typed like the command line's (a text field keeps ``007``); a key given twice
     in the file is an error naming the key and its lines."""
     data: dict = {}
+    recorded_hash = None
     if path is not None:
         path = Path(path).expanduser()
         try:
@@ -920,6 +922,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), prese
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields")
         data = {str(k): v for k, v in data.items()}
+        recorded_hash = data.pop("config_hash", None)  # a run folder's config.json: the hash of the run it made
         preset_name = data.pop("preset", preset_name)
         try:
             data = _expand_file_keys(data, path)
@@ -927,9 +930,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), prese
             raise ConfigError(f"{path}: {exc}") from None
     values = _merge(data, parse_overrides(overrides))
     try:
-        return preset(preset_name, **values)
+        cfg = preset(preset_name, **values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+    if recorded_hash is not None and not overrides and str(recorded_hash) != cfg.results_hash():
+        warnings.warn(f"{path}: written for the run {recorded_hash}, but it resolves to {cfg.results_hash()} (the "
+                      "file was edited, or written by another version): training makes a new run folder, not that "
+                      "run's", stacklevel=2)
+    return cfg
 
 
 def config_help() -> str:

@@ -165,3 +165,34 @@ def test_cli_and_torchrun_data_parallel(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "endoarss_lib.train", "--preset", "smoke", "epochs=0"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "epochs=0" in bad.stderr
+
+
+def test_a_run_folders_config_json_reproduces_the_run(tmp_path):
+    # `python -m endoarss_lib.train --config <run>/config.json` (how results/demonstration/<run>/ is reproduced): the
+    # file names the same run (its recorded config_hash), so the command meets the finished run and returns its row
+    import contextlib
+    import io
+    import json
+    import warnings
+
+    from endoarss_lib import train
+    from endoarss_lib.config import load_config
+
+    row = fit(small(tmp_path, epochs=1))
+    config_json = Path(row["run_dir"]) / "config.json"
+    recorded = json.loads(config_json.read_text())["config_hash"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "written for another run" warning
+        cfg = load_config(config_json)
+    assert cfg.results_hash() == recorded
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main(["--config", str(config_json), "--quiet"]) == 0
+    again = json.loads(out.getvalue())
+    assert again["test_cls_accuracy"] == row["test_cls_accuracy"]
+    assert again["test_seg_miou"] == row["test_seg_miou"]
+    # an edited copy names another run: said, and it would train a new folder
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**json.loads(config_json.read_text()), "epochs": 2}))
+    with pytest.warns(UserWarning, match="new run folder"):
+        assert load_config(edited).results_hash() != recorded

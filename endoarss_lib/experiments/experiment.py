@@ -80,7 +80,7 @@ def as_list(name: str, value: Any, item_type: type | None = None) -> list:
     def refused(why: str = "") -> ConfigError:
         example = _example(item_type)
         return ConfigError(f"{name}={value!r}: expected a list{_type_words(item_type)}{why}, e.g. {example}; with "
-                           f"papermill pass -p {name} '{example}' or -y '{name}: {example}'")
+                           f"papermill pass -y '{name}: {example}' (a YAML list; -p {name} '{example}' passes text, read the same)")
 
     if isinstance(value, (list, tuple)):
         items = list(value)
