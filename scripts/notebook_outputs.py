@@ -279,7 +279,8 @@ def _provenance(executed: list[Path]) -> str:
              "scripts/notebook_outputs.py execute`) wrote: run on its default parameters with papermill on SYNTHETIC "
              "data and the synthetic-pretrained backbone, its outputs kept whole, its metadata stamped. The book shows "
              "them as they are (`nb_execution_mode = \"off\"` in `docs/conf.py`): building it executes nothing.", "",
-             "| notebook | commit | uncommitted changes | scale | executed (UTC) | seconds |", "|---|---|---|---|---|---|"]
+             "| notebook | commit | uncommitted changes | scale | executed (UTC) | seconds |",
+             "|---|---|---|---|---|---|"]
     for path in executed:
         stamp = nbformat.read(path, as_version=4).metadata.get("endoarss", {})
         dirty = {True: "yes", False: "no"}.get(stamp.get("dirty"), "?")
