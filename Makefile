@@ -101,7 +101,8 @@ NB ?=
 executed: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python scripts/notebook_outputs.py execute $(NB)
 
-## make book: the executed notebooks as a static HTML site -> results/book/index.html
+## make book: the executed notebooks (not executed again) and docs/ as a static HTML book (Sphinx + myst-nb: titles,
+## navigation, offline search; no network needed to read it) -> results/book/index.html
 book: $(STAMP)
 	$(BIN)/python scripts/notebook_outputs.py book
 

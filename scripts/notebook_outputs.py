@@ -268,33 +268,62 @@ def update_readme() -> None:
     readme.write_text(f"{head}{README_START}\n{measured_markdown()}\n{README_END}{tail}")
 
 
-def book() -> Path:
-    import nbformat
-    from nbconvert import HTMLExporter
+DOCS = ROOT / "docs"
 
+
+def _provenance(executed: list[Path]) -> str:
+    """The book's page on how its notebooks were made: each one's commit, scale, wall time and date (its stamp)."""
+    import nbformat
+
+    lines = ["# How these pages were made", "",
+             "Each notebook page is the copy in `results/executed/` that `make executed` (`python "
+             "scripts/notebook_outputs.py execute`) wrote: run on its default parameters with papermill on SYNTHETIC "
+             "data and the synthetic-pretrained backbone, its outputs kept whole, its metadata stamped. The book shows "
+             "them as they are (`nb_execution_mode = \"off\"` in `docs/conf.py`): building it executes nothing.", "",
+             "| notebook | commit | uncommitted changes | scale | executed (UTC) | seconds |",
+             "|---|---|---|---|---|---|"]
+    for path in executed:
+        stamp = nbformat.read(path, as_version=4).metadata.get("endoarss", {})
+        dirty = {True: "yes", False: "no"}.get(stamp.get("dirty"), "?")
+        lines.append(f"| [{path.stem}](notebooks/{path.name}) | `{stamp.get('commit', '?')}` | {dirty} | "
+                     f"{stamp.get('scale', '?')} | {stamp.get('executed', '?')} | {stamp.get('seconds', '?')} |")
+    return "\n".join(lines) + "\n"
+
+
+def book(out: Path | None = None) -> Path:
+    """The executed notebooks and the guides of docs/ as a static, offline HTML book (Sphinx + myst-nb, furo theme)
+    in ``out`` (default ``results/book``); returns its ``index.html``.
+
+    docs/ (``conf.py``, ``index.md``, the guides, ``img/``) and ``results/executed/*.ipynb`` (as ``notebooks/``) are
+    staged into a temporary source tree, with a generated ``provenance.md`` (each notebook's stamp), and built with
+    ``-W``: any Sphinx warning (a broken link, a page outside the table of contents) fails the build. Nothing is
+    executed (``nb_execution_mode = "off"``)."""
+    import tempfile
+
+    try:
+        from sphinx.cmd.build import build_main
+    except ImportError:
+        raise SystemExit("book: Sphinx is not installed: pip install -c constraints.txt -e \".[docs]\"") from None
+    out = Path(out) if out is not None else BOOK
     executed = sorted(EXECUTED.glob("[0-9][0-9]_*.ipynb"))
     if not executed:
         raise SystemExit(f"no executed notebooks in {EXECUTED}: run `make executed` first")
-    BOOK.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter(template_name="lab")
-    entries = []
-    for path in executed:
-        nb = nbformat.read(path, as_version=4)
-        body, _ = exporter.from_notebook_node(nb)
-        page = BOOK / f"{path.stem}.html"
-        page.write_text(body)
-        stamp = nb.metadata.get("endoarss", {})
-        title = next((c.source.splitlines()[0].lstrip("# ") for c in nb.cells if c.cell_type == "markdown"), path.stem)
-        entries.append(f'<li><a href="{page.name}">{html.escape(title)}</a> <small>(commit '
-                       f'{html.escape(str(stamp.get("commit", "?")))}, executed {html.escape(str(stamp.get("executed", "?")))}'
-                       f', {stamp.get("seconds", "?")} s)</small></li>')
-    index = BOOK / "index.html"
-    index.write_text("<!doctype html><html><head><meta charset='utf-8'><title>endoarss notebooks</title></head><body>"
-                     "<h1>endoarss: the notebooks, executed on their default parameters</h1>"
-                     "<p>SYNTHETIC data and the project's synthetic-pretrained backbone: these pages show the method "
-                     "and the pipeline; they reproduce nothing of the paper.</p><ol>" + "".join(entries)
-                     + "</ol></body></html>")
-    print(f"book: {index} ({len(entries)} notebooks)")
+    with tempfile.TemporaryDirectory(prefix="endoarss_book_") as tmp:
+        source, doctrees = Path(tmp) / "source", Path(tmp) / "doctrees"
+        shutil.copytree(DOCS, source, ignore=shutil.ignore_patterns("_build", "__pycache__", ".*"))
+        (source / "notebooks").mkdir()
+        for path in executed:
+            shutil.copy2(path, source / "notebooks" / path.name)
+        (source / "provenance.md").write_text(_provenance(executed))
+        if out.exists():
+            shutil.rmtree(out)
+        status = build_main(["-W", "--keep-going", "-q", "-E", "-b", "html", "-d", str(doctrees), str(source),
+                             str(out)])
+    if status != 0:
+        raise SystemExit(f"book: sphinx-build failed (exit {status}): the warnings above name the page and line (a "
+                         "temporary copy: source/X is docs/X, source/notebooks/X is results/executed/X)")
+    index = out / "index.html"
+    print(f"book: {index} ({len(executed)} notebooks and the guides of docs/)")
     return index
 
 
@@ -303,6 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=("execute", "collect", "check", "book"))
     p.add_argument("names", nargs="*", help="execute: notebooks (default: all); check: executed notebooks")
     p.add_argument("--scale", default="demonstration", choices=("demonstration", "test"))
+    p.add_argument("--out", help="book: the output folder (default results/book)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.what == "execute":
@@ -319,7 +349,7 @@ def main(argv=None) -> int:
             print(f"{name}: {problems}")
         return 1 if bad else 0
     else:
-        book()
+        book(Path(args.out) if args.out else None)
     return 0
 
 

@@ -12,9 +12,10 @@ notebook, runs all cells from the Lab's *Run* menu, waits for the kernel to go i
   "Loading widget..." fallback, and responds to the keyboard: ArrowRight on its slider changes the shown image;
 * no error in the browser console.
 
-It saves a small screenshot of the widget (to a temporary folder; ``ENDOARSS_BROWSER_SCREENSHOT`` chooses the path). Without Chromium (or
-Selenium) it is skipped, with the reason. Every wait is bounded and names what did not appear; the browser, the
-server and its kernels are always shut down.
+It saves a small screenshot of the widget (to a temporary folder; ``ENDOARSS_UPDATE_SCREENSHOT=1`` writes it to the
+README's picture, ``docs/img/jupyterlab_quickstart.png``; ``ENDOARSS_BROWSER_SCREENSHOT`` chooses another path).
+Without Chromium (or Selenium) it is skipped, with the reason. Every wait is bounded and names what did not appear;
+the browser, the server and its kernels are always shut down.
 
 Environment knobs: ``CHROMIUM`` / ``CHROMEDRIVER`` (binaries), ``ENDOARSS_BROWSER_TIMEOUT`` (seconds for the run of
 all cells, default 600), ``ENDOARSS_BROWSER_SCREENSHOT`` (where the screenshot goes; empty: nowhere),
@@ -43,10 +44,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(os.environ.get("ENDOARSS_BROWSER_NOTEBOOK") or REPO / "notebooks" / "00_quickstart.ipynb")
-# Default: beside the other test artefacts, so `make test` leaves the committed screenshot alone; set
-# ENDOARSS_BROWSER_SCREENSHOT=results/figures/jupyterlab_quickstart.png to refresh the README's picture.
-SCREENSHOT = os.environ.get("ENDOARSS_BROWSER_SCREENSHOT",
-                            str(Path(tempfile.gettempdir()) / "endoarss_browser" / "jupyterlab_quickstart.png"))
+# The picture the README shows (refreshed with ENDOARSS_UPDATE_SCREENSHOT=1 make test-browser).
+README_SCREENSHOT = REPO / "docs" / "img" / "jupyterlab_quickstart.png"
+
+
+def _screenshot_path(env=os.environ) -> str:
+    """Where the screenshot goes: ENDOARSS_BROWSER_SCREENSHOT if set (empty: nowhere), else the README's picture with
+    ENDOARSS_UPDATE_SCREENSHOT=1, else beside the other test artefacts, so that `make test` leaves the committed
+    picture alone."""
+    if "ENDOARSS_BROWSER_SCREENSHOT" in env:
+        return env["ENDOARSS_BROWSER_SCREENSHOT"]
+    if env.get("ENDOARSS_UPDATE_SCREENSHOT", "").strip().lower() in ("1", "true", "yes", "on"):
+        return str(README_SCREENSHOT)
+    return str(Path(tempfile.gettempdir()) / "endoarss_browser" / "jupyterlab_quickstart.png")
+
+
+SCREENSHOT = _screenshot_path()
 RUN_TIMEOUT = float(os.environ.get("ENDOARSS_BROWSER_TIMEOUT", "600"))
 WINDOW = (1280, 900)
 
@@ -422,17 +435,12 @@ def _index_of(notebook: dict, needle: str) -> int:
 
 
 def _save_screenshot(png: bytes, path: Path) -> int:
-    """Downscale and quantise to a small palette PNG (written atomically); return its size in bytes."""
-    from PIL import Image
+    """Downscale (at most 1100 px a side) and quantise to a 128-colour palette PNG, written atomically
+    (``endoarss_lib.experiments.viz.shrink_png``, as the other committed figures); return its size in bytes."""
+    from endoarss_lib.experiments.viz import shrink_png
 
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    if image.width > 1100:
-        image = image.resize((1100, round(image.height * 1100 / image.width)), Image.LANCZOS)
-    image = image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG", optimize=True)
-    os.replace(partial, path)
+    shrink_png(io.BytesIO(png), path, max_side=1100, colors=128)
     return path.stat().st_size
 
 
@@ -656,3 +664,30 @@ def test_quickstart_in_jupyterlab(browser_session, request):
                             else "not checked (its cell did not run)"))
     if problems:
         page.fail("JupyterLab shows problems in the quickstart notebook:\n- " + "\n- ".join(problems))
+
+
+# -- the screenshot's path and size (no browser needed) -----------------------------------------------------------
+
+def test_screenshot_goes_to_the_readme_picture_only_when_asked(tmp_path):
+    default = _screenshot_path({})
+    assert Path(default).parent.name == "endoarss_browser" and not Path(default).is_relative_to(REPO)
+    assert _screenshot_path({"ENDOARSS_UPDATE_SCREENSHOT": "1"}) == str(README_SCREENSHOT)
+    assert _screenshot_path({"ENDOARSS_UPDATE_SCREENSHOT": "0"}) == default
+    assert _screenshot_path({"ENDOARSS_UPDATE_SCREENSHOT": "1", "ENDOARSS_BROWSER_SCREENSHOT": "x.png"}) == "x.png"
+    assert _screenshot_path({"ENDOARSS_BROWSER_SCREENSHOT": ""}) == ""  # empty: no screenshot
+    assert "docs/img/jupyterlab_quickstart.png" in (REPO / "README.md").read_text()  # the picture the README shows
+
+
+def test_saved_screenshot_is_small(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(900, 1280, 3), dtype=np.uint8)  # a window-sized, incompressible image
+    raw = io.BytesIO()
+    Image.fromarray(pixels).save(raw, format="PNG")
+    size = _save_screenshot(raw.getvalue(), tmp_path / "img" / "shot.png")
+    with Image.open(tmp_path / "img" / "shot.png") as saved:
+        assert saved.mode == "P" and max(saved.size) == 1100 and saved.size[1] == round(900 * 1100 / 1280)
+        assert len(saved.getcolors(256)) <= 128
+    assert size == (tmp_path / "img" / "shot.png").stat().st_size < len(raw.getvalue()) / 2

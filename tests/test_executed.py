@@ -1,5 +1,5 @@
 """The executed notebooks in results/executed/ (read without running) are those of today's notebooks on their default
-parameters, stamped, free of errors and small; `make book` renders them into a static site."""
+parameters, stamped, free of errors and small; `make book` renders them into a static site (tests/test_book.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -45,16 +45,7 @@ def test_executed_copy_matches_the_notebook(source):
     assert target.stat().st_size < 1_500_000, f"{target.name}: {target.stat().st_size} bytes (shrink the outputs)"
 
 
-def test_book_renders_every_executed_notebook(tmp_path, monkeypatch):
-    module = _outputs_module()
-    monkeypatch.setattr(module, "BOOK", tmp_path / "book")
-    index = module.book()
-    text = index.read_text()
-    for source in NOTEBOOKS:
-        page = tmp_path / "book" / f"{source.stem}.html"
-        assert page.is_file() and page.stat().st_size > 10_000, page
-        assert f'href="{page.name}"' in text
-    assert "SYNTHETIC data" in text
+# `make book` (scripts/notebook_outputs.py book): tests/test_book.py builds the book and checks its pages.
 
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
