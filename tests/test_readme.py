@@ -27,9 +27,6 @@ README = (ROOT / "README.md").read_text()
 # Pages other engineers are rewriting on their branches right now: not scanned until they are merged (then this list
 # is emptied and their commands get cases like the others).
 EXCLUDED_DOCS = [
-    "install.md",  # installation page: being rewritten on another branch
-    "training.md",  # training reference: being edited on another branch
-    "predict.md",  # the predict / export commands: being added on another branch
 ]
 PAGES = [ROOT / "README.md"] + [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in EXCLUDED_DOCS]
 PROGRAMS = {"make", "python", "python3", "papermill", "pip", "torchrun", "jupyter", "tensorboard", "sphinx-build",
@@ -152,7 +149,47 @@ CASES = {
     "pip install -c constraints.txt -e \".[notebooks,test]\"": "pip_extras",
     "pip install \"endoarss[cluster]\"": "pip_extras",
     "pip install \"endoarss[tensorboard]\"": "pip_extras",
+    # -- installing (docs/install.md)
+    "make install": "make_install",
+    "make install TORCH=cpu": "make_install",
+    "make install TORCH=cu126": "make_install",
+    "make install TORCH=cu130": "make_install",
+    "make install LOCK=": "make_install",
+    "make lock": "make_install",
+    "make": "make_install",
+    "pip install -c constraints.txt -c requirements-lock.txt -e \".[notebooks,test]\"": "pip_local",
+    "pip install .": "pip_local",
+    "pip install \".[notebooks]\"": "pip_local",
+    "pip install -c constraints.txt .": "pip_local",
+    "pip install -c constraints.txt -c requirements-lock.txt .": "pip_local",
+    "pip install 'endoarss[export]'": "pip_extras",
+    "find results -name result.json -execdir rm -f last.pt \\;": "find_checkpoints",
+    # -- the tools named in running text (docs/install.md, training.md, predict.md)
+    "python -m <module>": "tools",
+    "endoarss-sweep": "tools",
+    "endoarss-prepare": "tools",
+    "endoarss-evaluate": "tools",
+    "endoarss-pretrain": "tools",
+    "endoarss-predict": "tools",
+    "endoarss-export": "tools",
+    "endoarss-evaluate --run": "tools",
+    "endoarss-predict MODEL SOURCE --out DIR": "tools",
+    "endoarss-evaluate --run RUN_DIR": "tools",
+    "endoarss-export RUN_DIR --out DIR": "tools",
+    "python -m endoarss_lib.train --quiet": "tools",
+    "endoarss-pretrain --quiet": "tools",
+    "endoarss-sweep --jobs N": "tools",
+    # -- a trained model on new frames (docs/predict.md)
+    "python -m endoarss_lib.train --preset smoke out_dir=runs run_name=smoke": "predict_commands",
+    "endoarss-predict runs/smoke frames --out predictions": "predict_commands",
+    "endoarss-predict runs/smoke clip.mp4 --every 5 --out predictions_clip --video overlay.mp4": "predict_commands",
+    "endoarss-evaluate --run runs/smoke": "predict_commands",
+    "endoarss-evaluate --run runs/mtlendovis-run --dataset mtlendovis_gen --data-root /data/MTLEndovis-Gen "
+    "--device cuda": "predict_commands",
+    "endoarss-export runs/smoke --out exported": "predict_commands",
+    "endoarss-predict exported/model.pt2 frames --out predictions_pt2": "predict_commands",
     # -- benchmarks
+    "python benchmarks/bench_weighting.py --backbone vit_mini_patch14 --rounds 7": "bench_weighting",
     "python benchmarks/bench_data.py --repeats 7": "bench_data",
     "python benchmarks/bench_gpu.py": "bench_gpu",
 }
@@ -490,7 +527,8 @@ def test_tools(tmp_path, capsys):
     import importlib
 
     tools = {"endoarss-train": "train", "endoarss-evaluate": "evaluate", "endoarss-prepare": "data.prepare",
-             "endoarss-sweep": "experiments.sweep", "endoarss-pretrain": "foundation"}
+             "endoarss-sweep": "experiments.sweep", "endoarss-pretrain": "foundation",
+             "endoarss-predict": "evaluation.predict", "endoarss-export": "evaluation.export"}
     for script, module in tools.items():
         assert (BIN / script).is_file(), script
         main = importlib.import_module(f"endoarss_lib.{module}").main
@@ -566,3 +604,98 @@ def test_bench_gpu(tmp_path):
         pytest.skip("a CUDA device is present: tests/test_bench_gpu.py measures it")
     failed = _run(command + " --device cuda", tmp_path, cwd=ROOT)
     assert failed.returncode == 2 and "no CUDA device" in failed.stderr + failed.stdout
+
+
+def test_make_install(tmp_path):
+    # make -n: the recipe each install route expands to (installing CUDA builds needs the PyTorch index, unreachable
+    # here; tests/test_install.py runs the recipes against a fake .venv): the route's index URL appears in it
+    for command in _command("make_install"):
+        out = _ok(_run(f"make -n {command.removeprefix('make').strip()}", tmp_path, cwd=ROOT))
+        assert out.strip(), command
+        route = re.search(r"TORCH=(\w+)", command)
+        if route:
+            assert f"download.pytorch.org/whl/{route.group(1)}" in out, (command, out[-800:])
+        if command == "make lock":
+            assert "requirements-lock.txt" in out, out[-800:]
+        if command == "make install LOCK=":
+            assert "requirements-lock.txt" not in out, out[-800:]
+
+
+def test_pip_local(tmp_path):
+    # as written they install this checkout; the closest offline form resolves the same requirement without
+    # installing or fetching anything (--dry-run, no index, no dependencies, the local build backend)
+    for command in _command("pip_local"):
+        argv = shlex.split(command)[2:]
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps",
+                                 "--no-build-isolation", "-q", "--report", str(tmp_path / "report.json"), *argv],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env={**_env(tmp_path), "PIP_CONSTRAINT": "", "PIP_FIND_LINKS": ""})
+        _ok(result)
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert [item["metadata"]["name"] for item in report["install"]] == ["endoarss"], (command, report["install"])
+
+
+def test_find_checkpoints(tmp_path):
+    # install.md's disk cleanup: the resume checkpoint of finished runs goes, an unfinished run keeps its own
+    (command,) = _command("find_checkpoints")
+    finished, running = tmp_path / "results" / "runs" / "a", tmp_path / "results" / "runs" / "b"
+    for folder in (finished, running):
+        folder.mkdir(parents=True)
+        (folder / "last.pt").write_bytes(b"x")
+        (folder / "best.pt").write_bytes(b"x")
+    (finished / "result.json").write_text("{}")
+    _ok(subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60))
+    assert not (finished / "last.pt").exists() and (finished / "best.pt").exists()
+    assert (running / "last.pt").exists()
+
+
+def test_predict_commands(tmp_path):
+    # predict.md's walk-through in its closest fast form: the smoke run at 56 px for 1 epoch on the test-size ViT
+    # (as written: 112 px, 3 epochs, about 2 minutes), its test images as frames/, a 12-frame clip; the export as
+    # .pt2 only (ONNX translation takes half a minute: tests/test_export.py checks it); the cross-dataset evaluation
+    # on the run's own synthetic data (no MTLEndovis-Gen here, no CUDA)
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    commands = _command("predict_commands")
+    train = next(c for c in commands if "endoarss_lib.train" in c)
+    _ok(_run(train + " image_size=56 epochs=1 model.backbone=vit_tiny_patch14 model.pretrained=false "
+                     "synthetic_n_train=12 synthetic_n_test=6 device=cpu --quiet", tmp_path))
+    # the synthetic data the run trained on, generated under this test's data home (ENDOARSS_DATA)
+    (data_root,) = {p.parent for p in (tmp_path / "data").rglob("test") if (p.parent / "train").is_dir()}
+    from endoarss_lib.data import MTLDataset
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    images = []
+    for sample in MTLDataset(data_root, "test", dataset="mtlesd", image_size=56).samples:
+        (frames / sample.image.name).write_bytes(sample.image.read_bytes())
+        images.append(np.asarray(Image.open(sample.image).convert("RGB")))
+    writer = cv2.VideoWriter(str(tmp_path / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (56, 56))
+    for i in range(12):
+        writer.write(cv2.cvtColor(images[i % len(images)], cv2.COLOR_RGB2BGR))
+    writer.release()
+    for command in commands:
+        if command is train:
+            continue
+        if "--dataset mtlendovis_gen" in command:
+            command = f"endoarss-evaluate --run runs/smoke --dataset mtlesd --data-root {data_root} --device cpu"
+        if command.startswith("endoarss-export"):
+            command += " --format pt2"
+        _ok(_run(command, tmp_path, timeout=600))
+    assert len(list((tmp_path / "predictions" / "masks").glob("*.png"))) == len(images)
+    assert len((tmp_path / "predictions_clip" / "activities.csv").read_text().splitlines()) == 1 + 3  # 0, 5, 10
+    assert (tmp_path / "predictions_clip" / "overlay.mp4").stat().st_size > 0
+    assert (tmp_path / "exported" / "model.pt2").is_file()
+    assert len((tmp_path / "predictions_pt2" / "activities.csv").read_text().splitlines()) == 1 + len(images)
+
+
+def test_bench_weighting(tmp_path):
+    # as written: 7 interleaved rounds of every weighting on the featured ViT (minutes); the closest fast form: one
+    # round on the test-size ViT at 56 px; the table still has every method relative to EW
+    (command,) = _command("bench_weighting")
+    out = _ok(_run(command.replace("--backbone vit_mini_patch14 --rounds 7",
+                                   "--backbone vit_tiny_patch14 --rounds 1 --image-size 56 --batch 2"),
+                   tmp_path, cwd=ROOT, timeout=600))
+    assert re.search(r"^DB-MTL \[loop\]\s+[\d.]+\s+[\d.]+", out, re.M) and re.search(r"^EW\s", out, re.M), out[-1500:]
