@@ -254,10 +254,11 @@ def test_the_command_scan_finds_blocks_and_inline_commands():
                                    "OMP_NUM_THREADS=1 python -m x", "endoarss-train --help", "make book"]
 
 
-def test_the_readme_keeps_its_generated_section_and_the_merge_placeholder():
+def test_the_readme_keeps_its_generated_section_and_names_every_command():
     assert README.count("<!-- measured:start -->") == 1 and README.count("<!-- measured:end -->") == 1
     assert README.index("<!-- measured:start -->") < README.index("<!-- measured:end -->")
-    assert "<!-- predict/export: added on merge -->" in README
+    for script in ("endoarss-train", "endoarss-predict", "endoarss-evaluate", "endoarss-export"):
+        assert script in README, script
     assert "SYNTHETIC" in README and "synthetic-pretrained backbone" in README
     assert "docs/img/jupyterlab_quickstart.png" in README and (ROOT / "docs/img/jupyterlab_quickstart.png").is_file()
     assert '-p seeds "[0, 1, 2]"' not in README  # a list goes through -y (YAML); -p passes it as text
