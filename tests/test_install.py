@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ import endoarss_lib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "endoarss_lib"
-SCRIPTS = ("endoarss-train", "endoarss-sweep", "endoarss-prepare", "endoarss-evaluate", "endoarss-pretrain")
+SCRIPTS = tuple(tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+                ["scripts"])  # every console script the package declares
 
 
 def _pip(*args, cwd, timeout=300):
