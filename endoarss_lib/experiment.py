@@ -415,7 +415,6 @@ class Experiment:
         (``test_per_image.npz``) are read from its ``run_dir``; ``outcomes`` / ``values`` (``{(side, seed): ...}``)
         add or replace sides (other evaluations, non-image metrics). At the test scale nothing is decided. Writes
         ``<out>/claims.csv``."""
-        from .data import get_spec
         from .engine import read_per_image
         from .evidence.claims import claims_for, claims_frame, decide
 
@@ -429,7 +428,7 @@ class Experiment:
         own.update(outcomes or {})
         scale = self.scale.name if self.scale is not None else "custom"
         decides = self.scale.decides if self.scale is not None else len(self.seeds) >= 2
-        names = get_spec(self.base.dataset).seg_classes
+        names = self.base.data_spec.seg_classes  # the data the runs read (the synthetic preset names its classes)
         verdicts = []
         for claim in claims:
             sides = {claim.better, claim.worse}

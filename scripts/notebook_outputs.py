@@ -191,8 +191,80 @@ def collect() -> None:
     if claims:
         frame = pd.concat(claims, ignore_index=True).drop_duplicates("claim", keep="last")
         frame.to_csv(TABLES / "claims.csv", index=False)
+    per_class = ROOT / "results" / "07_segmentation_gallery" / "per_class.csv"
+    if per_class.is_file():
+        shutil.copy2(per_class, TABLES / "per_class_iou.csv")
+    gallery = ROOT / "results" / "07_segmentation_gallery" / "gallery.png"
+    if gallery.is_file():
+        from endoarss_lib.viz import shrink_png
+
+        shrink_png(gallery, ROOT / "results" / "figures" / "demonstration_gallery.png")
+    update_readme()
     print(f"collect: {len(seen)} runs -> {DEMONSTRATION.relative_to(ROOT)}, "
           f"{TABLES.relative_to(ROOT)}/demonstration.csv, claims.csv ({sum(len(c) for c in claims)} claims)")
+
+
+README_START, README_END = "<!-- measured:start -->", "<!-- measured:end -->"
+
+
+def measured_markdown() -> str:
+    """The README's Measured section, generated from the committed demonstration tables (never written by hand)."""
+    import pandas as pd
+
+    from endoarss_lib.evidence.variants import FEATURED, featured_label
+
+    claims_path, demo_path = TABLES / "claims.csv", TABLES / "demonstration.csv"
+    if not claims_path.is_file() or not demo_path.is_file():
+        return ("No demonstration results are committed yet: `make executed` trains and decides them (see "
+                "docs/evidence.md).")
+    claims, demo = pd.read_csv(claims_path), pd.read_csv(demo_path)
+    featured = demo[(demo["variant"] == FEATURED) & (demo["dataset"] == "mtlesd")]
+    seeds = sorted(featured["seed"].unique().tolist())
+    counts = claims["verdict"].value_counts()
+
+    def spread(column):
+        values = featured[column].dropna()
+        return f"{values.mean():.3f} +- {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+    lines = [f"Decided by `make executed` at the demonstration scale (SYNTHETIC data; the synthetic-pretrained "
+             f"backbone `synthdino_vit_mini14`, not DINOv2; 240 / 96 images at 224 px; {len(demo)} runs; "
+             f"mean +- std over seeds {seeds}; generated from `results/tables/claims.csv` and "
+             f"`results/tables/demonstration.csv`).", "",
+             f"**The featured model** ({featured_label()}): activity accuracy {spread('test_cls_accuracy')}, "
+             f"foreground mIoU {spread('test_seg_miou_fg')}.", ""]
+    iou = [c for c in featured if c.startswith("test_seg_iou_") and c != "test_seg_iou_background"]
+    ceiling = TABLES / "per_class_iou.csv"
+    ceilings = {}
+    if ceiling.is_file():
+        frame = pd.read_csv(ceiling)
+        column = next((c for c in frame if c.startswith("patch ceiling")), None)
+        if column:
+            ceilings = dict(zip(frame["class"], frame[column]))
+    lines += ["| class | IoU (mean +- std over seeds) | patch-grid ceiling |", "|---|---|---|"]
+    for c in iou:
+        name = c[len("test_seg_iou_"):]
+        ceil = ceilings.get(name)
+        lines.append(f"| {name} | {spread(c)} | {'-' if ceil is None else f'{ceil:.3f}'} |")
+    lines += ["", f"**The paper's claims**: {int(counts.get('demonstrated', 0))} demonstrated, "
+                  f"{int(counts.get('reversed', 0))} reversed, {int(counts.get('inconclusive', 0))} inconclusive "
+                  "(a verdict needs both 95 % intervals, over the seeds and over the test images, on one side of 0).",
+              "", "| notebook | claim | source | metric | mean difference | intervals | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for _, c in claims.iterrows():
+        lines.append(f"| {c['notebook'][:2]} | {c['statement']} | {c['source']} | {c['metric']} | "
+                     f"{c['mean_difference']:+.3f} | {c['interval']} | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    """Replace the README's generated Measured section (between its markers)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"README.md has no {README_START} ... {README_END} markers")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{measured_markdown()}\n{README_END}{tail}")
 
 
 def book() -> Path:
