@@ -590,7 +590,8 @@ def test_quickstart_in_jupyterlab(browser_session, request):
 
     if table_cell in ran:
         table_text = "\n".join(cells[table_cell]["tables"])
-        missing = [word for word in ("prior predictor", "EndoARSS (live)", "cls_accuracy", "seg_miou", "compat_")
+        missing = [word for word in ("prior predictor", "foundation ViT + LoRA + TESLA", "random frozen ViT",
+                                     "tiny ResNet + HPS", "cls_accuracy", "seg_miou", "compat_")
                    if word not in table_text]
         if not cells[table_cell]["tables"]:
             problems.append(f"the metrics table (cell {table_cell}) did not render as an HTML table; its output: "
