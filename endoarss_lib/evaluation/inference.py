@@ -28,8 +28,9 @@ __all__ = ["load_run_model", "predict", "evaluate_run", "evaluate_run_on", "per_
            "generalisation_table", "group_recalls"]
 
 
-def load_run_model(folder: str | Path, device: str = "cpu"):
-    """The selected (best) model of a run folder, rebuilt from its ``config.json``, in eval mode.
+def load_run_model(folder: str | Path, device: str = "cpu", checkpoint: str | Path | None = None):
+    """The selected (best) model of a run folder, rebuilt from its ``config.json``, in eval mode (``checkpoint``:
+    another checkpoint file of that run instead of ``best.pt``).
 
     Checkpoints hold the trainable parameters only; frozen weights come from the pretrained file (its sha256 must be
     the one the run recorded: a replaced file is an error) or, for a randomly initialised backbone, from the run
@@ -46,7 +47,8 @@ def load_run_model(folder: str | Path, device: str = "cpu"):
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    load_checkpoint(folder / "best.pt", model, cfg.results_hash(), weights_digest(model))
+    checkpoint = folder / "best.pt" if checkpoint is None else Path(checkpoint)
+    load_checkpoint(checkpoint, model, cfg.results_hash(), weights_digest(model))
     model.run_config = cfg
     return model.to(resolve_device(device)).eval()
 

@@ -16,20 +16,17 @@ and std), the activity and segmentation class names, and a record of where it ca
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..data import DataError
 from ..data.dataset import normalization_stats, resolve_spec
 from ..data.registry import SYNTHETIC_PRESETS, get_spec
 from ..tasks import get_task
-from ..training.engine import (RunError, build_run_model, load_checkpoint, read_run_config, resolve_device,
-                               seed_everything, weights_digest)
+from ..training.engine import RunError, resolve_device
 from .inference import load_run_model
 
 __all__ = ["InferenceModel", "load_inference_model", "run_class_names", "EXPORT_FORMAT", "read_export_record",
@@ -110,28 +107,8 @@ def _check_run_folder(folder: Path) -> None:
                        f"is beside it")
 
 
-def _build_and_load(checkpoint: Path, device: torch.device):
-    """The run beside ``checkpoint`` rebuilt (under its seed, without touching the caller's random state) with that
-    checkpoint loaded: :func:`load_run_model` for another file than ``best.pt``."""
-    cfg = read_run_config(checkpoint.parent)
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            seed_everything(cfg.seed)
-            model = build_run_model(cfg)
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-    load_checkpoint(checkpoint, model, cfg.results_hash(), weights_digest(model))
-    model.run_config = cfg
-    return model.to(device).eval()
-
-
 def _from_run(folder: Path, checkpoint: Path, device: torch.device) -> InferenceModel:
-    if checkpoint == folder / "best.pt":
-        model = load_run_model(folder, device=str(device))
-    else:
-        model = _build_and_load(checkpoint, device)
+    model = load_run_model(checkpoint.parent, device=str(device), checkpoint=checkpoint)
     cfg = model.run_config
     activities, classes, instruments = run_class_names(cfg)
     return InferenceModel(
