@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -314,6 +315,24 @@ def test_requires_python_admits_the_tested_python_and_no_older():
     assert declared.contains(".".join(map(str, sys.version_info[:3])))  # the running interpreter
     assert declared.contains("3.11.0") and not declared.contains("3.10.12")  # 3.11: the tested one (docs/install.md)
     assert not [s for s in declared if s.operator in ("<", "<=", "==", "~=")]  # no cap (docs/install.md)
+
+
+def test_supported_pythons_are_the_classifiers_and_the_running_one_is_among_them():
+    """The supported versions are the classifiers' (docs/install.md): the oldest is requires-python's floor, and the
+    interpreter running the suite (CI's) is one of them, so CI tests the oldest and newest declared while only one is
+    declared, and fails the day CI moves to an undeclared one."""
+    from packaging.specifiers import SpecifierSet
+
+    declared = sorted(tuple(map(int, c.rsplit("::", 1)[1].strip().split(".")))
+                      for c in PYPROJECT["project"]["classifiers"]
+                      if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    assert declared, "no Python version classifiers"
+    floor = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    oldest = ".".join(map(str, declared[0]))
+    assert floor.contains(f"{oldest}.0") and not floor.contains(f"{declared[0][0]}.{declared[0][1] - 1}.99")
+    assert sys.version_info[:2] in declared, (sys.version_info[:2], declared)
+    # CI runs one interpreter: declaring a second version needs a second CI run first (docs/install.md)
+    assert len(declared) == 1, f"declared {declared}, but CI tests {sys.version_info[:2]} only"
 
 
 def test_installing_the_package_keeps_the_installed_torch(tmp_path):

@@ -99,8 +99,7 @@ CASES = {
     ".venv/bin/python -m endoarss_lib.train --preset smoke": "train_smoke",
     ".venv/bin/python -m endoarss_lib.train --help": "train_help",
     "python -m endoarss_lib.train --help": "train_help",
-    "python -c \"from endoarss_lib.training.engine import fit, read_run_config; "
-    "fit(read_run_config('results/demonstration/<run>'))\"": "train_smoke",
+    "python -m endoarss_lib.train --config results/demonstration/<run>/config.json": "train_smoke",
     ".venv/bin/python -m endoarss_lib.train --preset paper dataset=mtlendovis data_root=/data/MTLEndovis "
     "--print-config": "train_print_config",
     ".venv/bin/python -m endoarss_lib.train --preset paper dataset=mtlesd data_root=/data/MTLESD "
@@ -360,8 +359,8 @@ def test_train_smoke(tmp_path):
     # docs/evidence.md: a run again from its recorded config (here the smoke run's folder in place of a demonstration
     # run's): the same config hash, and the finished run is found, not trained again
     stamp = (run_dir / "result.json").stat().st_mtime_ns
-    again = _run(from_config.replace("results/demonstration/<run>", str(run_dir)), tmp_path)
-    _ok(again)
+    again = _ok(_run(from_config.replace("results/demonstration/<run>", str(run_dir)), tmp_path))
+    assert json.loads(again[again.index("{"):])["test_cls_accuracy"] == result["test_cls_accuracy"]  # the same row
     assert json.loads((run_dir / "result.json").read_text())["config_hash"] == result["config_hash"]
     assert (run_dir / "result.json").stat().st_mtime_ns == stamp, "the finished run was trained again"
 

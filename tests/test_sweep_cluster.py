@@ -63,6 +63,16 @@ def test_jobs_give_the_local_executors_statuses_and_table(sweeps):
             sweeps.root / "slurm")
 
 
+def test_each_jobs_log_shows_its_notebooks_output_as_a_cluster_log_would(sweeps):
+    """The training console's lines (the notebook's stderr) and its printed output reach the job's own log files."""
+    for x in (1, 2):
+        logs = Path(json.loads((sweeps.first.by_x[x].folder / JOB_FILE).read_text())["logs"])
+        err = "".join(p.read_text() for p in logs.glob("*_log.err"))
+        out = "".join(p.read_text() for p in logs.glob("*_log.out"))
+        assert f"training x={x}" in err and "training x=" + str(3 - x) not in err
+        assert f"configuration {sweeps.first.by_x[x].id}" in out and "rows.json" in out  # the path the notebook prints
+
+
 def test_a_second_sweep_skips_finished_jobs_and_retries_the_failed_one(sweeps):
     first, second = sweeps.first, sweeps.second
     assert second.report.skipped == [first.by_x[1].id, first.by_x[2].id]

@@ -38,6 +38,7 @@ from ..evidence.claims import claims_for, claims_frame, decide, sentence
 from ..evidence.scales import get_scale
 from ..evidence.variants import FEATURED, FEATURED_FIELDS, FEATURED_MODEL
 from ..models.build import ModelConfig
+from ..training.console import show_progress
 from ..training.engine import make_datasets, read_per_image
 from ..training.runner import run_grid
 from .results import assert_learns, caption, save_rows, summarise_seeds, write_table
@@ -206,8 +207,10 @@ class Experiment:
                  seed: int = 0, device: str = "cpu", out_dir: str | os.PathLike | None = None,
                  runs_dir: str | os.PathLike = RUNS_DIR, model: str | Mapping | None = None,
                  weights: Mapping[str, str] | None = None, scale: str | None = None,
-                 seeds: Sequence[int] | None = None, **fields: Any):
+                 seeds: Sequence[int] | None = None, progress: str | None = "info", **fields: Any):
         self.name = name
+        if progress is not None:  # the training console in the notebook: a start line and a line per epoch
+            show_progress(progress)
         self.scale = None
         if scale is not None:  # the scale fills every parameter left at None (see endoarss_lib.evidence.scales)
             try:

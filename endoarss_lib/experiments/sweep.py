@@ -312,14 +312,18 @@ def _clear(config: Config) -> Path:
     return partial
 
 
-def _execute(config: Config, partial: Path, kernel: str | None, cell_timeout: float | None) -> None:
-    """Run the notebook into ``partial`` (papermill saves it after every cell); it must leave rows.json."""
+def _execute(config: Config, partial: Path, kernel: str | None, cell_timeout: float | None,
+             stream: bool = False) -> None:
+    """Run the notebook into ``partial`` (papermill saves it after every cell); it must leave rows.json. ``stream``:
+    also copy the notebook's printed output (the training console's lines, on its stderr) to this process's stdout and
+    stderr as it comes, so that a cluster job's log shows the training (a local sweep's runs would interleave)."""
     import papermill
 
     papermill.execute_notebook(str(config.notebook), str(partial),
                                parameters={**config.parameters, "out_dir": str(config.folder)},
                                cwd=str(config.notebook.parent), kernel_name=kernel, progress_bar=False,
-                               execution_timeout=cell_timeout)
+                               execution_timeout=cell_timeout,
+                               stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None)
     if not (config.folder / ROWS_FILE).is_file():
         raise RuntimeError(f"the notebook finished without writing {ROWS_FILE} to out_dir (does it call "
                            f"endoarss_lib.experiments.results.save_rows(rows, out_dir, ...)?)")
@@ -335,11 +339,15 @@ def _status(config: Config, grid_name: str, error: str | None, started: float) -
             "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def run_config(config: Config, grid_name: str, kernel: str | None = None, cell_timeout: float | None = None) -> dict:
-    """Execute one configuration's notebook; write and return its status (never raises for a notebook failure)."""
+def run_config(config: Config, grid_name: str, kernel: str | None = None, cell_timeout: float | None = None,
+               stream: bool = False) -> dict:
+    """Execute one configuration's notebook; write and return its status (never raises for a notebook failure).
+    ``stream``: the notebook's output goes to this process's stdout / stderr too (a cluster job's log)."""
     partial, started, error = _clear(config), time.time(), None
+    if stream:
+        print(f"sweep {grid_name}: configuration {config.id} -> {config.folder}", flush=True)
     try:
-        _execute(config, partial, kernel, cell_timeout)
+        _execute(config, partial, kernel, cell_timeout, stream=stream)
         os.replace(partial, config.executed)
     except Exception as exc:  # noqa: BLE001 - any failure of one configuration is recorded, never propagated
         error = _error_text(exc)
@@ -414,7 +422,8 @@ def _run_submitit(todo: list[Config], grid: Grid, executor, kind: str, progress:
     from submitit.helpers import as_completed
 
     n = len(todo)
-    jobs = executor.map_array(run_config, todo, [grid.name] * n, [grid.kernel] * n, [grid.cell_timeout] * n)
+    jobs = executor.map_array(run_config, todo, [grid.name] * n, [grid.kernel] * n, [grid.cell_timeout] * n,
+                              [True] * n)  # each job's log (submitit's <job>_0_log.out / .err) shows its training
     for config, job in zip(todo, jobs):
         write_json_atomic(config.folder / JOB_FILE, {"executor": kind, "job_id": job.job_id,
                                                      "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
