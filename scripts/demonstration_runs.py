@@ -40,29 +40,39 @@ def plan(scale: str, only=None) -> list[tuple[str, object]]:
     return out
 
 
+def ordered(work) -> dict:
+    """Every run of the plan in one mapping, ``"<notebook>: <variant> | seed <s>"`` -> config: the featured
+    configuration's runs first (every notebook shows them), then the others in the plan's order, so that an interrupted
+    demonstration has its most used runs."""
+    from endoarss_lib.evidence.variants import FEATURED
+
+    items = [(f"{key}: {k}", k, c) for key, _, configs in work for k, c in configs.items()]
+    first = [i for i in items if getattr(i[1], "variant", None) == FEATURED]
+    return {name: c for name, _, c in first + [i for i in items if i not in first]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", default="demonstration", choices=("demonstration", "test"))
     p.add_argument("--only", nargs="*", help="notebooks (or notebook:role keys) to train for")
     p.add_argument("--list", action="store_true", help="print the runs and exit")
-    p.add_argument("--jobs", type=int, default=0, help="runs at once (0: one per CPU core or GPU)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="runs at once (0: one per GPU, else one per CPU core, each on one thread)")
     args = p.parse_args(argv)
     work = plan(args.scale, args.only)
-    total = sum(len(c) for _, _, c in work)
-    print(f"{total} runs at the {args.scale} scale", flush=True)
+    runs = ordered(work)
+    print(f"{len(runs)} runs at the {args.scale} scale", flush=True)
     if args.list:
         for key, _, configs in work:
             print(f"{key}: {len(configs)} runs: {sorted({k.variant for k in configs})}")
         return 0
+    from endoarss_lib.training.console import show_progress
+    from endoarss_lib.training.runner import run_grid
+
+    show_progress("info")  # each worker's start / epoch / end lines, with its pid
     started = time.time()
-    for key, exp, configs in work:
-        if not configs:
-            continue
-        t = time.time()
-        rows = exp.run(configs, jobs=args.jobs)
-        print(f"{key}: {len(rows)} runs in {time.time() - t:.0f} s (total {time.time() - started:.0f} s)",
-              flush=True)
-    print(f"done: {total} runs in {time.time() - started:.0f} s", flush=True)
+    rows = run_grid(runs, jobs=args.jobs, progress=False)  # one pool for all: no idle worker between notebooks
+    print(f"done: {len(rows)} runs in {time.time() - started:.0f} s", flush=True)
     return 0
 
 
