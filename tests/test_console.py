@@ -57,9 +57,27 @@ def _no_console_left():
 
 
 def test_package_logger_has_a_null_handler_and_no_console_by_default():
-    logger = logging.getLogger("endoarss_lib")
-    assert any(type(h) is logging.NullHandler for h in logger.handlers)
-    assert not any(isinstance(h, console._StderrHandler) for h in logger.handlers)
+    # in a fresh interpreter: in this one, an earlier test on the same worker may have shown progress (Experiment does)
+    probe = ("import logging, endoarss_lib; from endoarss_lib.training import console, engine; "
+             "h = logging.getLogger('endoarss_lib').handlers; "
+             "print(any(type(x) is logging.NullHandler for x in h), any(isinstance(x, console._StderrHandler) "
+             "for x in h), logging.getLogger('endoarss_lib').level)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False", "0"]
+
+
+def test_experiment_shows_progress_unless_told_not_to(tmp_path):
+    from endoarss_lib.experiments.experiment import Experiment
+
+    console.hide_progress()
+    Experiment("console_probe", scale="test", out_dir=str(tmp_path / "out"), progress=None)
+    assert console.shown_level() is None  # None: logging left as it was
+    Experiment("console_probe", scale="test", out_dir=str(tmp_path / "out"), progress="quiet")
+    assert console.shown_level() == logging.WARNING
+    Experiment("console_probe", scale="test", out_dir=str(tmp_path / "out"))
+    assert console.shown_level() == logging.INFO  # the default: the start and epoch lines
 
 
 def test_start_epoch_resume_and_early_stop_lines(tmp_path, caplog, monkeypatch):

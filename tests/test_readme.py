@@ -191,6 +191,7 @@ CASES = {
     "python benchmarks/bench_weighting.py --backbone vit_mini_patch14 --rounds 7": "bench_weighting",
     "python benchmarks/bench_data.py --repeats 7": "bench_data",
     "python benchmarks/bench_gpu.py": "bench_gpu",
+    "python benchmarks/bench_training.py": "bench_training",
 }
 
 
@@ -595,6 +596,15 @@ def test_bench_data(tmp_path):
     out = _ok(_run(command.replace("--repeats 7", "--repeats 1 --n 6 --source-size 64 --image-size 56"), tmp_path,
                    cwd=ROOT))
     assert re.search(r"^False\s.*x\s", out, re.M) and re.search(r"^True\s.*x\s", out, re.M), out
+
+
+def test_bench_training(tmp_path):
+    # as written: the featured model at 224 px, batch 8, 5 interleaved repeats (minutes); the closest fast form: 56 px,
+    # batch 2, one repeat on one thread; the three sections and the ratios against the featured model
+    (command,) = _command("bench_training")
+    out = _ok(_run(command + " --image-size 56 --batch 2 --repeats 1 --threads 1", tmp_path, cwd=ROOT))
+    assert re.search(r"^featured\s+[\d.]+ s/step .* speed x 1\.00 vs featured", out, re.M), out[-1500:]
+    assert "== 3. Operators by self CPU time" in out
 
 
 def test_bench_gpu(tmp_path):
