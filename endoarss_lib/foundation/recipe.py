@@ -17,7 +17,7 @@ PRETRAIN_PRESETS = ("mtlesd", "mtlendovis", "mtlendovis_gen")
 
 @dataclass
 class PretrainConfig:
-    """The pretraining recipe (defaults: the bundled ``synthdino_vit_mini14`` weights; about an hour on 2 CPU cores)."""
+    """The pretraining recipe (defaults: the bundled ``synthdino_vit_mini14`` weights; about 2 h on 2 CPU cores)."""
 
     name: str = "synthdino_vit_mini14"  # weight record name (file stem)
     backbone: str = "vit_mini_patch14"  # key of models.BACKBONES (a DINOv2-architecture ViT)
