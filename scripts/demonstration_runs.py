@@ -47,8 +47,8 @@ def ordered(work) -> dict:
     from endoarss_lib.evidence.variants import FEATURED
 
     items = [(f"{key}: {k}", k, c) for key, _, configs in work for k, c in configs.items()]
-    first = [i for i in items if getattr(i[1], "variant", None) == FEATURED]
-    return {name: c for name, _, c in first + [i for i in items if i not in first]}
+    items.sort(key=lambda item: getattr(item[1], "variant", None) != FEATURED)  # stable: the plan's order otherwise
+    return {name: c for name, _, c in items}
 
 
 def main(argv=None) -> int:

@@ -604,7 +604,19 @@ def test_bench_training(tmp_path):
     (command,) = _command("bench_training")
     out = _ok(_run(command + " --image-size 56 --batch 2 --repeats 1 --threads 1", tmp_path, cwd=ROOT))
     assert re.search(r"^featured\s+[\d.]+ s/step .* speed x 1\.00 vs featured", out, re.M), out[-1500:]
+    assert re.search(r"^no SMA\s+[\d.]+ s/step", out, re.M)
     assert "== 3. Operators by self CPU time" in out
+    share = float(re.search(r"convolutions \(mm / matmul / linear / conv\): ([\d.]+) %", out).group(1))
+    assert 0 < share <= 100
+    # section 1's featured total is the FLOP count of the featured model at that size (FlopCounterMode, forward)
+    from endoarss_lib.evidence.variants import FEATURED_MODEL
+    from endoarss_lib.models import build_model, count_gflops
+
+    opts = dict(FEATURED_MODEL)
+    model = build_model(opts.pop("backbone"), opts.pop("arch"), sma=opts.pop("sma"), num_activities=7,
+                        num_seg_classes=9, image_size=56, **opts)
+    total = float(re.search(r"^featured\s+total\s+([\d.]+)", out, re.M).group(1))
+    assert abs(total - count_gflops(model, 56)) < 0.006
 
 
 def test_bench_gpu(tmp_path):
