@@ -42,13 +42,19 @@ def plan(scale: str, only=None) -> list[tuple[str, object]]:
 
 def ordered(work) -> dict:
     """Every run of the plan in one mapping, ``"<notebook>: <variant> | seed <s>"`` -> config: the featured
-    configuration's runs first (every notebook shows them), then the others in the plan's order, so that an interrupted
-    demonstration has its most used runs."""
+    configuration's runs first (every notebook shows them), then notebook by notebook, the notebooks with the fewest
+    runs of their own first, so that an interrupted demonstration has its most used runs and as many whole notebooks
+    as it can (``--list`` prints the order)."""
     from endoarss_lib.evidence.variants import FEATURED
 
-    items = [(f"{key}: {k}", k, c) for key, _, configs in work for k, c in configs.items()]
-    items.sort(key=lambda item: getattr(item[1], "variant", None) != FEATURED)  # stable: the plan's order otherwise
-    return {name: c for name, _, c in items}
+    def featured(key, k):  # the featured configuration on a notebook's own data (not a role's, e.g. ":longtail")
+        return getattr(k, "variant", None) == FEATURED and ":" not in key
+
+    items = [(f"{key}: {k}", not featured(key, k), c, len(configs)) for key, _, configs in work
+             for k, c in configs.items()]
+    # stable: the plan's order among notebooks of as many runs, and within a notebook
+    items.sort(key=lambda item: (item[1], item[3]))
+    return {name: c for name, _, c, _ in items}
 
 
 def main(argv=None) -> int:
@@ -63,7 +69,7 @@ def main(argv=None) -> int:
     runs = ordered(work)
     print(f"{len(runs)} runs at the {args.scale} scale", flush=True)
     if args.list:
-        for key, _, configs in work:
+        for key, _, configs in sorted(work, key=lambda w: len(w[2])):  # the training order (after the featured runs)
             print(f"{key}: {len(configs)} runs: {sorted({k.variant for k in configs})}")
         return 0
     from endoarss_lib.training.console import show_progress

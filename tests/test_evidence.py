@@ -182,6 +182,21 @@ def test_scales():
         get_scale("paper")
 
 
+def test_scale_reaches_the_runs_and_its_caption_says_how_they_train(tmp_path):
+    # each scale's schedule and stopping reach the notebooks' run configs, and the caption words exactly them
+    from endoarss_lib.experiments.experiment import Experiment
+
+    for name, sc in SCALES.items():
+        cfg = Experiment("x", scale=name, out_dir=str(tmp_path / name), runs_dir=str(tmp_path / "runs"),
+                         progress=None).base
+        assert (cfg.scheduler, cfg.patience, cfg.epochs, cfg.image_size) == (sc.scheduler, sc.patience, sc.epochs,
+                                                                             sc.image_size)
+        if sc.decides:
+            caption = sc.caption()
+            assert ("early stopping" in caption) == bool(sc.patience), caption
+            assert ("cosine" in caption) == (sc.scheduler == "cosine"), caption
+
+
 def test_restricted_outcomes_compare_like_with_like():
     from endoarss_lib.evidence.outcomes import restrict_outcomes
     from endoarss_lib.metrics import subset_metrics

@@ -223,6 +223,7 @@ class Experiment:
             n_train = sc.n_train if n_train is None else n_train
             n_test = sc.n_test if n_test is None else n_test
             fields.setdefault("patience", sc.patience)
+            fields.setdefault("scheduler", sc.scheduler)
             fields.setdefault("diagnostics_every", sc.diagnostics_every)
             # a scaled experiment (every notebook) starts from the featured configuration, said once
             model = dict(FEATURED_MODEL) if model is None else model
