@@ -75,11 +75,12 @@ demo: $(STAMP)
 ## make test: unit tests, every notebook under nbval, and the quickstart in JupyterLab in headless Chromium, in
 ## TEST_JOBS pytest-xdist workers (default: one per CPU core; --dist loadscope keeps a notebook's cells and a module's
 ## fixtures on one worker), each with one OpenMP thread: two 2-thread processes on 2 cores oversubscribe them, and
-## OpenMP's spinning barriers then make small operations several times slower (benchmarks/bench_training.py)
+## OpenMP's spinning barriers then make small operations several times slower (benchmarks/bench_training.py).
+## The notebooks come first: the longest scopes start early and the many short test modules fill the workers' tails
 TEST_JOBS ?= auto
 test: $(STAMP)
 	@$(call browser_status,before)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider --durations=25 \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q notebooks tests --nbval-lax -p no:cacheprovider --durations=25 \
 	  -n $(TEST_JOBS) --dist loadscope; \
 	status=$$?; $(call browser_status,after); exit $$status
 
