@@ -341,7 +341,7 @@ def test_book_command(tmp_path):
 
 
 def test_demonstration_runs(tmp_path):
-    # --list as written (it trains nothing); the full command trains 69 runs for about 11 hours (docs/evidence.md):
+    # --list as written (it trains nothing); the full command trains 69 runs for about 12-13 hours on 2 cores (docs/evidence.md):
     # its --only option, which the page names, exists
     out = _ok(_run("python scripts/demonstration_runs.py --list", tmp_path, cwd=ROOT))
     assert re.search(r"\b\d+ runs?\b", out), out[-500:]
