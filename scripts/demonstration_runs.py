@@ -1,4 +1,4 @@
-"""Train every run the notebooks use at a scale (default: demonstration), most important notebooks first.
+"""Train every run the notebooks use at a scale (default: demonstration): the featured runs first, then whole notebooks.
 
     python scripts/demonstration_runs.py                 # all, resuming where it stopped (the run store)
     python scripts/demonstration_runs.py --list          # what would train, and how many runs
@@ -21,40 +21,60 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plan(scale: str, only=None) -> list[tuple[str, object]]:
-    """``[(notebook key, {RunKey: TrainConfig})]`` in training order, each run listed once."""
+def plan(scale: str, only=None) -> list[tuple[str, dict]]:
+    """``[(notebook, {"<key>: <variant> | seed <s>": TrainConfig})]``: every run each notebook needs (its roles'
+    too, e.g. ``10_seed_components:longtail``), runs shared by notebooks listed under each of them."""
     from endoarss_lib.evidence.variants import NOTEBOOK_DATASETS, NOTEBOOK_VARIANTS, featured_model, notebook_variants
     from endoarss_lib.experiments.experiment import Experiment
 
-    seen, out = set(), []
+    out: dict[str, dict] = {}
     for key in NOTEBOOK_VARIANTS:
         notebook = key.partition(":")[0]
         if only and notebook not in only and key not in only:
             continue
         exp = Experiment(notebook, scale=scale, dataset=NOTEBOOK_DATASETS.get(key, "mtlesd"), model=featured_model(),
-                         out_dir=str(ROOT / "results" / "demonstration_runs"))
-        configs = {k: c for k, c in exp.variants(notebook_variants(key), seeds=exp.seeds).items()
-                   if (c.dataset, c.results_hash()) not in seen}
-        seen.update((c.dataset, c.results_hash()) for c in configs.values())
-        out.append((key, exp, configs))
-    return out
+                         out_dir=str(ROOT / "results" / "demonstration_runs"), progress=None)
+        configs = exp.variants(notebook_variants(key), seeds=exp.seeds)
+        out.setdefault(notebook, {}).update({f"{key}: {k}": c for k, c in configs.items()})
+    return list(out.items())
 
 
-def ordered(work) -> dict:
-    """Every run of the plan in one mapping, ``"<notebook>: <variant> | seed <s>"`` -> config: the featured
-    configuration's runs first (every notebook shows them), then notebook by notebook, the notebooks with the fewest
-    runs of their own first, so that an interrupted demonstration has its most used runs and as many whole notebooks
-    as it can (``--list`` prints the order)."""
+def ordered(work) -> tuple[dict, list[tuple[str, list[str]]]]:
+    """Every run once, in training order, and ``[(notebook, its runs not trained before it)]``: the featured
+    configuration on MTLESD first (every notebook shows it), then whole notebooks, each time the one with the fewest
+    runs still to train (ties: the plan's order), so that an interrupted demonstration has its most used runs and as
+    many finished notebooks as it can (``--list`` prints the order)."""
     from endoarss_lib.evidence.variants import FEATURED
 
-    def featured(key, k):  # the featured configuration on a notebook's own data (not a role's, e.g. ":longtail")
-        return getattr(k, "variant", None) == FEATURED and ":" not in key
+    def run_id(c):
+        return c.dataset, c.results_hash()
 
-    items = [(f"{key}: {k}", not featured(key, k), c, len(configs)) for key, _, configs in work
-             for k, c in configs.items()]
-    # stable: the plan's order among notebooks of as many runs, and within a notebook
-    items.sort(key=lambda item: (item[1], item[3]))
-    return {name: c for name, _, c, _ in items}
+    runs: dict = {}
+    steps: list[tuple[str, list[str]]] = []
+
+    def take(names, configs):  # the runs of ``names`` not taken yet (each run once, under its first name)
+        seen, new = {run_id(c) for c in runs.values()}, []
+        for n in names:
+            if run_id(configs[n]) not in seen:
+                seen.add(run_id(configs[n]))
+                runs[n] = configs[n]
+                new.append(n)
+        return new
+
+    featured = [(nb, n) for nb, configs in work for n, c in configs.items()
+                if ":" not in n.partition(": ")[0] and n.partition(": ")[2].startswith(f"{FEATURED} |")
+                and c.dataset == "mtlesd"]
+    if featured:
+        steps.append((f"{FEATURED} (featured, mtlesd)", take([n for _, n in featured],
+                                                           {n: dict(work)[nb][n] for nb, n in featured})))
+    left = dict(work)
+    while left:
+        seen = {run_id(c) for c in runs.values()}
+        cost = {nb: sum(run_id(c) not in seen for c in configs.values()) for nb, configs in left.items()}
+        nb = min(left, key=lambda k: cost[k])  # min keeps the first of equal costs: the plan's order
+        steps.append((nb, take(list(left[nb]), left[nb])))
+        del left[nb]
+    return runs, steps
 
 
 def main(argv=None) -> int:
@@ -66,11 +86,12 @@ def main(argv=None) -> int:
                    help="runs at once (0: one per GPU, else one per CPU core, each on one thread)")
     args = p.parse_args(argv)
     work = plan(args.scale, args.only)
-    runs = ordered(work)
+    runs, steps = ordered(work)
     print(f"{len(runs)} runs at the {args.scale} scale", flush=True)
-    if args.list:
-        for key, _, configs in sorted(work, key=lambda w: len(w[2])):  # the training order (after the featured runs)
-            print(f"{key}: {len(configs)} runs: {sorted({k.variant for k in configs})}")
+    if args.list:  # the training order: after each line's runs, that notebook has all of its runs
+        for what, names in steps:
+            variants = sorted({n.partition(": ")[2].rpartition(" | ")[0] for n in names})
+            print(f"{what}: {len(names)} new runs: {variants}")
         return 0
     from endoarss_lib.training.console import show_progress
     from endoarss_lib.training.runner import run_grid

@@ -348,6 +348,33 @@ def test_demonstration_runs(tmp_path):
     assert "--only" in _ok(_run("python scripts/demonstration_runs.py --help", tmp_path, cwd=ROOT))
 
 
+def test_demonstration_order_finishes_whole_notebooks():
+    # the training order: every run once, the featured MTLESD runs first, and after each step the notebook it names
+    # has every run it needs (whatever a later notebook shares with it)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demonstration_runs", ROOT / "scripts" / "demonstration_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    work = module.plan("test")
+    runs, steps = module.ordered(work)
+
+    def run_id(c):
+        return c.dataset, c.results_hash()
+
+    needed = {run_id(c) for _, configs in work for c in configs.values()}
+    assert sorted(map(run_id, runs.values())) == sorted(needed)  # each needed run exactly once
+    order = [run_id(c) for c in runs.values()]
+    featured = [c for c in runs.values() if c.model.arch == "tesla" and c.model.sma and c.dataset == "mtlesd"][:1]
+    assert featured and order[0] == run_id(featured[0])
+    done = 0
+    for what, names in steps:
+        done += len(names)
+        if what in dict(work):
+            assert {run_id(c) for c in dict(work)[what].values()} <= set(order[:done]), what
+    assert done == len(runs) and [w for w, _ in steps[1:]] == list(dict.fromkeys(w for w, _ in steps[1:]))
+
+
 def test_train_smoke(tmp_path):
     # as written: the smoke preset trains the frozen synthetic-pretrained ViT + LoRA + TESLA on synthetic data
     (command, from_config) = _command("train_smoke")
