@@ -192,9 +192,10 @@ def collect() -> None:
     if claims:
         frame = pd.concat(claims, ignore_index=True).drop_duplicates("claim", keep="last")
         frame.to_csv(TABLES / "claims.csv", index=False)
-    per_class = ROOT / "results" / "07_segmentation_gallery" / "per_class.csv"
-    if per_class.is_file():
-        shutil.copy2(per_class, TABLES / "per_class_iou.csv")
+    gallery_tables = ROOT / "results" / "07_segmentation_gallery"
+    for name, target in (("per_class.csv", "per_class_iou.csv"), ("activity_ceiling.csv", "activity_ceiling.csv")):
+        if (gallery_tables / name).is_file():
+            shutil.copy2(gallery_tables / name, TABLES / target)
     gallery = ROOT / "results" / "07_segmentation_gallery" / "gallery.png"
     if gallery.is_file():
         from endoarss_lib.experiments.viz import shrink_png
@@ -260,8 +261,15 @@ def measured_markdown() -> str:
     if featured.empty:
         lines += [f"**The featured model** ({featured_label()}) on MTLESD: not trained at this scale yet.", ""]
     else:
+        oracle = ""
+        if (TABLES / "activity_ceiling.csv").is_file():
+            frame = pd.read_csv(TABLES / "activity_ceiling.csv")
+            merged = frame[frame["predictor"].str.contains("pairs merged")]["test activity accuracy"]
+            if len(merged):
+                oracle = (f" (the data's activity ceiling, an oracle that sees the true mask's classes with each "
+                          f"look-alike pair merged: {merged.iloc[0]:.3f})")
         lines += [f"**The featured model** ({featured_label()}; seeds {seeds}): activity accuracy "
-                  f"{spread('test_cls_accuracy')}, foreground mIoU {spread('test_seg_miou_fg')}.", ""]
+                  f"{spread('test_cls_accuracy')}{oracle}, foreground mIoU {spread('test_seg_miou_fg')}.", ""]
         iou = [c for c in featured if c.startswith("test_seg_iou_") and c != "test_seg_iou_background"]
         ceiling = TABLES / "per_class_iou.csv"
         ceilings = {}

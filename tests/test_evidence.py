@@ -8,7 +8,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 
 from endoarss_lib.evidence import CLAIMS, SCALES, VARIANTS, Claim, decide, get_scale, sentence
-from endoarss_lib.evidence.ceiling import patch_ceiling, patch_majority
+from endoarss_lib.evidence.ceiling import activity_ceiling, patch_ceiling, patch_majority
 from endoarss_lib.evidence.outcomes import outcome_value, swap_rate
 from endoarss_lib.evidence.stats import bootstrap_interval, t_interval, verdict
 
@@ -170,6 +170,74 @@ def test_patch_majority_closed_form():
     assert r["iou_one"] == 1.0 and r["iou_two"] == 0.0 and r["iou_three"] == pytest.approx(112 / 196)
     with pytest.raises(ValueError, match="whole number"):
         patch_majority(np.zeros((20, 28)), 14, 2)
+
+
+def test_activity_ceiling_closed_form():
+    # classes 0 background, 1 / 2 a look-alike pair, 3 a cue. Activity 0 shows class 1, activity 1 class 2 and, in
+    # half its images, class 3. Merged, the oracle tells them apart only by class 3; unmerged, always.
+    def mask(*classes):
+        m = np.zeros((4, 4), int)
+        for i, c in enumerate(classes):
+            m[i, :] = c
+        return m
+
+    images = [(mask(1), 0)] * 6 + [(mask(2, 3), 1)] * 2 + [(mask(2), 1)] * 2
+    merged = activity_ceiling(images, images, merge=[(1, 2)])
+    # {0, 1}: 6 of activity 0 and 2 of 1 -> answers 0 (8 images, 6 right); {0, 1, 3}: activity 1 (2 right)
+    assert merged["accuracy"] == pytest.approx(8 / 10) and merged["n_test"] == 10
+    assert activity_ceiling(images, images)["accuracy"] == 1.0
+    # a class set never seen in training gets the overall majority (activity 0); 255 is ignored
+    unseen = mask(3)
+    unseen[0, 0] = 255
+    assert activity_ceiling(images, [(unseen, 1), (unseen, 0)], merge=[(1, 2)])["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="train"):
+        activity_ceiling([], images)
+
+
+def test_activity_ceiling_matches_a_pandas_majority_vote():
+    import pandas as pd
+
+    rng = np.random.default_rng(4)
+    def draw(n):
+        return [(rng.integers(0, 5, (3, 3)) * (rng.random((3, 3)) < 0.4), int(rng.integers(0, 3))) for _ in range(n)]
+    train, test = draw(300), draw(200)
+    merge = [(1, 2), (3, 4)]
+    got = activity_ceiling(train, test, merge=merge)["accuracy"]
+
+    def key(m):
+        m = np.where(m == 2, 1, np.where(m == 4, 3, m))
+        return ",".join(map(str, np.unique(m)))
+    frame = pd.DataFrame([{"sig": key(m), "y": y} for m, y in train])
+    table = frame.groupby(["sig", "y"]).size().reset_index(name="n").sort_values(["sig", "n", "y"],
+                                                                                   ascending=[True, False, True])
+    answer = table.drop_duplicates("sig").set_index("sig")["y"].to_dict()
+    default = frame["y"].value_counts().sort_index().idxmax()
+    expected = np.mean([answer.get(key(m), default) == y for m, y in test])
+    assert got == pytest.approx(expected)
+
+
+def test_activity_ceiling_of_the_synthetic_esd_data_is_set_by_bleeding():
+    # on MTLESD the merged oracle can only tell a dissection from an injection by its bleeding: its accuracy is
+    # P(marking) + P(injection) + P(dissection with bleeding drawn), each counted here from the rendered masks
+    from endoarss_lib.data import LOOK_ALIKE_PAIRS, get_spec
+    from endoarss_lib.data.synthetic import render_sample
+
+    spec = get_spec("synthetic_mtlesd")
+    ids = {n: i for i, n in enumerate(spec.seg_classes)}
+    merge = [(ids[a], ids[b]) for a, b in LOOK_ALIKE_PAIRS["mtlesd"]]
+    rng = np.random.default_rng(0)
+    shares = np.array([0.3, 0.3, 0.4])
+    def draw(n):
+        return [(render_sample("mtlesd", int(a), rng, 64)[1], int(a)) for a in rng.choice(3, n, p=shares)]
+    train, test = draw(240), draw(240)
+    got = activity_ceiling(train, test, merge=merge)
+    dissect = spec.activities.index("submucosal_dissection")
+    labels = np.array([y for _, y in test])
+    bled = np.array([(m == ids["bleeding"]).any() for m, _ in test])
+    expected = np.mean((labels != dissect) | bled)  # answers injection for a stained image without bleeding
+    assert got["accuracy"] == pytest.approx(expected, abs=0.02)
+    assert 0.7 < got["accuracy"] < 0.95
+    assert activity_ceiling(train, test)["accuracy"] > 0.97  # with the pairs told apart
 
 
 # ------------------------------------------------------------------------------------------------------- scales
