@@ -259,7 +259,8 @@ def measured_markdown() -> str:
                   f"decided yet: {', '.join(f'`{nb}`' for nb in pending)} (`python scripts/demonstration_runs.py` "
                   "resumes the trainings, then `make executed`).", ""]
     if featured.empty:
-        lines += [f"**The featured model** ({featured_label()}) on MTLESD: not trained at this scale yet.", ""]
+        lines += [f"**The featured model** ({featured_label()}) on MTLESD: no notebook executed at this scale has "
+                  "reported it yet.", ""]
     else:
         oracle = ""
         if (TABLES / "activity_ceiling.csv").is_file():

@@ -137,3 +137,13 @@ def test_collect_without_demonstration_rows_says_what_to_run(outputs, tmp_path):
     (tmp_path / "notebooks").mkdir()
     with pytest.raises(SystemExit, match="make executed"):
         outputs.collect()
+
+
+def test_without_featured_rows_the_section_says_so_and_claims_no_goal(outputs, tmp_path):
+    _tree(tmp_path, np.random.default_rng(2))
+    rows_path = tmp_path / "results" / "02_main" / "rows.json"
+    rows_path.write_text(json.dumps([r for r in json.loads(rows_path.read_text()) if r["variant"] != FEATURED]))
+    outputs.collect()
+    readme = (tmp_path / "README.md").read_text()
+    assert "no notebook executed at this scale has reported it yet" in readme
+    assert "Segmentation goals" not in readme and "1 demonstrated, 0 reversed, 1 inconclusive" in readme
