@@ -147,3 +147,27 @@ def test_without_featured_rows_the_section_says_so_and_claims_no_goal(outputs, t
     readme = (tmp_path / "README.md").read_text()
     assert "no notebook executed at this scale has reported it yet" in readme
     assert "Segmentation goals" not in readme and "1 demonstrated, 0 reversed, 1 inconclusive" in readme
+
+
+def test_a_notebook_shows_its_committed_verdicts(tmp_path, monkeypatch):
+    # what every notebook's last claims cell shows once claims.csv is committed (collect writes it)
+    from endoarss_lib.experiments.experiment import Experiment
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: results/tables/claims.csv is read from here
+    tables = tmp_path / "results" / "tables"
+    tables.mkdir(parents=True)
+    pd.DataFrame([{"claim": "a", "notebook": "02_main", "statement": "A beats B", "source": "paper",
+                   "metric": "seg_miou_fg", "better": "A", "worse": "B", "n_seeds": 3, "mean_difference": 0.05,
+                   "interval": "seeds [+0.01, +0.09]", "verdict": "demonstrated", "scale": "demonstration"},
+                  {"claim": "b", "notebook": "07_other", "statement": "C beats D", "source": "paper",
+                   "metric": "cls_accuracy", "better": "C", "worse": "D", "n_seeds": 3, "mean_difference": -0.2,
+                   "interval": "seeds [-0.3, -0.1]", "verdict": "reversed", "scale": "demonstration"}]
+                 ).to_csv(tables / "claims.csv", index=False)
+    exp = Experiment("02_main", scale="test", out_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"),
+                     progress=None)
+    assert Experiment.committed_claims("02_main")["statement"].tolist() == ["A beats B"]
+    assert len(Experiment.committed_claims()) == 2
+    html = exp.show_committed_claims().to_html()
+    assert "A beats B" in html and "C beats D" not in html and "#cde8cd" in html  # the demonstrated colour
+    assert Experiment("09_none", scale="test", out_dir=str(tmp_path / "o9"), runs_dir=str(tmp_path / "runs"),
+                      progress=None).show_committed_claims() is None
