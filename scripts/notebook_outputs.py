@@ -196,7 +196,7 @@ def collect() -> None:
     for name, target in (("per_class.csv", "per_class_iou.csv"), ("activity_ceiling.csv", "activity_ceiling.csv")):
         if (gallery_tables / name).is_file():
             shutil.copy2(gallery_tables / name, TABLES / target)
-    gallery = ROOT / "results" / "07_segmentation_gallery" / "gallery.png"
+    gallery = gallery_tables / "gallery.png"
     if gallery.is_file():
         from endoarss_lib.experiments.viz import shrink_png
 
@@ -243,8 +243,8 @@ def measured_markdown() -> str:
     seeds = sorted(featured["seed"].unique().tolist())
     counts = claims["verdict"].value_counts()
 
-    def spread(column, frame=featured):
-        values = frame[column].dropna()
+    def spread(column):
+        values = featured[column].dropna()
         if values.empty:
             return "-"
         return f"{values.mean():.3f} +- {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
